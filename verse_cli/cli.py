@@ -1,0 +1,312 @@
+"""The ``verse`` command: a thin typer layer that parses arguments and reports.
+
+Each command imports its stage module lazily, so ``verse --help`` never loads numpy
+or torch. Stages raise :class:`~verse_cli.core.errors.VerseError` for expected
+failures; :func:`main` prints them as one line on stderr and exits 1 (bad data) or
+2 (bad usage).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from . import __version__
+from .core.errors import NotImplementedYet, UsageError, VerseError
+
+app = typer.Typer(
+    name="verse",
+    help="Turn raw spine CT scans into an annotated, VerSe-style dataset.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+train_app = typer.Typer(help="Train the bundled models (detect, label, segment).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (CUDA when present).")]
+
+
+def _setup(quiet: bool, verbose: bool) -> None:
+    from .core.progress import set_verbosity
+
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose exclude each other")
+    set_verbosity(quiet=quiet, verbose=verbose)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"verse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+) -> None:
+    """Turn raw spine CT scans into an annotated, VerSe-style dataset."""
+
+
+# --------------------------------------------------------------------------- anonymize / deface
+@app.command()
+def anonymize(
+    input: Annotated[Path, typer.Argument(help="DICOM folder (searched recursively), DICOM file or NIfTI.")],
+    output: Annotated[Path, typer.Argument(help="Output NIfTI (.nii.gz).")],
+    sidecar: Annotated[Optional[Path], typer.Option(help="Sidecar JSON of non-identifying metadata.")] = None,
+    subject: Annotated[Optional[str], typer.Option(help="Subject pseudonym (generated if absent).")] = None,
+    keymap: Annotated[Optional[Path], typer.Option(help="CSV that maps PatientID to pseudonym.")] = None,
+    date_shift_days: Annotated[Optional[int], typer.Option(help="Shift dates by N days instead of removing.")] = None,
+    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID or SeriesNumber to convert.")] = None,
+    keep_demographics: Annotated[bool, typer.Option(help="Keep patient age and sex.")] = False,
+    resample_uneven: Annotated[bool, typer.Option(help="Resample uneven slice spacing.")] = False,
+    correct_tilt: Annotated[bool, typer.Option(help="Resample gantry-tilted series.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """DICOM series or NIfTI in, identity-free NIfTI out (plus a sidecar)."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("anonymize")
+
+
+@app.command()
+def deface(
+    ct: Annotated[Path, typer.Argument(help="Input CT NIfTI.")],
+    out: Annotated[Path, typer.Argument(help="Defaced CT NIfTI.")],
+    mask: Annotated[Optional[Path], typer.Option(help="Hand-drawn face mask.")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Find the face automatically.")] = False,
+    fill: Annotated[float, typer.Option(help="HU written into the face.")] = -1024,
+    margin_mm: Annotated[float, typer.Option(help="Dilation of the face mask in mm.")] = 5.0,
+    save_mask: Annotated[Optional[Path], typer.Option(help="Write the face mask used.")] = None,
+    sidecar: Annotated[Optional[Path], typer.Option(help="Sidecar JSON to record the defacing in.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Remove the face from a CT, with a hand-drawn mask or automatically."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("deface")
+
+
+# --------------------------------------------------------------------------- detect / label
+@app.command()
+def detect(
+    ct: Annotated[Path, typer.Argument(help="Input CT NIfTI.")],
+    heatmap: Annotated[Path, typer.Option(help="Output spine heatmap NIfTI (coarse grid).")],
+    bbox: Annotated[Path, typer.Option(help="Output bounding-box JSON ('-' for stdout).")],
+    model: Annotated[Optional[Path], typer.Option(help="Model weights (default: bundled).")] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Spine heatmap and bounding box from a low-resolution CNN."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("detect")
+
+
+@app.command()
+def label(
+    ct: Annotated[Optional[Path], typer.Argument(help="Input CT NIfTI.")] = None,
+    bbox: Annotated[Optional[Path], typer.Option(help="Bounding-box JSON from 'verse detect'.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output centroid JSON ('-' for stdout).")] = Path("-"),
+    model: Annotated[Optional[Path], typer.Option(help="Model weights (default: bundled).")] = None,
+    markers: Annotated[Optional[Path], typer.Option(help="Also write a marker NIfTI for ITK-SNAP.")] = None,
+    fix: Annotated[Optional[Path], typer.Option(help="User-corrected centroid JSON (hard constraints).")] = None,
+    fix_markers: Annotated[Optional[Path], typer.Option(help="User-corrected marker NIfTI.")] = None,
+    from_markers: Annotated[Optional[Path], typer.Option(help="Convert an edited marker NIfTI to JSON.")] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Vertebra body centroids with anatomical labels."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("label")
+
+
+# --------------------------------------------------------------------------- segment / merge
+@app.command()
+def segment(
+    ct: Annotated[Path, typer.Argument(help="Input CT NIfTI.")],
+    ctd: Annotated[Path, typer.Option(help="Centroid JSON.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output patch folder.")],
+    model: Annotated[Optional[Path], typer.Option(help="Model weights (default: bundled).")] = None,
+    only: Annotated[Optional[str], typer.Option(help="Comma-separated vertebrae to (re)run, e.g. L3,L4.")] = None,
+    batch: Annotated[int, typer.Option(help="Patches per forward pass.")] = 4,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Segment each vertebra in its own 1 mm patch."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("segment")
+
+
+@app.command()
+def merge(
+    ct: Annotated[Path, typer.Argument(help="The CT whose grid the mask takes.")],
+    patch_dir: Annotated[Path, typer.Argument(help="Patch folder from 'verse segment'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output multi-label mask NIfTI.")],
+    itksnap_labels: Annotated[Optional[Path], typer.Option(help="Also write an ITK-SNAP label file.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Merge per-vertebra patches into one mask on the CT grid."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("merge")
+
+
+# --------------------------------------------------------------------------- centroids / evaluate
+@app.command()
+def centroids(
+    mask: Annotated[Path, typer.Argument(help="Vertebra mask NIfTI (VerSe ids).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output centroid JSON ('-' for stdout).")] = Path("-"),
+    whole: Annotated[bool, typer.Option("--whole", help="Whole-vertebra centres of mass, not body centroids.")] = False,
+    markers: Annotated[Optional[Path], typer.Option(help="Also write a marker NIfTI for ITK-SNAP.")] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Mask to VerSe centroid JSON (vertebral-body centroids by default)."""
+    _setup(quiet, verbose)
+    from . import centroids as stage
+
+    stage.run(mask, output, whole=whole, markers=markers)
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Optional[Path], typer.Argument(help="Predicted mask.")] = None,
+    gt: Annotated[Optional[Path], typer.Argument(help="Ground-truth mask.")] = None,
+    pred_ctd: Annotated[Optional[Path], typer.Option(help="Predicted centroid JSON.")] = None,
+    gt_ctd: Annotated[Optional[Path], typer.Option(help="Ground-truth centroid JSON.")] = None,
+    pred_dir: Annotated[Optional[Path], typer.Option(help="Dataset mode: folder of predictions.")] = None,
+    gt_dir: Annotated[Optional[Path], typer.Option(help="Dataset mode: folder of ground truth.")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="JSON report ('-' for stdout).")] = None,
+    csv: Annotated[Optional[Path], typer.Option(help="Per-vertebra CSV ('-' for stdout).")] = None,
+    resample_pred: Annotated[bool, typer.Option(help="Resample the prediction onto the GT grid.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """VerSe metrics: Dice, Hausdorff, surface distance, identification rate."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("evaluate")
+
+
+@app.command("rate-variants")
+def rate_variants(
+    ct: Annotated[Path, typer.Argument(help="CT NIfTI, or a dataset folder in dataset mode.")],
+    mask: Annotated[Optional[Path], typer.Argument(help="Vertebra mask NIfTI.")] = None,
+    ctd: Annotated[Optional[Path], typer.Option(help="Centroid JSON.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output JSON ('-' for stdout).")] = Path("-"),
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Rate enumeration anomalies, ribs, cervical ribs and Castellvi grade."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("rate-variants")
+
+
+# --------------------------------------------------------------------------- synth / snapshot / report
+@app.command()
+def synth(
+    outdir: Annotated[Path, typer.Argument(help="Output folder for VerSe-named cases.")],
+    n: Annotated[int, typer.Option("--n", help="Number of cases.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first case.")] = 0,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Synthetic spine CT with full ground truth."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("synth")
+
+
+@app.command()
+def snapshot(
+    ct: Annotated[Path, typer.Argument(help="CT NIfTI.")],
+    mask: Annotated[Optional[Path], typer.Argument(help="Vertebra mask NIfTI.")] = None,
+    ctd: Annotated[Optional[Path], typer.Option(help="Centroid JSON.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output PNG.")] = Path("snapshot.png"),
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """QC picture: sagittal and coronal views with the mask and centroids."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("snapshot")
+
+
+@app.command()
+def report(
+    deriv_dir: Annotated[Path, typer.Argument(help="Derivatives folder of a dataset.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output HTML.")] = Path("report.html"),
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """One static HTML page per dataset."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("report")
+
+
+# --------------------------------------------------------------------------- train
+@train_app.command("detect")
+def train_detect(
+    data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
+    out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/detect.pt"),
+    device: Device = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train the spine detector."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("train detect")
+
+
+@train_app.command("label")
+def train_label(
+    data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
+    out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/label.pt"),
+    device: Device = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train the vertebra labelling net."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("train label")
+
+
+@train_app.command("segment")
+def train_segment(
+    data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
+    out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/segment.pt"),
+    device: Device = "auto",
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train the per-vertebra segmentation U-Net."""
+    _setup(quiet, verbose)
+    raise NotImplementedYet("train segment")
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: expected errors become one line on stderr."""
+    try:
+        app(args=argv, prog_name="verse")
+    except VerseError as exc:
+        sys.stderr.write(f"verse: error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("verse: interrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

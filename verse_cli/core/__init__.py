@@ -1,0 +1,1 @@
+"""Shared core used by every stage: errors, io, geometry, labels and centroids."""

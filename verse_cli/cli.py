@@ -238,7 +238,9 @@ def snapshot(
 ) -> None:
     """QC picture: sagittal and coronal views with the mask and centroids."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("snapshot")
+    from . import snapshot as stage
+
+    stage.write_snapshot(ct, mask, ctd, output)
 
 
 @app.command()

@@ -196,7 +196,10 @@ def evaluate(
 ) -> None:
     """VerSe metrics: Dice, Hausdorff, surface distance, identification rate."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("evaluate")
+    from . import evaluate as stage
+
+    stage.run(pred, gt, pred_ctd=pred_ctd, gt_ctd=gt_ctd, pred_dir=pred_dir, gt_dir=gt_dir, output=output,
+              csv=csv, resample_pred=resample_pred)
 
 
 @app.command("rate-variants")

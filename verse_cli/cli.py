@@ -75,7 +75,11 @@ def anonymize(
 ) -> None:
     """DICOM series or NIfTI in, identity-free NIfTI out (plus a sidecar)."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("anonymize")
+    from .anonymize import anonymize as run
+
+    run(input, output, sidecar=sidecar, subject=subject, keymap=keymap, date_shift_days=date_shift_days,
+        series=series, keep_demographics=keep_demographics, resample_uneven=resample_uneven,
+        correct_tilt=correct_tilt)
 
 
 @app.command()
@@ -250,12 +254,15 @@ def snapshot(
 def report(
     deriv_dir: Annotated[Path, typer.Argument(help="Derivatives folder of a dataset.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output HTML.")] = Path("report.html"),
+    embed: Annotated[bool, typer.Option("--embed", help="Embed the pictures (one self-contained file).")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """One static HTML page per dataset."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("report")
+    from . import report as stage
+
+    stage.write_report(deriv_dir, output, embed=embed)
 
 
 # --------------------------------------------------------------------------- train

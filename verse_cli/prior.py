@@ -33,6 +33,7 @@ the ordered list of candidates. Everything is in log-probabilities.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,7 +101,7 @@ def _edges(params: PriorParams) -> dict[int, list[tuple[int, float, float, str |
     v = params.variant_logp
     order = [lab for lab in PRIOR_LABELS if lab not in (28, 25)]  # the normal 7/12/5 chain
     edges: dict[int, list] = {lab: [] for lab in PRIOR_LABELS}
-    for a, b in zip(order[:-1], order[1:]):
+    for a, b in itertools.pairwise(order):
         edges[a].append((b, 0.0, mm[a], None))
     edges[18].append((20, v["T11"], mm[18], "T11"))  # T11 -> L1: no T12
     edges[19].append((28, v["T13"], mm[19], "T13"))  # T12 -> T13
@@ -371,7 +372,7 @@ def _posteriors(pos, emis, use, skip, paths, scale, params) -> np.ndarray:
 def _path_details(pos, chosen, paths, scale, params):
     variants: list[str] = []
     missing: list[int] = []
-    for (i, a), (j, b) in zip(chosen[:-1], chosen[1:]):
+    for (i, a), (j, b) in itertools.pairwise(chosen):
         _, arg = _transition(paths, float(np.linalg.norm(pos[j] - pos[i])), scale, params.distance_sigma)
         p = int(arg[a, b])
         variants.extend(paths.flags[a][b][p])
@@ -386,5 +387,5 @@ def _path_details(pos, chosen, paths, scale, params):
 
 def variant_flags(labels) -> list[str]:
     """Variant flags implied by a final set of labels alone (T13 and L6 are visible as ids)."""
-    labs = set(int(x) for x in labels)
+    labs = {int(x) for x in labels}
     return [f for f, lab in (("T13", 28), ("L6", 25)) if lab in labs]

@@ -1,0 +1,592 @@
+"""Anatomical variant rating as in the VerSe 2020 data paper (Löffler et al., 2020).
+
+:func:`rate_variants` takes a CT (optional) and a vertebra mask on the same grid and
+returns the variants JSON: vertebra counts and whether they can be determined,
+the field of view, every rib's length, cervical ribs, stump ribs, the Castellvi
+grade of the lumbosacral transitional vertebra, consistency warnings, and the
+evidence behind every number (lengths in mm, voxel counts, gaps).
+
+Rules (paper, section "Anatomical variants")
+--------------------------------------------
+* A vertebra with at least one rib of ``stump_mm`` (38 mm) or more, measured from
+  the costovertebral joint to the osseous tip, is thoracic; one whose ribs are both
+  shorter (or absent) is lumbar (a transitional thoracolumbar vertebra). A rib cut
+  by the field of view is *undeterminable*, unless its visible part already
+  reaches ``stump_mm``.
+* Stump ribs (shorter than ``stump_mm``) are reported at T12, T13 and L1.
+* Cervical ribs are ribs of C7, on one side or both.
+* Counts are determinable only when the field of view shows the region's ends:
+  thoracic from T1 (with C7 above) to the first lumbar vertebra; lumbar from the
+  last thoracic vertebra to the sacrum; cervical from C1 to T1. 11/13 thoracic and
+  4/6 lumbar vertebrae are flagged only when determinable.
+* Castellvi per side for the lowest lumbar vertebra against the sacrum: I a
+  transverse process >= 19 mm high (craniocaudal), II a pseudarthrosis (a cleft of
+  at most 2 mm between distinct cortices), III bony fusion; combined 0/1, 2a/2b,
+  3a/3b, 4. In grades III/IV VerSe leaves the fused vertebra unlabelled, so
+  unlabelled bone between the last lumbar label and the sacrum is looked for.
+
+All geometry is done on the mask's grid reoriented exactly (permutations and flips)
+to R, A, S voxel axes with the physical spacing, and every direction that matters
+(left/right, anterior, superior) comes from each vertebra's own frame, built from
+its neighbours' centres and its body centroid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .core import geometry
+from .core import labels as L
+from .core.errors import DataError
+from .ribs import SIDES, UNLABELLED, Frame, bone_threshold, measure_rib, segment_ribs
+
+RAS = ("R", "A", "S")
+STUMP_MM = 38.0
+TP_HEIGHT_MM = 19.0  # Castellvi I
+PSEUDARTHROSIS_MM = 2.0  # Castellvi II
+MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
+RIB_BEARING = [7, *range(8, 20), 28, 20, 21]  # C7, T1-T12, T13, L1, L2
+THORACOLUMBAR = {17, 18, 19, 28, 20, 21}  # T10-T13, L1, L2: where the rib rule moves the boundary
+STUMP_LEVELS = {"T12", "T13", "L1"}
+
+
+@dataclass
+class Grid:
+    """The reoriented working grid."""
+
+    mask: np.ndarray
+    ct: np.ndarray | None
+    affine: np.ndarray
+    sp: np.ndarray
+
+
+# --------------------------------------------------------------------------- public API
+def rate_variants(ct_img, mask_img, centroids=None, stump_mm: float = STUMP_MM,
+                  ct_source: str | None = None, mask_source: str | None = None) -> dict:
+    """Rate the anatomical variants of one scan.
+
+    Parameters
+    ----------
+    ct_img : nibabel image in HU, or ``None`` (ribs and Castellvi are then undeterminable).
+    mask_img : nibabel image of VerSe vertebra labels on the CT's grid.
+    centroids : optional :class:`~verse_cli.core.centroids.Centroids` (body centroids)
+        of the mask's image; computed from the mask when absent.
+    stump_mm : rib length below which a rib is a stump rib.
+    ct_source, mask_source : names used in error messages.
+
+    Returns
+    -------
+    dict following the variants JSON contract, plus ``evidence``, ``warnings`` and ``notes``.
+    """
+    grid = _prepare(ct_img, mask_img, centroids, ct_source, mask_source)
+    present = _vertebrae_present(grid.mask)
+    frames = vertebra_frames(grid, present, centroids, mask_img)
+    notes: list[str] = []
+    evidence: dict = {"stump_mm": stump_mm, "vertebra_voxels": {L.name(k): int(f.voxels) for k, f in frames.items()}}
+    bone, thr, unlabelled, spine_info = None, None, None, {}
+    if grid.ct is not None:
+        thr = bone_threshold(grid.ct, grid.mask)
+        bone = grid.ct >= thr
+        unlabelled, spine_info = unlabelled_spine(bone, grid, frames, present)
+        evidence["bone_threshold_hu"] = round(thr, 1)
+    else:
+        notes.append("no CT: ribs, cervical ribs, stump ribs and the Castellvi grade are undeterminable; "
+                     "enumeration is taken from the labels alone")
+    ribs, rib_evidence = rate_ribs(grid, bone, unlabelled, frames, present, stump_mm)
+    evidence["ribs"] = rib_evidence
+    fov = field_of_view(grid, present, spine_info)
+    effective = effective_regions(present, ribs, stump_mm)
+    castellvi, cast_ev = rate_castellvi(grid, bone, thr, frames, present, spine_info)
+    evidence["castellvi"] = cast_ev
+    enumeration, counts, enum_ev = enumerate_spine(grid, present, effective, fov, spine_info, castellvi)
+    evidence["enumeration"] = enum_ev
+    out = {
+        "counts": counts,
+        "enumeration": enumeration,
+        "field_of_view": fov,
+        "ribs": {L.name(k): v for k, v in sorted(ribs.items(), key=lambda kv: L.rank(kv[0]))},
+        "cervical_ribs": cervical_ribs(ribs, grid.ct is not None and 7 in present),
+        "stump_ribs": stump_ribs(ribs, stump_mm),
+        "castellvi": castellvi,
+        "warnings": consistency_warnings(present, ribs, effective, stump_mm, grid.ct is not None),
+        "notes": notes,
+        "evidence": evidence,
+    }
+    return out
+
+
+# --------------------------------------------------------------------------- inputs
+def _prepare(ct_img, mask_img, centroids, ct_source, mask_source) -> Grid:
+    mask = np.asarray(mask_img.dataobj)
+    if not np.issubdtype(mask.dtype, np.integer):
+        mask = np.rint(np.asarray(mask_img.get_fdata())).astype(np.int32)
+    labels = {int(v) for v in np.unique(mask)} - {0}
+    if not any(L.is_vertebra(v) for v in labels if v in L.VERSE_IDS):
+        raise DataError("mask has no vertebra labels (C1-L6 or T13, ids 1-25 and 28)", mask_source)
+    unknown = sorted(v for v in labels if v not in L.VERSE_IDS)
+    if unknown:
+        raise DataError(f"labels outside the VerSe table: {unknown}", mask_source)
+    ct = None
+    if ct_img is not None:
+        if not geometry.same_grid(ct_img.shape, ct_img.affine, mask_img.shape, mask_img.affine):
+            raise DataError(
+                f"mask grid ({geometry.describe_grid(mask_img.shape, mask_img.affine)}) differs from the CT grid "
+                f"({geometry.describe_grid(ct_img.shape, ct_img.affine)})", mask_source)
+        ct = np.asarray(ct_img.get_fdata(dtype=np.float32))
+        _check_hounsfield(ct, mask, ct_source)
+    mask_r, affine = geometry.reorient(mask.astype(np.uint8 if mask.max() < 256 else np.uint16), mask_img.affine, RAS)
+    ct_r = geometry.reorient(ct, mask_img.affine, RAS)[0] if ct is not None else None
+    return Grid(mask_r, ct_r, affine, geometry.spacing(affine))
+
+
+def _check_hounsfield(ct: np.ndarray, mask: np.ndarray, source) -> None:
+    """Refuse CTs that are not in Hounsfield units (raw detector values, normalised data)."""
+    sample = ct[::2, ::2, ::2]
+    p1, p99 = (float(v) for v in np.percentile(sample, [1, 99.9]))
+    bone = ct[mask > 0]
+    bone_median = float(np.median(bone)) if bone.size else 0.0
+    if p99 - p1 < 300 or p1 > -150 or p1 < -3100 or p99 > 5000 or not (60 <= bone_median <= 1900):
+        raise DataError(
+            f"CT does not look like Hounsfield units (1st/99.9th percentile {p1:.0f}/{p99:.0f}, "
+            f"median inside the vertebrae {bone_median:.0f}); expected air near -1000 and bone 100-1500", source)
+
+
+def _vertebrae_present(mask: np.ndarray) -> list[int]:
+    labels = [int(v) for v in np.unique(mask) if v != 0]
+    return L.sort_anatomical(labels)
+
+
+# --------------------------------------------------------------------------- frames
+def vertebra_frames(grid: Grid, present: list[int], centroids, mask_img) -> dict[int, Frame]:
+    """Each vertebra's centre, body centroid and own R/A/S axes in physical mm."""
+    from .core.centroids import body_centroids
+
+    sp = grid.sp
+    nz = np.nonzero(grid.mask)
+    values = grid.mask[nz]
+    counts = np.bincount(values, minlength=max(present) + 1)
+    sums = [np.bincount(values, weights=axis_idx, minlength=len(counts)) for axis_idx in nz]
+    centres = {lab: np.array([s[lab] for s in sums]) / counts[lab] * sp for lab in present}
+    bodies: dict[int, np.ndarray] = {}
+    if centroids is not None:
+        try:
+            ctd = centroids.reoriented(mask_img.shape, mask_img.affine, RAS)
+            bodies = {lab: np.asarray(c) * sp for lab, c in zip(ctd.labels, ctd.coords)}
+        except DataError:
+            bodies = {}
+    missing = [lab for lab in present if lab not in bodies and lab not in (26, 27)]
+    if missing:
+        ctd = body_centroids(grid.mask, grid.affine, labels=missing)
+        bodies.update({lab: np.asarray(c) * sp for lab, c in zip(ctd.labels, ctd.coords)})
+    spine = [lab for lab in present if L.is_vertebra(lab)]
+    frames = {}
+    world_a, world_s = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0])
+    for i, lab in enumerate(present):
+        c = centres[lab]
+        if lab in spine:
+            j = spine.index(lab)
+            above = centres[spine[j - 1]] if j > 0 else c
+            below = centres[spine[j + 1]] if j + 1 < len(spine) else c
+            sup = above - below
+        else:
+            sup = np.zeros(3)
+        sup = _unit(sup) if np.linalg.norm(sup) > 5 and _unit(sup) @ world_s > 0.3 else world_s
+        body = bodies.get(lab, c)
+        ant = body - c
+        ant = ant - (ant @ sup) * sup
+        if np.linalg.norm(ant) < 1.0 or _unit(ant) @ world_a < 0.3:
+            ant = world_a - (world_a @ sup) * sup
+        ant = _unit(ant)
+        right = np.cross(ant, sup)
+        frames[lab] = Frame(lab, c, body, right, ant, sup, int(counts[lab]))
+    return frames
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def _points_mm(grid: Grid, lab: int) -> np.ndarray:
+    return np.argwhere(grid.mask == lab) * grid.sp
+
+
+# --------------------------------------------------------------------------- unlabelled spine bone
+def unlabelled_spine(bone: np.ndarray, grid: Grid, frames: dict[int, Frame], present: list[int]):
+    """Bone of the spine that carries no label, above the first and below the last label.
+
+    Looks along the end vertebra's own superior axis, within its lateral reach, up to
+    1.2 vertebra heights beyond it. Returns a boolean map and per-end evidence
+    (``{"top": {...}, "bottom": {...}}`` with voxel counts and the vertebra fraction).
+    """
+    out = np.zeros(bone.shape, dtype=bool)
+    info: dict = {}
+    spine = [lab for lab in present if L.is_vertebra(lab)]
+    if not spine:
+        return out, info
+    vox_ml = float(np.prod(grid.sp)) / 1000.0
+    ends = {"top": (spine[0], 1.0)}
+    if 26 not in present:
+        ends["bottom"] = (spine[-1], -1.0)
+    for end, (lab, sign) in ends.items():
+        fr = frames[lab]
+        d = fr.superior * sign
+        pts = _points_mm(grid, lab) - fr.centre
+        t = pts @ d
+        radial = np.linalg.norm(pts - np.outer(t, d), axis=1)
+        reach, height = float(t.max()), float(t.max() - t.min())
+        r_tube = float(np.percentile(radial, 98))
+        length = reach + 1.2 * height
+        region, box = _tube(grid, fr.centre, d, 0.5 * reach, length, r_tube)
+        sel = bone[box] & region & (grid.mask[box] == 0)
+        # bone just outside the end vertebra's own label is that vertebra, not a neighbour
+        near = ndimage.distance_transform_edt(grid.mask[box] == 0, sampling=grid.sp) <= 2.5
+        found = sel & ~near
+        fraction = float(found.sum()) / max(fr.voxels, 1)
+        out[box] |= sel
+        info[end] = {"next_to": L.name(lab), "voxels": int(found.sum()), "ml": round(found.sum() * vox_ml, 1),
+                     "fraction_of_neighbour": round(fraction, 2), "present": fraction >= 0.15,
+                     "touches_field_of_view_edge": bool(_touches_edge(found, box, bone.shape))}
+    return out, info
+
+
+def _tube(grid: Grid, origin: np.ndarray, d: np.ndarray, t0: float, t1: float, radius: float):
+    """Voxels whose position p satisfies t0 < (p-o).d <= t1 and radial distance <= radius."""
+    sp = grid.sp
+    corners = np.array([origin + d * t + s * radius for t in (t0, t1) for s in (-1, 1)])
+    lo = np.floor((np.minimum(corners.min(axis=0), origin - radius) - radius) / sp).astype(int)
+    hi = np.ceil((np.maximum(corners.max(axis=0), origin + radius) + radius) / sp).astype(int) + 1
+    lo = np.clip(lo, 0, grid.mask.shape)
+    hi = np.clip(hi, 0, grid.mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    axes = [(np.arange(a, b) * s - o) for a, b, s, o in zip(lo, hi, sp, origin)]
+    gx, gy, gz = np.meshgrid(*axes, indexing="ij", sparse=True)
+    t = gx * d[0] + gy * d[1] + gz * d[2]
+    r2 = gx ** 2 + gy ** 2 + gz ** 2 - t ** 2
+    return (t > t0) & (t <= t1) & (r2 <= radius ** 2), box
+
+
+def _touches_edge(found: np.ndarray, box, shape) -> bool:
+    if not found.any():
+        return False
+    idx = np.argwhere(found) + np.array([s.start for s in box])
+    return bool(np.any(idx == 0) or np.any(idx == np.asarray(shape) - 1))
+
+
+# --------------------------------------------------------------------------- ribs
+def rate_ribs(grid: Grid, bone, unlabelled, frames, present, stump_mm):
+    """Per rib-bearing vertebra: length and status of the left and right rib."""
+    wanted = [lab for lab in RIB_BEARING if lab in present]
+    out: dict[int, dict] = {}
+    evidence: dict = {}
+    if bone is None or not wanted:
+        for lab in wanted:
+            out[lab] = {"left_mm": None, "right_mm": None, "left_status": "undeterminable",
+                        "right_status": "undeterminable"}
+        return out, evidence
+    labels = grid.mask.astype(np.uint16 if grid.mask.dtype != np.uint16 else grid.mask.dtype)
+    labels = np.where(unlabelled & (labels == 0), UNLABELLED, labels).astype(np.uint16)
+    components, info, joint_distance = segment_ribs(bone, labels, grid.sp, frames, wanted)
+    evidence["segmentation"] = info
+    for lab in wanted:
+        entry: dict = {}
+        for side in SIDES:
+            comps = components.get((lab, side), [])
+            if not comps:
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
+                continue
+            rib = measure_rib(comps[0], grid.mask.shape, grid.sp, joint_distance, frames[lab],
+                              others=len(comps) - 1, side=side)
+            evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
+            if rib.cut:
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
+                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
+            elif rib.length_mm < MIN_RIB_MM:
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
+            else:
+                entry[f"{side}_mm"], entry[f"{side}_status"] = round(rib.length_mm, 1), "present"
+        out[lab] = entry
+    return out, evidence
+
+
+def rib_class(entry: dict, side: str, stump_mm: float) -> str:
+    """'long', 'short' (stump or absent), or 'unknown' (cut short of stump_mm, no CT)."""
+    status = entry.get(f"{side}_status")
+    if status == "present":
+        return "long" if entry[f"{side}_mm"] >= stump_mm else "short"
+    if status == "absent":
+        return "short"
+    if status == "cut" and entry.get(f"{side}_visible_mm", 0) >= stump_mm:
+        return "long"
+    return "unknown"
+
+
+def effective_regions(present, ribs, stump_mm) -> dict[int, str]:
+    """'C', 'T' or 'L' per vertebra after the rib rule at the thoracolumbar junction."""
+    out = {}
+    for lab in present:
+        reg = L.region(lab)
+        if lab in THORACOLUMBAR and lab in ribs:
+            classes = {rib_class(ribs[lab], s, stump_mm) for s in SIDES}
+            if "long" in classes:
+                reg = "T"
+            elif classes == {"short"}:
+                reg = "L"
+        out[lab] = reg
+    return out
+
+
+def cervical_ribs(ribs, determinable: bool) -> dict:
+    entry = ribs.get(7)
+    if not determinable or entry is None:
+        return {"left": None, "right": None, "count": None}
+    sides = {s: entry.get(f"{s}_status") in ("present", "cut") for s in SIDES}
+    return {"left": sides["left"], "right": sides["right"], "count": int(sum(sides.values()))}
+
+
+def stump_ribs(ribs, stump_mm) -> list[dict]:
+    out = []
+    for lab, entry in sorted(ribs.items(), key=lambda kv: L.rank(kv[0])):
+        if L.name(lab) not in STUMP_LEVELS:
+            continue
+        for side in SIDES:
+            mm = entry.get(f"{side}_mm")
+            if entry.get(f"{side}_status") == "present" and mm is not None and mm < stump_mm:
+                out.append({"vertebra": L.name(lab), "side": side, "length_mm": mm})
+    return out
+
+
+# --------------------------------------------------------------------------- field of view
+def field_of_view(grid: Grid, present, spine_info) -> dict:
+    """First and last labels, labels present, and vertebrae cut by the field of view."""
+    names = [L.name(x) for x in present]
+    cut = []
+    m = grid.mask
+    faces = [m[0], m[-1], m[:, 0], m[:, -1], m[:, :, 0], m[:, :, -1]]
+    on_edge = set(np.unique(np.concatenate([f.ravel() for f in faces])).tolist()) - {0}
+    top = spine_info.get("top")
+    if top and top["present"]:
+        prev = _neighbour_name(present[0], -1)
+        if prev:
+            cut.append(prev)
+    cut += [L.name(lab) for lab in present if lab in on_edge]
+    bottom = spine_info.get("bottom")
+    if bottom and bottom["present"] and bottom["touches_field_of_view_edge"]:
+        nxt = _neighbour_name([x for x in present if L.is_vertebra(x)][-1], +1)
+        if nxt:
+            cut.append(nxt)
+    return {"first": names[0], "last": names[-1], "visible": names, "cut": cut}
+
+
+def _neighbour_name(lab: int, step: int) -> str | None:
+    """Usual anatomical neighbour's name (T13 and L6 are never assumed)."""
+    chain = [*range(1, 20), *range(20, 25), 26]
+    if lab == 28:
+        return "T12" if step < 0 else "L1"
+    if lab == 25:
+        return "L5" if step < 0 else "S1"
+    i = chain.index(lab) if lab in chain else None
+    if i is None or not 0 <= i + step < len(chain):
+        return None
+    return L.name(chain[i + step])
+
+
+# --------------------------------------------------------------------------- enumeration
+def enumerate_spine(grid, present, effective, fov, spine_info, castellvi):
+    """Counts present, determinable counts, completeness and T11/T13/L4/L6 flags."""
+    spine = [lab for lab in present if L.is_vertebra(lab)]
+    regions = [effective[lab] for lab in spine]
+    counts = {r: regions.count(k) for r, k in (("cervical", "C"), ("thoracic", "T"), ("lumbar", "L"))}
+    fused = castellvi.get("unlabelled_vertebra") if castellvi else None
+    if fused:
+        counts["lumbar"] += 1
+    sacrum = 26 in present
+    top_cut = bool(spine_info.get("top", {}).get("present"))
+    has = set(present)
+    contiguous = _contiguous(spine)
+    cervical = counts["cervical"] if (1 in has and "T" in regions and contiguous) else None
+    # T1 is recognisable when C7 is seen above it (or the scan starts at C1)
+    thoracic_top = 8 in has and 7 in has
+    thoracic = counts["thoracic"] if (thoracic_top and "L" in regions and contiguous) else None
+    lumbar = counts["lumbar"] if ("T" in regions and sacrum and contiguous) else None
+    if thoracic is None and lumbar is None and not sacrum and "T" in regions and "L" in regions and contiguous:
+        lumbar = None
+    complete = bool(sacrum and contiguous and (1 in has or (8 in has and not top_cut)) and "L" in regions)
+    flags = []
+    if thoracic in (11, 13):
+        flags.append(f"T{thoracic}")
+    if lumbar in (4, 6):
+        flags.append(f"L{lumbar}")
+    evidence = {"contiguous": contiguous, "sacrum_labelled": sacrum, "effective_regions":
+                {L.name(k): v for k, v in effective.items() if L.is_vertebra(k)}}
+    return ({"cervical": cervical, "thoracic": thoracic, "lumbar": lumbar, "complete": complete, "flags": flags},
+            counts, evidence)
+
+
+def _contiguous(spine: list[int]) -> bool:
+    chain = [*range(1, 20), 28, *range(20, 26)]
+    pos = [chain.index(x) for x in spine]
+    gaps = [b - a for a, b in zip(pos, pos[1:])]
+    # T13 and L6 are optional links of the chain
+    ok = all(g == 1 or (g == 2 and chain[a + 1] == 28) for g, a in zip(gaps, pos))
+    return ok
+
+
+# --------------------------------------------------------------------------- Castellvi
+def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
+    """Castellvi grade of the lowest lumbar vertebra against the sacrum."""
+    lumbar = [lab for lab in present if L.region(lab) == "L"]
+    evidence: dict = {}
+    if bone is None:
+        return None, {"note": "no CT"}
+    if not lumbar:
+        return None, {"note": "no lumbar vertebra in the mask"}
+    if 26 not in present:
+        return None, {"note": "sacrum not labelled: Castellvi undeterminable"}
+    last = lumbar[-1]
+    fr = frames[last]
+    sp = grid.sp
+    sacrum_pts = np.argwhere(grid.mask == 26)
+    # region of interest: the last lumbar vertebra, the sacrum's top and everything between
+    last_pts = np.argwhere(grid.mask == last)
+    pad = np.ceil(25.0 / sp).astype(int)
+    sac_mm = sacrum_pts * sp
+    t_sac = (sac_mm - fr.centre) @ fr.superior
+    sac_top = sacrum_pts[t_sac >= t_sac.max() - 60.0]
+    both = np.vstack([last_pts, sac_top])
+    lo = np.maximum(both.min(axis=0) - pad, 0)
+    hi = np.minimum(both.max(axis=0) + pad + 1, grid.mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    m = grid.mask[box]
+    b = bone[box]
+    ct = grid.ct[box]
+    base_mm = lo * sp
+    coords = _box_coords(m.shape, sp, base_mm)
+    rel = coords - fr.centre
+    t = rel @ fr.superior
+    lat = rel @ fr.right
+    ap = rel @ fr.anterior
+    # unlabelled bone between the last lumbar label and the sacrum: a fused vertebra?
+    in_last = m == last
+    in_sac = m == 26
+    axis_r = np.sqrt(np.maximum((rel ** 2).sum(-1) - t ** 2, 0))
+    t_last_bottom = float(t[in_last & (axis_r < 20)].min()) if (in_last & (axis_r < 20)).any() else float(t[in_last].min())
+    near_axis_sac = in_sac & (axis_r < 25)
+    t_sac_top = float(t[near_axis_sac].max()) if near_axis_sac.any() else float(t[in_sac].max())
+    between = b & (m == 0) & (t < t_last_bottom) & (t > t_sac_top - 5) & (axis_r < 30)
+    between_ml = float(between.sum() * np.prod(sp) / 1000)
+    body_ml = float((in_last & (axis_r < 20)).sum() * np.prod(sp) / 1000)
+    evidence.update({"last_lumbar_label": L.name(last), "axial_gap_mm": round(t_last_bottom - t_sac_top, 1),
+                     "unlabelled_bone_between_ml": round(between_ml, 1), "last_body_core_ml": round(body_ml, 1)})
+    fused_vertebra = between_ml >= max(0.35 * body_ml, 3.0)
+    if fused_vertebra:
+        comps, _ = ndimage.label(b & (m == 0) & (t > t_sac_top - 40), structure=np.ones((3, 3, 3), bool))
+        ids = np.unique(comps[between])
+        ids = ids[ids > 0]
+        vert = np.isin(comps, ids) & (np.abs(lat) < 75) & (ap < 40)
+        name = _neighbour_name(last, +1) if last != 24 else "L6"
+        if last == 25:
+            name = "L7?"
+        rated_frame_centre = coords[vert].mean(axis=0)
+    else:
+        vert = in_last
+        name = L.name(last)
+        rated_frame_centre = fr.centre
+    rel_v = coords - rated_frame_centre
+    lat_v = rel_v @ fr.right
+    t_v = rel_v @ fr.superior
+    # sacral bone: the labelled sacrum; distances from it with nearest indices
+    dist, nearest = ndimage.distance_transform_edt(~in_sac, sampling=sp, return_indices=True)
+    sides = {}
+    for side, sign in (("left", -1.0), ("right", 1.0)):
+        sides[side] = _castellvi_side(vert, lat_v * sign, t_v, dist, nearest, ct, thr, sp, coords)
+    grades = {s: sides[s]["grade"] for s in sides}
+    combined = _combine(grades["left"], grades["right"])
+    evidence.update({"sides": sides, "unlabelled_vertebra_voxels": int(vert.sum()) if fused_vertebra else 0})
+    result = {"vertebra": name, "left": grades["left"], "right": grades["right"], "grade": combined,
+              "unlabelled_vertebra": bool(fused_vertebra)}
+    return result, evidence
+
+
+def _box_coords(shape, sp, base_mm) -> np.ndarray:
+    idx = np.indices(shape, dtype=np.float32).transpose(1, 2, 3, 0)
+    return idx * sp.astype(np.float32) + base_mm.astype(np.float32)
+
+
+def _castellvi_side(vert, lat, t, dist, nearest, ct, thr, sp, coords) -> dict:
+    """Grade one side: transverse process height, gap to the sacrum, fusion."""
+    side = vert & (lat > 0)
+    if not side.any():
+        return {"grade": 0, "note": "no bone on this side"}
+    max_lat = float(lat[side].max())
+    tp = side & (lat >= max(max_lat - 15.0, 0.45 * max_lat))
+    tp_height = float(t[tp].max() - t[tp].min() + sp[2]) if tp.any() else 0.0
+    # closest point of this side's lateral half to the sacrum
+    lateral = side & (lat >= 0.35 * max_lat)
+    cand = np.argwhere(lateral)
+    d = dist[lateral]
+    k = int(np.argmin(d))
+    p = cand[k]
+    q = np.array([nearest[i][tuple(p)] for i in range(3)])
+    centre_gap = float(d[k])
+    direction = _unit((q - p) * sp)
+    vox_extent = float(np.linalg.norm(direction * sp)) if centre_gap > 0 else 0.0
+    # gap between the surfaces ~ centre distance minus one voxel along the line
+    gap = max(0.0, centre_gap - float(np.abs(direction * sp).max()))
+    n = max(int(np.ceil(centre_gap / 0.25)), 2)
+    line = p[None, :] + np.linspace(0, 1, n)[:, None] * (q - p)[None, :]
+    hu = ndimage.map_coordinates(ct, line.T, order=1, mode="nearest")
+    cleft_mm = float((hu < thr).mean() * centre_gap)
+    fused = gap <= 0.5 and cleft_mm == 0.0
+    if fused:
+        grade = 3
+    elif gap <= PSEUDARTHROSIS_MM + 0.5:
+        grade = 2
+    elif tp_height >= TP_HEIGHT_MM:
+        grade = 1
+    else:
+        grade = 0
+    return {"grade": grade, "transverse_process_height_mm": round(tp_height, 1),
+            "transverse_process_voxels": int(tp.sum()), "gap_to_sacrum_mm": round(gap, 1),
+            "cleft_mm": round(cleft_mm, 1), "min_hu_on_gap_line": round(float(hu.min()), 0),
+            "closest_point_ras_mm": [round(float(v), 1) for v in coords[tuple(p)]],
+            "sacrum_point_ras_mm": [round(float(v), 1) for v in coords[tuple(q)]],
+            "voxel_extent_mm": round(vox_extent, 2)}
+
+
+def _combine(left: int, right: int) -> str:
+    g = {left, right}
+    if 2 in g and 3 in g:
+        return "4"
+    if 3 in g:
+        return "3b" if left == right else "3a"
+    if 2 in g:
+        return "2b" if left == right else "2a"
+    return "0/1"
+
+
+# --------------------------------------------------------------------------- warnings
+def consistency_warnings(present, ribs, effective, stump_mm, have_ct) -> list[str]:
+    out = []
+    spine = [lab for lab in present if L.is_vertebra(lab)]
+    if not _contiguous(spine):
+        out.append("labels are not contiguous: " + ", ".join(L.name(x) for x in spine))
+    if have_ct:
+        for lab in spine:
+            if lab not in ribs:
+                continue
+            reg, label_reg = effective[lab], L.region(lab)
+            if label_reg == "T" and reg == "L":
+                out.append(f"{L.name(lab)} is labelled thoracic but has no rib of {stump_mm:g} mm or more "
+                           f"(counts as lumbar)")
+            elif label_reg == "L" and reg == "T":
+                out.append(f"{L.name(lab)} is labelled lumbar but has a rib of {stump_mm:g} mm or more "
+                           f"(counts as thoracic)")
+            elif label_reg == "T" and lab not in THORACOLUMBAR:
+                classes = {rib_class(ribs[lab], s, stump_mm) for s in SIDES}
+                if classes == {"short"}:
+                    out.append(f"{L.name(lab)} is thoracic but no rib was found on either side")
+    return out

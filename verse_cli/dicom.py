@@ -27,6 +27,7 @@ Examples
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -123,10 +124,14 @@ def read_header(path: Path):
     if not _has_dicom_magic(path):
         return None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        # Touch every element now so that a truncated header fails here, with the file named.
-        for _ in ds.iterall():
-            pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            # Touch every element now so that a truncated header fails here, with the file named.
+            for _ in ds.iterall():
+                pass
+        if any("end of file" in str(w.message).lower() for w in caught):
+            raise EOFError("the file ends inside an element")
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"truncated or corrupt DICOM file ({_short(exc)})", path) from None
     return ds
@@ -363,9 +368,15 @@ def _decode_one(header: SliceHeader) -> np.ndarray:
 
     path = header.path
     try:
-        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
         raise DataError(f"truncated or corrupt DICOM file ({_short(exc)})", path) from None
+    # pydicom only warns when the file ends inside an element; that is a truncated file.
+    ended_early = [w for w in caught if "end of file" in str(w.message).lower()]
+    if ended_early:
+        raise DataError(f"truncated DICOM file ({_short(ended_early[0].message)})", path)
     if "PixelData" not in ds:
         raise DataError("CT image without pixel data", path)
     syntax = ds.file_meta.get("TransferSyntaxUID", None) if getattr(ds, "file_meta", None) else None

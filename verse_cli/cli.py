@@ -296,18 +296,35 @@ def train_label(
 def train_segment(
     data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
     out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/segment.pt"),
+    minutes: Annotated[Optional[float], typer.Option(help="Training time budget in minutes.")] = 15.0,
+    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")] = False,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    batch: Annotated[int, typer.Option(help="Cases per step (each gives 16 slabs).")] = 2,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Train the per-vertebra segmentation U-Net."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("train segment")
+    from .nets.train_segment import train
+
+    train(data_dir, out=out, minutes=minutes, epochs=epochs, device=device, seed=seed, resume=resume,
+          workers=workers, batch=batch)
 
 
 # --------------------------------------------------------------------------- entry point
+def _terminated(signum, frame) -> None:
+    # SIGTERM (make, SLURM, kill) unwinds like Ctrl-C, so atomic writes remove their temp files
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: expected errors become one line on stderr."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app(args=argv, prog_name="verse")
     except VerseError as exc:

@@ -150,7 +150,9 @@ def segment(
 ) -> None:
     """Segment each vertebra in its own 1 mm patch."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("segment")
+    from .segment import segment as segment_patches
+
+    segment_patches(ct, ctd, model=model, only=only, batch=batch, device=device, out_dir=output)
 
 
 @app.command()
@@ -164,7 +166,9 @@ def merge(
 ) -> None:
     """Merge per-vertebra patches into one mask on the CT grid."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("merge")
+    from .merge import run as merge_patches
+
+    merge_patches(ct, patch_dir, output, itksnap_labels)
 
 
 # --------------------------------------------------------------------------- centroids / evaluate
@@ -211,13 +215,21 @@ def rate_variants(
     ct: Annotated[Path, typer.Argument(help="CT NIfTI, or a dataset folder in dataset mode.")],
     mask: Annotated[Optional[Path], typer.Argument(help="Vertebra mask NIfTI.")] = None,
     ctd: Annotated[Optional[Path], typer.Option(help="Centroid JSON.")] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output JSON ('-' for stdout).")] = Path("-"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output JSON ('-' for stdout); in dataset "
+                                         "mode the summary CSV.")] = Path("-"),
+    stump_mm: Annotated[float, typer.Option(help="Ribs shorter than this are stump ribs (mm).")] = 38.0,
+    no_ct: Annotated[bool, typer.Option("--no-ct", help="Rate a mask alone (CT argument is the mask): "
+                                        "enumeration only.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Dataset mode: also write sub-X_variants.json "
+                                                    "here.")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Rate enumeration anomalies, ribs, cervical ribs and Castellvi grade."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("rate-variants")
+    from .variants import run_command
+
+    run_command(ct, mask, ctd, output, stump_mm=stump_mm, no_ct=no_ct, out_dir=out_dir)
 
 
 # --------------------------------------------------------------------------- synth / snapshot / report

@@ -1,0 +1,328 @@
+"""``verse segment``: one 1 mm probability patch per vertebra.
+
+For every centroid a patch of ``112 x 128 x 128`` mm (left-right x posterior-anterior x
+inferior-superior) is resampled from the CT at 1 mm, with the body centroid at a fixed
+place (56 mm from either side, 92 mm from the posterior and 80 mm from the inferior
+face, because the posterior elements reach further back and the thoracic spinous
+processes further down than the body). A 2.5D U-Net
+(:mod:`verse_cli.nets.unet`) gives the probability that each voxel belongs to that
+vertebra, with its neighbours counted as background. :func:`verse_cli.merge.merge`
+puts the patches back together on the CT grid.
+
+Patch frame: axis-aligned with the CT, not vertebra-aligned
+-----------------------------------------------------------
+The patch axes are the CT's own voxel axes, permuted and flipped to point right,
+anterior and superior. So
+
+* a patch needs nothing but its centroid: no spine direction estimated from the
+  neighbours, which may be missing or wrong, and ``--only L3`` reruns one vertebra
+  exactly as the full run made it;
+* the patch grid is parallel to the CT grid, so resampling there and back is a pure
+  scaling (no oblique interpolation blur of thin processes), and a patch overlays the
+  CT in ITK-SNAP slice by slice without reslicing;
+* the spine's curvature (lordosis/kyphosis tilts a vertebra by up to ~30 degrees) is
+  learnt instead, from rotation augmentation during training.
+
+Outputs in ``PATCH_DIR``: ``<name>_prob.nii.gz`` (uint8, probability x 255, 1 mm,
+affine in the CT's world space) per vertebra, and ``patches.json``, which lists
+each patch's label, file, centroid and bounding box on the CT grid and in world mm.
+An edited patch (a binary mask painted in ITK-SNAP, saved under the same name) is
+accepted by ``verse merge`` in place of the probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .core import geometry
+from .core import labels as L
+from .core.errors import DataError, UsageError
+from .core.progress import debug, info, track
+
+PATCHES_JSON = "patches.json"
+PATCHES_FORMAT = "verse-patches/1"
+PROB_SCALE = 255
+AIR_HU = -1024.0
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "segment.pt"
+
+
+# --------------------------------------------------------------------------- geometry
+def patch_directions(ct_affine: np.ndarray) -> np.ndarray:
+    """Unit world vectors (columns) of the patch axes: the CT's axes turned toward R, A, S.
+
+    The CT's direction cosines are first made exactly orthonormal (nearest rotation),
+    so a slightly sheared header does not shear the patch.
+    """
+    dirs = geometry.direction_to_world(ct_affine)
+    u, _, vt = np.linalg.svd(dirs)
+    dirs = u @ vt
+    out = np.zeros((3, 3))
+    for j in range(3):
+        world_axis = int(np.argmax(np.abs(dirs[:, j])))
+        out[:, world_axis] = dirs[:, j] * np.sign(dirs[world_axis, j])
+    return out
+
+
+def patch_affine(ct_affine: np.ndarray, centroid_world, cfg: dict, rotation: np.ndarray | None = None,
+                 first_slice: float = 0.0) -> np.ndarray:
+    """The 1 mm affine of a patch whose ``centre_index`` voxel lies at ``centroid_world``.
+
+    ``rotation`` (3x3, world) turns the patch about the centroid (training augmentation);
+    ``first_slice`` shifts the first left-right index (used for slab margins).
+    """
+    dirs = patch_directions(ct_affine)
+    if rotation is not None:
+        dirs = np.asarray(rotation) @ dirs
+    aff = np.eye(4)
+    aff[:3, :3] = dirs
+    centre = np.asarray(cfg["centre_index"], dtype=np.float64) - np.array([first_slice, 0.0, 0.0])
+    aff[:3, 3] = np.asarray(centroid_world, dtype=np.float64) - dirs @ centre
+    return aff
+
+
+def sample_patch(volume: np.ndarray, vol_affine: np.ndarray, shape, affine: np.ndarray, order: int = 1,
+                 cval: float = AIR_HU) -> np.ndarray:
+    """Resample ``volume`` onto the patch grid ``(shape, affine)`` (float32; nearest for ``order=0``)."""
+    from scipy import ndimage
+
+    matrix = np.linalg.inv(vol_affine) @ affine
+    out_dtype = volume.dtype if order == 0 else np.float32
+    return ndimage.affine_transform(volume, matrix[:3, :3], offset=matrix[:3, 3], output_shape=tuple(shape),
+                                    order=order, mode="constant", cval=cval, prefilter=False,
+                                    output=out_dtype)
+
+
+def bbox_on_grid(patch_shape, patch_aff: np.ndarray, grid_shape, grid_affine: np.ndarray):
+    """The voxel box ``(lo, hi)`` (hi exclusive) of ``grid`` that a patch covers, clipped to the grid.
+
+    Returns ``None`` when the patch lies wholly outside the grid.
+    """
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in patch_shape], indexing="ij")).reshape(3, -1).T
+    ijk = geometry.world2vox(grid_affine, geometry.vox2world(patch_aff, corners))
+    lo = np.maximum(np.floor(ijk.min(axis=0)).astype(int), 0)
+    hi = np.minimum(np.ceil(ijk.max(axis=0)).astype(int) + 1, np.asarray(grid_shape[:3]))
+    if np.any(hi <= lo):
+        return None
+    return lo, hi
+
+
+def slab_layout(cfg: dict) -> tuple[int, int, int]:
+    """``(n_slabs, margin, extended_width)`` of the left-right slab tiling of a patch."""
+    width = int(cfg["patch_shape"][0])
+    n_in, n_out = int(cfg["n_in"]), int(cfg["n_out"])
+    n_slabs = -(-width // n_out)
+    margin = (n_in - n_out) // 2
+    return n_slabs, margin, n_slabs * n_out + (n_in - n_out)
+
+
+def slabs_of(extended: np.ndarray, cfg: dict) -> np.ndarray:
+    """``(n_slabs, n_in, H, W)`` strided view of the slabs of an extended patch."""
+    n_in, n_out = int(cfg["n_in"]), int(cfg["n_out"])
+    windows = np.lib.stride_tricks.sliding_window_view(extended, n_in, axis=0)[::n_out]
+    return np.moveaxis(windows, -1, 1)
+
+
+def slab_offsets(cfg: dict) -> np.ndarray:
+    """Left-right distance (mm) of each slab's centre from the centroid."""
+    n_slabs, _, _ = slab_layout(cfg)
+    n_out = int(cfg["n_out"])
+    centres = np.arange(n_slabs) * n_out + (n_out - 1) / 2.0
+    return centres - float(cfg["centre_index"][0])
+
+
+# --------------------------------------------------------------------------- inference
+def extract_extended(ct: np.ndarray, ct_affine: np.ndarray, centroid_world, cfg: dict) -> np.ndarray:
+    """The patch with slab margins left and right, in HU (float32)."""
+    _, margin, ext = slab_layout(cfg)
+    shape = (ext, *cfg["patch_shape"][1:])
+    aff = patch_affine(ct_affine, centroid_world, cfg, first_slice=-margin)
+    return sample_patch(ct, ct_affine, shape, aff)
+
+
+def predict_patches(model, extended: list[np.ndarray], cfg: dict, device="cpu") -> list[np.ndarray]:
+    """Probabilities (float32, ``patch_shape``) for a list of extended HU patches, in one forward pass."""
+    import torch
+
+    from .nets.unet import network_input
+
+    width = int(cfg["patch_shape"][0])
+    offsets = slab_offsets(cfg)
+    x = np.concatenate([network_input(slabs_of(e, cfg), offsets, cfg) for e in extended])
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x).to(device))
+        prob = torch.sigmoid(logits.float()).cpu().numpy()
+    n_slabs = len(offsets)
+    out = []
+    for i in range(len(extended)):
+        block = prob[i * n_slabs:(i + 1) * n_slabs]  # (n_slabs, n_out, H, W)
+        out.append(block.reshape(-1, *block.shape[2:])[:width])
+    return out
+
+
+def to_uint8(prob: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(prob, 0.0, 1.0) * PROB_SCALE).astype(np.uint8)
+
+
+def patch_file_name(label: int) -> str:
+    return f"{L.name(label)}_prob.nii.gz"
+
+
+def parse_only(only: str | None, available: list[int]) -> list[int] | None:
+    """``"L3,L4"`` -> ``[22, 23]``; every name must be among ``available`` centroids."""
+    if only is None or not str(only).strip():
+        return None
+    chosen = []
+    for item in str(only).split(","):
+        if not item.strip():
+            continue
+        try:
+            lab = L.label_id(item)
+        except ValueError as exc:
+            raise UsageError(f"--only: {exc}") from None
+        if lab not in available:
+            raise UsageError(f"--only: {L.name(lab)} is not in the centroid file "
+                             f"(has {', '.join(L.name(a) for a in available)})")
+        chosen.append(lab)
+    return chosen
+
+
+def _resolve_model(model):
+    if model is None:
+        model = BUNDLED_MODEL
+    return Path(model)
+
+
+def segment(ct_img, centroids, model=None, only=None, batch: int = 4, device: str = "auto",
+            out_dir: str | os.PathLike | None = None, ct_name: str | None = None) -> list[dict]:
+    """Segment every vertebra of ``centroids`` in its own 1 mm patch.
+
+    Parameters
+    ----------
+    ct_img : nibabel image or path
+        The CT (HU).
+    centroids : Centroids or path
+        Body centroids in voxel coordinates of the CT (VerSe JSON when a path).
+    model : path, optional
+        A bundle from ``verse train segment``; default ``models/segment.pt``.
+    only : str or list of int, optional
+        Vertebrae to (re)run, e.g. ``"L3,L4"``; with ``out_dir`` the other entries of an
+        existing ``patches.json`` are kept.
+    batch : int
+        Vertebrae per forward pass.
+    device : {"auto", "cpu", "cuda"}
+    out_dir : path, optional
+        Where to write ``<name>_prob.nii.gz`` and ``patches.json``.
+
+    Returns
+    -------
+    list of dict
+        One entry per segmented vertebra: ``label``, ``name``, ``file``, ``affine``
+        (4x4, 1 mm patch grid), ``prob`` (uint8, probability x 255), ``bbox_vox``,
+        ``bbox_world``, ``centroid_world``.
+    """
+    from .core.centroids import Centroids, read_centroids
+    from .core.io import load_ct
+    from .nets.train import model_hash, pick_device
+    from .nets.unet import load_model
+
+    if batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {batch}")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UsageError(f"-o must be a folder, but {out_dir} is a file")
+    if isinstance(ct_img, (str, os.PathLike)):
+        ct_name = ct_name or Path(ct_img).name
+        ct_img = load_ct(ct_img)
+    if not isinstance(centroids, Centroids):
+        source = str(centroids)
+        centroids = read_centroids(centroids, ref_affine=ct_img.affine)
+        centroids.check_matches(ct_img.affine, source)
+    else:
+        centroids.check_matches(ct_img.affine)
+    labels = [lab for lab in centroids.labels if L.is_vertebra(lab)]
+    if not labels:
+        raise DataError("the centroid file lists no vertebra")
+    chosen = parse_only(only, labels) if not isinstance(only, (list, tuple)) else [int(x) for x in only]
+    if chosen is not None:
+        labels = [lab for lab in labels if lab in chosen]
+    model_path = _resolve_model(model)
+    torch_device = pick_device(device)
+    net, cfg, _ = load_model(model_path, device=torch_device)
+    _limit_threads()
+
+    ct = np.asarray(ct_img.dataobj, dtype=np.float32)
+    aff = np.asarray(ct_img.affine, dtype=np.float64)
+    world = dict(zip(centroids.labels, centroids.to_world(aff)))
+    labels = L.sort_anatomical(labels)
+    info(f"segmenting {len(labels)} vertebrae ({', '.join(L.name(x) for x in labels)})")
+    results = []
+    chunks = [labels[i:i + batch] for i in range(0, len(labels), batch)]
+    for chunk in track(chunks, "segmenting", total=len(chunks)):
+        ext = [extract_extended(ct, aff, world[lab], cfg) for lab in chunk]
+        probs = predict_patches(net, ext, cfg, torch_device)
+        for lab, prob in zip(chunk, probs):
+            paff = patch_affine(aff, world[lab], cfg)
+            box = bbox_on_grid(prob.shape, paff, ct.shape, aff)
+            results.append(_entry(lab, paff, to_uint8(prob), box, aff, world[lab]))
+            debug(f"{L.name(lab)}: {int((prob > 0.5).sum())} mm^3 above 0.5")
+    if out_dir is not None:
+        write_patches(out_dir, results, ct.shape, aff, ct_name=ct_name,
+                      model={"file": model_path.name, "hash": model_hash(model_path)})
+    return results
+
+
+def _limit_threads() -> None:
+    """Use the machine's cores but no more (torch defaults can oversubscribe in containers)."""
+    import torch
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+
+
+def _entry(label, paff, prob_u8, box, ct_aff, centroid_world) -> dict:
+    entry = {"label": int(label), "name": L.name(label), "file": patch_file_name(label), "affine": paff,
+             "prob": prob_u8, "centroid_world": [round(float(v), 2) for v in centroid_world]}
+    if box is None:
+        entry["bbox_vox"] = None
+        entry["bbox_world"] = None
+    else:
+        lo, hi = box
+        corners = np.array(np.meshgrid(*[[lo[k], hi[k] - 1] for k in range(3)], indexing="ij")).reshape(3, -1).T
+        xyz = geometry.vox2world(ct_aff, corners)
+        entry["bbox_vox"] = [lo.tolist(), hi.tolist()]
+        entry["bbox_world"] = [np.round(xyz.min(axis=0), 2).tolist(), np.round(xyz.max(axis=0), 2).tolist()]
+    return entry
+
+
+def write_patches(out_dir, results: list[dict], ct_shape, ct_affine, ct_name=None, model=None) -> Path:
+    """Write each patch NIfTI and (last) ``patches.json``, merging with an existing index.
+
+    Entries of an existing ``patches.json`` whose label is not in ``results`` are kept,
+    which is what makes ``--only`` reruns possible.
+    """
+    from .core.io import fresh_image, read_json, save_nifti, write_json
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o must be a folder, but {out_dir} is a file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_path = out_dir / PATCHES_JSON
+    old = []
+    if index_path.exists():
+        previous = read_json(index_path)
+        if isinstance(previous, dict) and isinstance(previous.get("patches"), list):
+            old = previous["patches"]
+    for r in results:
+        save_nifti(fresh_image(r["prob"], r["affine"]), out_dir / r["file"])
+    new_labels = {r["label"] for r in results}
+    entries = [e for e in old if isinstance(e, dict) and e.get("label") not in new_labels]
+    entries += [{k: v for k, v in r.items() if k not in ("prob", "affine")} for r in results]
+    entries.sort(key=lambda e: L.rank(int(e["label"])))
+    index = {"format": PATCHES_FORMAT, "ct": {"file": ct_name, "shape": [int(s) for s in ct_shape[:3]],
+                                               "affine": np.round(np.asarray(ct_affine), 6).tolist()},
+             "model": model, "probability_scale": PROB_SCALE, "patches": entries}
+    write_json(index, index_path)
+    info(f"wrote {len(results)} patches and {PATCHES_JSON} to {out_dir}")
+    return index_path

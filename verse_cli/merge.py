@@ -224,7 +224,7 @@ def run(ct, patch_dir, output, itksnap_labels=None) -> np.ndarray:
 
     if not is_nifti_path(output):
         raise UsageError(f"-o must end in .nii or .nii.gz: {output}")
-    shape, affine = _ct_grid(ct)
+    _, affine = _ct_grid(ct)
     mask = merge(ct, patch_dir)
     write_outputs(mask, affine, output, itksnap_labels)
     return mask

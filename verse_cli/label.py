@@ -1,0 +1,508 @@
+"""``verse label``: vertebral-body centroids with anatomical labels.
+
+Pipeline
+--------
+1. **Crop** the CT to the spine box from ``verse detect`` and resample it onto a
+   world-aligned grid of :data:`SPACING` mm whose axes point to R, A and I
+   (:func:`spine_grid`), so any orientation or oblique affine gives the same picture.
+2. **Project**: a sagittal MIP (over a left-right slab around the spine) and a coronal
+   MIP (over an anterior-posterior slab), each with a mean projection as a second
+   channel (:func:`projections`).
+3. **Heatmaps** from the Btrfly Net (:mod:`verse_cli.nets.btrfly`): "any vertebra",
+   "rib-bearing", and one channel per label, in both views.
+4. **Candidates**: peaks of the sagittal "any" heatmap, paired with the coronal one
+   on the same rows, give 3D points with sub-pixel accuracy; at each point the label
+   channels, the rib channel and the sacrum channel give evidence (:func:`candidates`).
+5. **Labels**: the anatomical prior (:mod:`verse_cli.prior`) picks the globally best
+   chain; user corrections (``fix``) are hard constraints there.
+6. **Refine** each centroid on the CT: the centre of the dense bone around it
+   (:func:`refine_on_ct`), and write VerSe 2020 JSON on the input voxel grid with a
+   ``confidence`` per vertebra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import prior as P
+from .core import geometry
+from .core.centroids import Centroids
+from .core.errors import DataError
+from .core.progress import debug, info
+
+SPACING = 1.5  # mm, the grid of the projections
+WIDTH = 128  # pixels across (left-right and anterior-posterior): 192 mm
+MARGIN_MM = 15.0  # added above and below the box
+MIN_HALF_SLAB_MM = 30.0
+SLAB_MARGIN_MM = 10.0
+HU_LOW, HU_HIGH = -200.0, 1300.0
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "label.pt"
+
+
+# --------------------------------------------------------------------------- the box
+def parse_bbox(obj: Any, source=None) -> tuple[np.ndarray, np.ndarray]:
+    """World (RAS mm) min and max corners from a ``verse detect`` bounding-box JSON.
+
+    Accepts ``{"world_min": [...], "world_max": [...]}`` (also ``ras_``/``_mm``
+    spellings), ``{"world": {"min": ..., "max": ...}}`` and a list of corner points
+    under ``"corners"``/``"world_corners"``/``"corners_ras"``.
+    """
+    if not isinstance(obj, dict):
+        raise DataError("bounding-box JSON must be an object", source)
+    pts = None
+    for lo, hi in (("world_min", "world_max"), ("ras_min", "ras_max"), ("min_mm", "max_mm"),
+                   ("min_ras", "max_ras"), ("world_min_mm", "world_max_mm")):
+        if lo in obj and hi in obj:
+            pts = [obj[lo], obj[hi]]
+            break
+    if pts is None:
+        for key in ("world", "ras", "world_mm", "box_world", "bbox_world"):
+            val = obj.get(key)
+            if isinstance(val, dict) and "min" in val and "max" in val:
+                pts = [val["min"], val["max"]]
+                break
+            if isinstance(val, list) and len(val) >= 2:
+                pts = val
+                break
+    if pts is None:
+        for key in ("corners", "world_corners", "corners_ras", "corners_world", "ras_corners"):
+            if isinstance(obj.get(key), list):
+                pts = obj[key]
+                break
+    if pts is None:
+        raise DataError("no world (RAS mm) corners in the bounding-box JSON", source)
+    try:
+        arr = np.asarray(pts, dtype=np.float64).reshape(-1, 3)
+    except (TypeError, ValueError):
+        raise DataError("bounding-box corners must be lists of three numbers", source) from None
+    if len(arr) < 2 or not np.all(np.isfinite(arr)):
+        raise DataError("bounding-box corners must be finite 3D points", source)
+    lo, hi = arr.min(axis=0), arr.max(axis=0)
+    if np.any(hi - lo < 1.0):
+        raise DataError("the bounding box is empty", source)
+    return lo, hi
+
+
+def read_bbox(path, ct_shape, ct_affine) -> tuple[np.ndarray, np.ndarray]:
+    """Read a box and check that it overlaps the CT (a box for another image does not)."""
+    from .core.io import read_json
+
+    lo, hi = parse_bbox(read_json(path), source=path)
+    clo, chi = ct_world_box(ct_shape, ct_affine)
+    overlap = np.minimum(hi, chi) - np.maximum(lo, clo)
+    if np.any(overlap <= 0):
+        raise DataError(
+            f"the box ({_fmt(lo)} .. {_fmt(hi)} mm) lies outside the CT ({_fmt(clo)} .. {_fmt(chi)} mm): "
+            "is it for another image?", path)
+    return lo, hi
+
+
+def _fmt(v) -> str:
+    return "[" + ", ".join(f"{x:.0f}" for x in v) + "]"
+
+
+def ct_world_box(shape, affine) -> tuple[np.ndarray, np.ndarray]:
+    corners = np.array([[i, j, k] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
+                        for k in (-0.5, shape[2] - 0.5)])
+    xyz = geometry.vox2world(affine, corners)
+    return xyz.min(axis=0), xyz.max(axis=0)
+
+
+def box_of_mask(mask: np.ndarray, affine) -> tuple[np.ndarray, np.ndarray]:
+    """World box of the non-zero voxels (what a perfect detector would return)."""
+    idx = np.argwhere(mask > 0)
+    lo, hi = idx.min(axis=0) - 0.5, idx.max(axis=0) + 0.5
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    xyz = geometry.vox2world(affine, corners)
+    return xyz.min(axis=0), xyz.max(axis=0)
+
+
+# --------------------------------------------------------------------------- grid and projections
+@dataclass
+class SpineView:
+    """The two projections of one spine box and the grid they come from.
+
+    ``sag`` and ``cor`` are ``(2, H, W)`` float32 images (MIP and mean projection,
+    scaled to about [0, 1]); rows run head to foot. ``affine`` maps grid voxels
+    ``(r, a, i)`` to world mm; sagittal pixel ``(row, col)`` is grid ``(*, col, row)``
+    and coronal pixel ``(row, col)`` is grid ``(col, *, row)``.
+    """
+
+    sag: np.ndarray
+    cor: np.ndarray
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+
+
+def spine_grid(lo, hi, multiple: int = 32) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A world-aligned grid (axes R, A, I) of :data:`SPACING` mm around a box.
+
+    Left-right and anterior-posterior: :data:`WIDTH` pixels centred on the box;
+    superior-inferior: the box plus :data:`MARGIN_MM`, rounded up to ``multiple``.
+    """
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    centre = (lo + hi) / 2
+    height = (hi[2] - lo[2]) + 2 * MARGIN_MM
+    n_i = int(np.ceil(height / SPACING / multiple) * multiple)
+    affine = np.diag([SPACING, SPACING, -SPACING, 1.0])
+    affine[0, 3] = centre[0] - SPACING * (WIDTH - 1) / 2
+    affine[1, 3] = centre[1] - SPACING * (WIDTH - 1) / 2
+    affine[2, 3] = centre[2] + SPACING * (n_i - 1) / 2
+    return (WIDTH, WIDTH, n_i), affine
+
+
+def slab_masks(lo, hi, affine) -> tuple[np.ndarray, np.ndarray]:
+    """Which grid columns the sagittal (R) and coronal (A) projections take, from the box."""
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    centre = (lo + hi) / 2
+    half = np.maximum((hi - lo) / 2 + SLAB_MARGIN_MM, MIN_HALF_SLAB_MM)
+    r = affine[0, 3] + SPACING * np.arange(WIDTH)
+    a = affine[1, 3] + SPACING * np.arange(WIDTH)
+    return np.abs(r - centre[0]) <= half[0], np.abs(a - centre[1]) <= half[1]
+
+
+def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi) -> SpineView:
+    """Resample the box onto the spine grid and project it both ways."""
+    shape, affine = spine_grid(lo, hi)
+    vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=-1024.0)
+    np.clip(vol, HU_LOW, HU_HIGH, out=vol)
+    vol -= HU_LOW
+    vol /= HU_HIGH - HU_LOW
+    keep_r, keep_a = slab_masks(lo, hi, affine)
+    sag_slab, cor_slab = vol[keep_r], vol[:, keep_a]
+    sag = np.stack([sag_slab.max(axis=0), sag_slab.mean(axis=0)]).transpose(0, 2, 1)  # (2, I, A)
+    cor = np.stack([cor_slab.max(axis=1), cor_slab.mean(axis=1)]).transpose(0, 2, 1)  # (2, I, R)
+    return SpineView(np.ascontiguousarray(sag, np.float32), np.ascontiguousarray(cor, np.float32), affine, shape)
+
+
+# --------------------------------------------------------------------------- the network
+def load_model(path=None, device: str = "auto"):
+    """The Btrfly Net from a bundle (default: the bundled ``models/label.pt``)."""
+    import torch
+
+    from .nets import btrfly
+    from .nets.train import load_bundle, pick_device
+
+    path = Path(path) if path is not None else DEFAULT_MODEL
+    dev = pick_device(device)
+    arch, config, state, _meta = load_bundle(path, map_location="cpu")
+    if arch != btrfly.BtrflyNet.arch:
+        raise DataError(f"model is a {arch!r} bundle, not a labelling net", path)
+    net = btrfly.build(config)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(f"weights do not fit the net ({str(exc).splitlines()[0][:120]})", path) from None
+    net.eval().to(dev)
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    return net, dev
+
+
+def heatmaps(net, view: SpineView, device) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid heatmaps ``(C, H/2, W/2)`` for the sagittal and coronal projections."""
+    import torch
+
+    with torch.no_grad():
+        sag = torch.from_numpy(view.sag[None]).to(device)
+        cor = torch.from_numpy(view.cor[None]).to(device)
+        hs, hc = net(sag, cor)
+        return torch.sigmoid(hs[0]).float().cpu().numpy(), torch.sigmoid(hc[0]).float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- candidates
+@dataclass
+class Candidates:
+    """Candidate body centroids (world mm) and the evidence the prior needs."""
+
+    world: np.ndarray  # (N, 3)
+    label_logp: np.ndarray  # (N, K)
+    exist: np.ndarray  # (N,) probability of a real vertebra or sacrum
+    rib: np.ndarray  # (N,)
+    sacrum: np.ndarray  # (N,)
+
+
+STRIDE = 2
+
+
+def _subpixel(img: np.ndarray, r: int, c: int, radius: int = 2) -> tuple[float, float]:
+    """Weighted centre of the values above half the peak around ``(r, c)``."""
+    r0, r1 = max(r - radius, 0), min(r + radius + 1, img.shape[0])
+    c0, c1 = max(c - radius, 0), min(c + radius + 1, img.shape[1])
+    win = img[r0:r1, c0:c1]
+    w = np.clip(win - 0.5 * img[r, c], 0, None)
+    if w.sum() <= 0:
+        return float(r), float(c)
+    rr, cc = np.mgrid[r0:r1, c0:c1]
+    return float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum())
+
+
+def _peak_value(img: np.ndarray, r: float, c: float, radius: int = 1) -> np.ndarray:
+    """Max of each channel of ``img`` (C, H, W) in a small window around ``(r, c)``."""
+    ri, ci = round(r), round(c)
+    r0, r1 = max(ri - radius, 0), min(ri + radius + 1, img.shape[1])
+    c0, c1 = max(ci - radius, 0), min(ci + radius + 1, img.shape[2])
+    return img[:, r0:r1, c0:c1].reshape(img.shape[0], -1).max(axis=1)
+
+
+def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float = 0.2) -> Candidates:
+    """3D candidates from the two views' heatmaps (see the module docstring)."""
+    from skimage.feature import peak_local_max
+
+    from .nets.btrfly import N_FIXED
+
+    any_s, any_c = hs[0], hc[0]
+    peaks = peak_local_max(any_s, min_distance=2, threshold_abs=threshold, exclude_border=False)
+    pts, logp, exist, rib, sac = [], [], [], [], []
+    k_s1 = N_FIXED + P.PRIOR_LABELS.index(P.SACRUM)
+    for r, c in peaks:
+        row, col_a = _subpixel(any_s, int(r), int(c))
+        ri = round(row)
+        band = any_c[max(ri - 1, 0):ri + 2]
+        col_r_int = int(np.argmax(band.max(axis=0)))
+        row_c, col_r = _subpixel(any_c, ri, col_r_int)
+        vs = _peak_value(hs, row, col_a)
+        vc = _peak_value(hc, row_c, col_r)
+        v = np.sqrt(np.clip(vs * vc, 0, None))
+        lab = v[N_FIXED:] + 1e-3
+        logp.append(np.log(lab / lab.sum()))
+        exist.append(float(np.clip(np.sqrt(vs[0] * max(vc[0], 0.05)), 0.02, 0.98)))
+        rib.append(float(np.clip(v[1] / max(v[0], 1e-3), 0.0, 1.0)))
+        sac.append(float(np.clip(v[k_s1] / max(v[0], 1e-3), 0.0, 1.0)))
+        # heatmap pixel k covers input pixels 2k and 2k + 1
+        grid_vox = [STRIDE * col_r + 0.5, STRIDE * col_a + 0.5, STRIDE * (row + row_c) / 2 + 0.5]
+        pts.append(geometry.vox2world(view.affine, np.array(grid_vox)))
+    n = len(pts)
+    return Candidates(np.array(pts).reshape(n, 3), np.array(logp).reshape(n, len(P.PRIOR_LABELS)),
+                      np.array(exist), np.array(rib), np.array(sac))
+
+
+# --------------------------------------------------------------------------- fixes
+def apply_fixes(cands: Candidates, fixes_world: dict[int, np.ndarray], radius_mm: float = 12.0):
+    """Put user-corrected centroids into the candidate list as hard constraints.
+
+    Each fixed point takes over the nearest candidate within ``radius_mm`` (its position
+    replaced); a fixed point with no candidate nearby becomes a new candidate.
+    Returns the new candidates and ``{index: label}``.
+    """
+    world = cands.world.copy()
+    extra = []
+    fixed: dict[int, int] = {}
+    taken: set[int] = set()
+    # closest pairs first, so two fixes never fight over one candidate
+    pairs = []
+    for lab, xyz in fixes_world.items():
+        d = np.linalg.norm(world - xyz, axis=1) if len(world) else np.zeros(0)
+        for i in np.argsort(d):
+            if d[i] > radius_mm:
+                break
+            pairs.append((float(d[i]), int(lab), int(i)))
+    pairs.sort()
+    placed: set[int] = set()
+    for _, lab, i in pairs:
+        if lab in placed or i in taken:
+            continue
+        world[i] = fixes_world[lab]
+        fixed[i] = lab
+        taken.add(i)
+        placed.add(lab)
+    for lab, xyz in fixes_world.items():
+        if lab not in placed:
+            extra.append((lab, xyz))
+    n, K = len(world), len(P.PRIOR_LABELS)
+    new = Candidates(
+        np.vstack([world] + [x[None] for _, x in extra]) if extra else world,
+        np.vstack([cands.label_logp, np.zeros((len(extra), K))]),
+        np.concatenate([cands.exist, np.full(len(extra), 0.98)]),
+        np.concatenate([cands.rib, np.full(len(extra), 0.5)]),
+        np.concatenate([cands.sacrum, np.full(len(extra), 0.5)]),
+    )
+    for j, (lab, _) in enumerate(extra):
+        fixed[n + j] = lab
+    return new, fixed
+
+
+def read_fixes(fix, fix_markers, ct_affine) -> dict[int, np.ndarray]:
+    """User corrections (JSON or marker NIfTI) as ``{label: world xyz}``."""
+    from .core.centroids import centroids_from_markers, read_centroids
+    from .core.io import load_mask
+
+    out: dict[int, np.ndarray] = {}
+    if fix is not None:
+        ctd = read_centroids(fix, ref_affine=ct_affine)
+        ctd.check_matches(ct_affine, source=str(fix))
+        out.update({lab: xyz for lab, xyz in zip(ctd.labels, ctd.to_world(ct_affine))})
+    if fix_markers is not None:
+        img = load_mask(fix_markers)
+        ctd = centroids_from_markers(np.asarray(img.dataobj), img.affine)
+        out.update({lab: xyz for lab, xyz in zip(ctd.labels, geometry.vox2world(img.affine, ctd.coords))})
+    bad = sorted(lab for lab in out if lab not in P.PRIOR_LABELS)
+    if bad:
+        raise DataError(f"fixed labels {bad} cannot be placed in the vertebral chain (coccyx?)",
+                        fix or fix_markers)
+    return out
+
+
+# --------------------------------------------------------------------------- refinement
+def refine_on_ct(ct: np.ndarray, ct_affine: np.ndarray, world: np.ndarray, radius_mm: float = 9.0,
+                 max_shift_mm: float = 4.0) -> np.ndarray:
+    """Move each point to the centre of the bone around it (a mean-shift step on the CT).
+
+    Inside a ball of ``radius_mm`` the voxels brighter than the local median (the
+    vertebral body's cancellous bone and cortex, not the surrounding soft tissue) are
+    averaged with their HU above that level as weights; the shift is capped at
+    ``max_shift_mm`` so a point never jumps to a neighbouring structure.
+    """
+    sp = geometry.spacing(ct_affine)
+    out = world.copy()
+    half = np.ceil(radius_mm / sp).astype(int)
+    for n, xyz in enumerate(world):
+        c = geometry.world2vox(ct_affine, xyz)
+        ci = np.rint(c).astype(int)
+        lo = np.maximum(ci - half, 0)
+        hi = np.minimum(ci + half + 1, ct.shape)
+        if np.any(hi <= lo):
+            continue
+        block = ct[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float64)
+        grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+        d2 = sum(((g - cc) * s) ** 2 for g, cc, s in zip(grids, c, sp))
+        inside = d2 <= radius_mm ** 2
+        vals = block[inside]
+        if vals.size < 8:
+            continue
+        w = np.clip(vals - np.median(vals), 0, None)
+        if w.sum() <= 0:
+            continue
+        pos = np.stack([g[inside] for g in grids], axis=1)
+        new = geometry.vox2world(ct_affine, (w[:, None] * pos).sum(axis=0) / w.sum())
+        shift = new - xyz
+        norm = np.linalg.norm(shift)
+        if norm > max_shift_mm:
+            shift *= max_shift_mm / norm
+        out[n] = xyz + shift
+    return out
+
+
+# --------------------------------------------------------------------------- the stage
+@dataclass
+class LabelResult:
+    centroids: Centroids
+    variants: list[str]
+    missing: list[int]
+
+
+def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_markers=None,
+          refine: bool = True, keep_sacrum: bool = False, details: bool = False):
+    """Labelled vertebral-body centroids of a CT.
+
+    Parameters
+    ----------
+    ct_img : nibabel image
+        The CT (HU), any orientation.
+    bbox : path, dict or (lo, hi)
+        The spine box: a ``verse detect`` JSON file, its parsed content, or world corners.
+    model : path or (net, device), optional
+        Weights bundle (default: ``models/label.pt``) or an already loaded net.
+    fix : path or dict, optional
+        User-corrected centroids: a VerSe centroid JSON on the CT's grid, or
+        ``{label: world xyz}``. They are hard constraints.
+    fix_markers : path, optional
+        The same as an edited marker NIfTI.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+
+    Returns
+    -------
+    Centroids
+        On the CT's voxel grid, with ``extras[label]["confidence"]`` (posterior
+        probability of the label). With ``details=True`` a :class:`LabelResult`.
+    """
+    ct = np.asarray(ct_img.dataobj, dtype=np.float32) if not isinstance(ct_img, tuple) else ct_img[0]
+    affine = ct_img.affine if not isinstance(ct_img, tuple) else ct_img[1]
+    if isinstance(bbox, (str, Path)):
+        lo, hi = read_bbox(bbox, ct.shape, affine)
+    elif isinstance(bbox, dict):
+        lo, hi = parse_bbox(bbox)
+    else:
+        lo, hi = (np.asarray(b, float) for b in bbox)
+
+    if isinstance(model, tuple):
+        net, dev = model
+    else:
+        net, dev = load_model(model, device)
+    view = projections(ct, affine, lo, hi)
+    hs, hc = heatmaps(net, view, dev)
+    cands = candidates(hs, hc, view)
+    debug(f"{len(cands.world)} candidates")
+
+    fixes: dict[int, np.ndarray] = {}
+    if isinstance(fix, dict):
+        fixes = {int(k): np.asarray(v, float) for k, v in fix.items()}
+    elif fix is not None or fix_markers is not None:
+        fixes = read_fixes(fix, fix_markers, affine)
+    fixed_idx: dict[int, int] = {}
+    if fixes:
+        cands, fixed_idx = apply_fixes(cands, fixes)
+    try:
+        chain = P.label_chain(cands.world, cands.label_logp, exist_logp=np.log(cands.exist),
+                              rib_prob=cands.rib, sacrum_prob=cands.sacrum, fixed=fixed_idx)
+    except ValueError as exc:
+        raise DataError(f"the corrections cannot be satisfied together: {exc}", fix or fix_markers) from None
+    keep = [i for i, lab in enumerate(chain.labels)
+            if lab is not None and (keep_sacrum or lab != P.SACRUM)]
+    world = cands.world[keep]
+    if refine and len(keep):
+        moved = refine_on_ct(ct, affine, world)
+        is_fixed = np.array([i in fixed_idx for i in keep])
+        world = np.where(is_fixed[:, None], world, moved)
+    labels = [int(chain.labels[i]) for i in keep]
+    extras = {lab: {"confidence": round(float(chain.confidence[i]), 3)} for lab, i in zip(labels, keep)}
+    ctd = Centroids.from_world(labels, world, affine, extras).sorted()
+    if chain.variants:
+        info(f"numbering variants: {', '.join(chain.variants)}")
+    if details:
+        return LabelResult(ctd, chain.variants, chain.missing)
+    return ctd
+
+
+def from_markers(markers_path) -> Centroids:
+    """Centroids from an edited marker NIfTI (each label's centre of mass)."""
+    from .core.centroids import centroids_from_markers
+    from .core.io import load_mask
+    from .core.labels import VERSE_IDS
+
+    img = load_mask(markers_path, allowed_labels=set(VERSE_IDS))
+    data = np.asarray(img.dataobj)
+    if not data.any():
+        raise DataError("the marker image has no labelled voxels", markers_path)
+    return centroids_from_markers(data, img.affine)
+
+
+def run(ct=None, bbox=None, output="-", model=None, markers=None, fix=None, fix_markers=None,
+        from_markers_path=None, device: str = "auto") -> Centroids:
+    """The ``verse label`` command: read, label, write (atomically)."""
+    from .core.centroids import marker_mask, write_centroids
+    from .core.errors import UsageError
+    from .core.io import load_ct, save_mask
+
+    if from_markers_path is not None:
+        if ct is not None or bbox is not None:
+            raise UsageError("--from-markers converts a marker image; give no CT or --bbox with it")
+        ctd = from_markers(from_markers_path)
+        write_centroids(ctd, output)
+        return ctd
+    if ct is None or bbox is None:
+        raise UsageError("give a CT and --bbox (or --from-markers M.nii.gz)")
+    img = load_ct(ct)
+    ctd = label(img, bbox, model=model, fix=fix, fix_markers=fix_markers, device=device)
+    if not len(ctd):
+        raise DataError("no vertebra found in the box", ct)
+    if markers is not None:
+        mm = marker_mask(ctd, img.shape, img.affine)
+        save_mask(mm, img.affine, markers)
+    write_centroids(ctd, output)
+    return ctd

@@ -1,0 +1,365 @@
+"""Btrfly Net (Sekuboyina et al. 2018): vertebra heatmaps from two orthogonal MIPs.
+
+Two 2D encoder arms read the sagittal and the coronal maximum-intensity projection
+of the spine crop (same height: the superior axis; same width: a fixed window).
+Their deepest features are concatenated and fused, and two decoders (one per view,
+each with its own arm's skip connections and the fused bottleneck) give one heatmap
+per output channel in each view. The decoders are segmentation-models-pytorch's
+:class:`UnetDecoder`; the encoder arms are small plain conv stacks built from its
+``Conv2dReLU`` blocks, so the whole net stays under 2 M parameters and runs on a CPU in
+a fraction of a second.
+
+Output channels (:data:`CHANNELS`): 0 ``any`` (every body centroid, sacrum included),
+1 ``rib`` (vertebrae bearing a rib of at least 38 mm), then one channel per label of
+:data:`verse_cli.prior.PRIOR_LABELS` (C1..L6, T13, S1).
+"""
+
+from __future__ import annotations
+
+import torch
+from segmentation_models_pytorch.base.modules import Conv2dReLU
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+from torch import nn
+
+from ..prior import PRIOR_LABELS, SACRUM, THORACIC
+
+CHANNELS: tuple[str, ...] = ("any", "rib") + tuple(f"label{lab}" for lab in PRIOR_LABELS)
+N_FIXED = 2  # channels before the per-label ones
+DOWNSAMPLE = 32  # input height and width must be multiples of this
+OUTPUT_STRIDE = 2  # heatmaps have half the input resolution
+
+
+class Arm(nn.Module):
+    """One encoder arm: five stride-2 stages (strides 2 to 32)."""
+
+    def __init__(self, in_channels: int, widths):
+        super().__init__()
+        stages = []
+        prev = in_channels
+        for i, w in enumerate(widths):
+            stride = 2  # the stem works at half resolution: heatmaps come out at stride 2
+            stages.append(nn.Sequential(
+                Conv2dReLU(prev, w, 3, padding=1, stride=stride),
+                Conv2dReLU(w, w, 3, padding=1),
+            ))
+            prev = w
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x):
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class BtrflyNet(nn.Module):
+    """Two arms, a fused bottleneck, two U-Net decoders.
+
+    ``forward(sag, cor)`` takes ``(B, in_channels, H, W)`` tensors with equal ``H`` and
+    ``W`` (multiples of :data:`DOWNSAMPLE`) and returns ``(sag_heatmaps, cor_heatmaps)``,
+    each ``(B, out_channels, H / 2, W / 2)`` logits.
+    """
+
+    arch = "btrfly"
+
+    def __init__(self, in_channels: int = 2, out_channels: int = len(CHANNELS),
+                 widths=(16, 32, 64, 96, 128), decoder=(96, 64, 32, 24)):
+        super().__init__()
+        self.config = {"in_channels": in_channels, "out_channels": out_channels,
+                       "widths": list(widths), "decoder": list(decoder)}
+        self.sag_arm = Arm(in_channels, widths)
+        self.cor_arm = Arm(in_channels, widths)
+        deep = widths[-1]
+        self.fuse = nn.Sequential(Conv2dReLU(2 * deep, deep, 3, padding=1), Conv2dReLU(deep, deep, 3, padding=1))
+        self.sag_decoder = UnetDecoder(list(widths), list(decoder), n_blocks=len(decoder))
+        self.cor_decoder = UnetDecoder(list(widths), list(decoder), n_blocks=len(decoder))
+        self.sag_head = nn.Conv2d(decoder[-1], out_channels, 1)
+        self.cor_head = nn.Conv2d(decoder[-1], out_channels, 1)
+
+    def forward(self, sag, cor):
+        fs = self.sag_arm(sag)
+        fc = self.cor_arm(cor)
+        fused = self.fuse(torch.cat([fs[-1], fc[-1]], dim=1))
+        # the decoder uses its first feature only for its size: output at stride 2
+        ys = self.sag_decoder([*fs[:-1], fused])
+        yc = self.cor_decoder([*fc[:-1], fused])
+        return self.sag_head(ys), self.cor_head(yc)
+
+
+def build(config: dict) -> BtrflyNet:
+    """Rebuild a net from a bundle's config."""
+    return BtrflyNet(**config)
+
+
+# --------------------------------------------------------------------------- training data
+SIGMA_PX = 1.2  # Gaussian width of the targets, in heatmap pixels (3 mm each)
+TRAIN_HEIGHT = 256  # rows of a training window (384 mm)
+
+
+def prepare_case(case, seed: int = 0) -> dict:
+    """Projections and target points of one training case (a ``CaseFiles``).
+
+    The box is the ground-truth mask's world box, enlarged and shifted at random by up
+    to 15 mm per side, as a detector's would be. Points: ``(N, 5)`` rows of grid
+    ``(i, a, r)``, the channel index of the label and a thoracic (rib-bearing) flag.
+    """
+    import zlib
+
+    import numpy as np
+
+    from .. import label as lab_mod
+    from ..core.centroids import read_centroids
+    from ..core.io import load_ct, load_mask, read_json
+
+    rng = np.random.default_rng([seed, zlib.crc32(case.subject.encode())])
+    img = load_ct(case.ct)
+    ct = np.asarray(img.dataobj, dtype=np.float32)
+    mask = np.asarray(load_mask(case.mask).dataobj) if case.mask is not None else None
+    if case.ctd is None:
+        raise ValueError(f"{case.subject}: no centroid JSON")
+    ctd = read_centroids(case.ctd, ref_affine=img.affine)
+    world = ctd.to_world(img.affine)
+    labels = list(ctd.labels)
+    if SACRUM not in labels:
+        s1 = _sacrum_point(case, mask, img.affine, labels, world, read_json)
+        if s1 is not None:
+            labels.append(SACRUM)
+            world = np.vstack([world, s1])
+    if mask is not None and mask.any():
+        lo, hi = lab_mod.box_of_mask(mask, img.affine)
+    else:
+        lo, hi = world.min(axis=0) - 20, world.max(axis=0) + 20
+    lo = lo - rng.uniform(0, 15, 3)
+    hi = hi + rng.uniform(0, 15, 3)
+    view = lab_mod.projections(ct, img.affine, lo, hi)
+    grid = geometry_world2vox(view.affine, world)
+    rows = []
+    for lab, (r, a, i) in zip(labels, grid):
+        if lab not in PRIOR_LABELS:
+            continue
+        rows.append([i, a, r, N_FIXED + PRIOR_LABELS.index(lab), float(lab in THORACIC)])
+    return {"sag": view.sag.astype(np.float16), "cor": view.cor.astype(np.float16),
+            "points": np.array(rows, dtype=np.float32).reshape(-1, 5), "subject": case.subject}
+
+
+def geometry_world2vox(affine, xyz):
+    from ..core import geometry
+
+    return geometry.world2vox(affine, xyz)
+
+
+def _sacrum_point(case, mask, affine, labels, world, read_json):
+    """S1 body centre when the data give none: from a sacrum label, or one level below L5."""
+    import numpy as np
+
+    from ..core import geometry
+
+    if mask is not None and (mask == SACRUM).any():
+        idx = np.argwhere(mask == SACRUM)
+        top = idx  # the whole sacrum's centre lies too low: use its upper third
+        w = geometry.vox2world(affine, top)
+        s_axis = w[:, 2]
+        upper = w[s_axis >= np.percentile(s_axis, 70)]
+        return upper.mean(axis=0)
+    if case.variants is None:
+        return None
+    try:
+        fov = read_json(case.variants).get("field_of_view", {})
+    except Exception:  # noqa: BLE001 - a missing or odd variants file only loses the sacrum target
+        return None
+    visible = {str(v).upper() for v in fov.get("visible", [])} | {str(fov.get("last", "")).upper()}
+    if "S1" not in visible:
+        return None
+    lumbar = [i for i, lab in enumerate(labels) if 20 <= lab <= 25]
+    if len(lumbar) < 2:
+        return None
+    order = sorted(lumbar, key=lambda i: labels[i])
+    last, prev = world[order[-1]], world[order[-2]]
+    return last + (last - prev)
+
+
+class HeatmapDataset:
+    """Random windows of prepared cases with Gaussian heatmap targets (torch Dataset)."""
+
+    def __init__(self, prepared: list[dict], seed: int = 0, augment: bool = True, height: int = TRAIN_HEIGHT,
+                 repeats: int = 1):
+        self.cases = prepared
+        self.seed = seed
+        self.augment = augment
+        self.height = height
+        self.repeats = repeats
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.cases) * self.repeats
+
+    def __getitem__(self, index: int):
+        import numpy as np
+
+        from .train import worker_rng
+
+        case = self.cases[index % len(self.cases)]
+        rng = worker_rng(self.seed, self.epoch if self.augment else 0, index)
+        sag = case["sag"].astype(np.float32)
+        cor = case["cor"].astype(np.float32)
+        pts = case["points"].copy()
+        H, W = sag.shape[1], sag.shape[2]
+        h = self.height
+        if H > h:
+            top = int(rng.integers(0, H - h + 1)) if self.augment else (H - h) // 2
+            sag, cor = sag[:, top:top + h], cor[:, top:top + h]
+            pts[:, 0] -= top
+        elif H < h:
+            pad = ((0, 0), (0, h - H), (0, 0))
+            sag, cor = np.pad(sag, pad), np.pad(cor, pad)
+        if self.augment:
+            sag, cor, pts = _augment(sag, cor, pts, rng)
+        ts = _targets(pts[:, [0, 1]], pts[:, 3], pts[:, 4], h, W)
+        tc = _targets(pts[:, [0, 2]], pts[:, 3], pts[:, 4], h, W)
+        return (torch.from_numpy(np.ascontiguousarray(sag)), torch.from_numpy(np.ascontiguousarray(cor)),
+                torch.from_numpy(ts), torch.from_numpy(tc))
+
+
+def _augment(sag, cor, pts, rng):
+    import numpy as np
+
+    W = sag.shape[2]
+    # shifts across (a detector's box is not centred exactly)
+    for img, col in ((sag, 1), (cor, 2)):
+        shift = int(rng.integers(-10, 11))
+        img[:] = np.roll(img, shift, axis=2)
+        if shift > 0:
+            img[:, :, :shift] = 0
+        elif shift < 0:
+            img[:, :, shift:] = 0
+        pts[:, col] += shift
+    if rng.random() < 0.5:  # left-right mirror of the coronal view
+        cor = cor[:, :, ::-1].copy()
+        pts[:, 2] = W - 1 - pts[:, 2]
+    for img in (sag, cor):  # contrast, brightness, noise: scanners and kernels differ
+        img *= rng.uniform(0.8, 1.2)
+        img += rng.uniform(-0.05, 0.05)
+        img += rng.normal(0, rng.uniform(0, 0.03), img.shape).astype(np.float32)
+        np.clip(img, 0, 1.2, out=img)
+    return sag, cor, pts
+
+
+def _targets(rc, channel, thoracic, h, w):
+    """(C, h/2, w/2) Gaussian targets for points at input pixel ``rc``."""
+    import numpy as np
+
+    H, Wd = h // OUTPUT_STRIDE, w // OUTPUT_STRIDE
+    out = np.zeros((len(CHANNELS), H, Wd), dtype=np.float32)
+    if len(rc) == 0:
+        return out
+    yy = np.arange(H, dtype=np.float32)[:, None]
+    xx = np.arange(Wd, dtype=np.float32)[None, :]
+    for (r, c), ch, th in zip(rc, channel, thoracic):
+        y, x = (r - 0.5) / OUTPUT_STRIDE, (c - 0.5) / OUTPUT_STRIDE
+        if not (-3 <= y <= H + 2 and -3 <= x <= Wd + 2):
+            continue
+        g = np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * SIGMA_PX ** 2))
+        targets = [0, int(ch)] + ([1] if th > 0.5 else [])
+        for t in targets:
+            np.maximum(out[t], g, out=out[t])
+    return out
+
+
+def heatmap_loss(logits, target):
+    """Foreground-weighted squared error on sigmoid heatmaps, plus a label cross-entropy
+    where a vertebra is (which makes neighbouring label channels compete)."""
+    import torch.nn.functional as F
+
+    prob = torch.sigmoid(logits)
+    weight = 1.0 + 20.0 * target
+    mse = (weight * (prob - target) ** 2).mean() * 10.0
+    label_t = target[:, N_FIXED:]
+    fg = label_t.amax(dim=1) > 0.5  # (B, H, W) near a centroid
+    if fg.any():
+        logit_l = logits[:, N_FIXED:].permute(0, 2, 3, 1)[fg]
+        cls = label_t.permute(0, 2, 3, 1)[fg].argmax(dim=1)
+        ce = F.cross_entropy(logit_l, cls)
+    else:
+        ce = logits.sum() * 0.0
+    return mse + 0.5 * ce
+
+
+def step_fn(model, batch, device):
+    sag, cor, ts, tc = (x.to(device, non_blocking=True) for x in batch)
+    ps, pc = model(sag, cor)
+    return heatmap_loss(ps.float(), ts) + heatmap_loss(pc.float(), tc)
+
+
+def val_fn(model, batch, device):
+    loss = step_fn(model, batch, device)
+    return {"loss": float(loss)}
+
+
+# --------------------------------------------------------------------------- training
+def _prepare_one(args):
+    case, seed = args
+    try:
+        return prepare_case(case, seed)
+    except Exception as exc:  # noqa: BLE001 - one unreadable case must not stop a training run
+        return {"error": f"{case.subject}: {exc}"}
+
+
+def prepare_all(cases, seed: int = 0, workers: int = 0) -> list[dict]:
+    """Prepare every case, in parallel processes when ``workers > 1``."""
+    from ..core.progress import track, warn
+
+    jobs = [(c, seed) for c in cases]
+    if workers > 1:
+        from multiprocessing import get_context
+
+        with get_context("fork").Pool(workers) as pool:
+            out = list(track(pool.imap(_prepare_one, jobs, chunksize=2), "preparing", total=len(jobs)))
+    else:
+        out = [_prepare_one(j) for j in track(jobs, "preparing", total=len(jobs))]
+    good = []
+    for item in out:
+        if "error" in item:
+            warn(f"skipped {item['error']}")
+        elif len(item["points"]):
+            good.append(item)
+    return good
+
+
+def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = None, device: str = "auto",
+          seed: int = 0, resume: bool = False, workers: int = 0, batch_size: int = 8, lr: float = 2e-3,
+          val_fraction: float = 0.1) -> dict:
+    """Train the Btrfly Net on a VerSe-layout dataset (e.g. ``verse synth`` output).
+
+    Cases need a CT, a centroid JSON and (for the box) a vertebra mask; a variants
+    JSON lets the sacrum be a target when the centroids leave it out.
+    """
+    from ..core.errors import DataError
+    from ..core.progress import info
+    from .train import discover_cases, fit, make_loader, pick_device, split_cases
+
+    dev = pick_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    cases = [c for c in discover_cases(data_dir) if c.ctd is not None]
+    if len(cases) < 2:
+        raise DataError("need at least two cases with centroid JSON to train", data_dir)
+    train_cases, val_cases = split_cases(cases, val_fraction=val_fraction, seed=seed)
+    info(f"preparing {len(train_cases)} training and {len(val_cases)} validation cases")
+    prep_train = prepare_all(train_cases, seed, workers)
+    prep_val = prepare_all(val_cases, seed + 1, workers)
+    model = BtrflyNet()
+    repeats = max(1, 64 // max(1, len(prep_train)))  # short epochs on tiny sets still validate
+    train_ds = HeatmapDataset(prep_train, seed=seed, augment=True, repeats=repeats)
+    val_ds = HeatmapDataset(prep_val, seed=seed, augment=False)
+    train_dl = make_loader(train_ds, batch_size=batch_size, shuffle=True, workers=workers, seed=seed,
+                           device=dev, drop_last=len(train_ds) >= batch_size)
+    val_dl = make_loader(val_ds, batch_size=batch_size, shuffle=False, workers=0, seed=seed, device=dev)
+    meta = {"data": str(data_dir), "n_train": len(prep_train), "n_val": len(prep_val),
+            "spacing_mm": 1.5, "width_px": 128, "channels": list(CHANNELS)}
+    return fit(model, train_dl, val_dl if len(prep_val) else None, step_fn, val_fn if len(prep_val) else None,
+               out=out, epochs=epochs, minutes=minutes, lr=lr, seed=seed, resume=resume, device=dev,
+               meta=meta, arch=BtrflyNet.arch, config=model.config)

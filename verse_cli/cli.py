@@ -132,7 +132,10 @@ def label(
 ) -> None:
     """Vertebra body centroids with anatomical labels."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("label")
+    from .label import run
+
+    run(ct, bbox, output, model=model, markers=markers, fix=fix, fix_markers=fix_markers,
+        from_markers_path=from_markers, device=device)
 
 
 # --------------------------------------------------------------------------- segment / merge
@@ -295,13 +298,23 @@ def train_detect(
 def train_label(
     data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
     out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/label.pt"),
+    minutes: Annotated[Optional[float], typer.Option(help="Training time budget in minutes.")] = 15.0,
+    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")] = False,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    batch: Annotated[int, typer.Option(help="Projection pairs per step.")] = 8,
+    n_synth: Annotated[int, typer.Option(help="Cases to generate when DATA_DIR is omitted.")] = 200,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Train the vertebra labelling net."""
+    """Train the vertebra labelling net (Btrfly Net on sagittal and coronal MIPs)."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("train label")
+    from .nets.btrfly import train
+
+    train(data_dir, out=out, minutes=minutes, epochs=epochs, device=device, seed=seed, resume=resume,
+          workers=workers, batch_size=batch, n_synth=n_synth)
 
 
 @train_app.command("segment")

@@ -364,8 +364,10 @@ def field_of_view(grid: Grid, present, spine_info) -> dict:
     """First and last labels, labels present, and vertebrae cut by the field of view."""
     names = [L.name(x) for x in present]
     cut = []
+    # only the craniocaudal ends of the field of view cut a vertebra out of the count
+    # (a narrow lateral field of view clips processes, not vertebrae)
     m = grid.mask
-    faces = [m[0], m[-1], m[:, 0], m[:, -1], m[:, :, 0], m[:, :, -1]]
+    faces = [m[:, :, 0], m[:, :, -1]]
     on_edge = set(np.unique(np.concatenate([f.ravel() for f in faces])).tolist()) - {0}
     top = spine_info.get("top")
     if top and top["present"]:
@@ -590,3 +592,167 @@ def consistency_warnings(present, ribs, effective, stump_mm, have_ct) -> list[st
                 if classes == {"short"}:
                     out.append(f"{L.name(lab)} is thoracic but no rib was found on either side")
     return out
+
+
+# --------------------------------------------------------------------------- files and CLI
+def rate_files(ct_path, mask_path, ctd_path=None, stump_mm: float = STUMP_MM) -> dict:
+    """:func:`rate_variants` on files; ``ct_path`` may be ``None`` (mask alone)."""
+    from .core.centroids import read_centroids
+    from .core.io import load_ct, load_nifti
+
+    mask_img = load_nifti(mask_path)
+    ct_img = load_ct(ct_path) if ct_path is not None else None
+    ctd = read_centroids(ctd_path, ref_affine=mask_img.affine) if ctd_path is not None else None
+    if ctd is not None:
+        ctd.check_matches(mask_img.affine, str(ctd_path))
+    result = rate_variants(ct_img, mask_img, ctd, stump_mm=stump_mm,
+                           ct_source=None if ct_path is None else str(ct_path), mask_source=str(mask_path))
+    result["inputs"] = {"ct": None if ct_path is None else str(ct_path), "mask": str(mask_path),
+                        "ctd": None if ctd_path is None else str(ctd_path)}
+    return result
+
+
+def run_command(ct, mask, ctd, output, stump_mm: float = STUMP_MM, no_ct: bool = False, out_dir=None) -> None:
+    """Body of ``verse rate-variants``: one case, or a dataset folder."""
+    from pathlib import Path
+
+    from .core.errors import UsageError
+    from .core.io import write_json
+    from .core.progress import info, warn
+
+    if stump_mm <= 0:
+        raise UsageError("--stump-mm must be positive")
+    if Path(ct).is_dir():
+        if mask is not None or no_ct:
+            raise UsageError("dataset mode takes one folder and no mask")
+        results = rate_dataset(Path(ct), stump_mm=stump_mm, out_dir=out_dir)
+        rows = summary_rows(results)
+        write_summary_csv(rows, output)
+        print_summary(rows, len(results), to_stdout=str(output) != "-")
+        return
+    if no_ct:
+        if mask is not None:
+            raise UsageError("--no-ct takes the mask as the only positional argument")
+        ct, mask = None, ct
+    elif mask is None:
+        raise UsageError("give a CT and a mask (or --no-ct MASK, or a dataset folder)")
+    result = rate_files(ct, mask, ctd, stump_mm=stump_mm)
+    for w in result["warnings"]:
+        warn(w)
+    for n in result["notes"]:
+        info(f"note: {n}")
+    write_json(result, output)
+
+
+# --------------------------------------------------------------------------- dataset mode
+def find_cases(folder) -> list[dict]:
+    """Cases of a VerSe-layout (rawdata/derivatives) or flat folder, by their vertebra masks."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    masks = sorted(folder.rglob("*_seg-vert_msk.nii.gz")) + sorted(folder.rglob("*_seg-vert_msk.nii"))
+    cts: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*_ct.nii*")):
+        sub = p.name.split("_ct.nii")[0]
+        cts.setdefault(sub, p)
+    cases = []
+    for m in masks:
+        sub = m.name.split("_seg-vert_msk")[0]
+        ctd = next((c for c in (m.parent / f"{sub}_seg-subreg_ctd.json", m.parent / f"{sub}_seg-vb_ctd.json")
+                    if c.exists()), None)
+        cases.append({"subject": sub, "ct": cts.get(sub), "mask": m, "ctd": ctd})
+    return cases
+
+
+def rate_dataset(folder, stump_mm: float = STUMP_MM, out_dir=None) -> list[dict]:
+    """Rate every case of a folder; a case that fails is reported and skipped."""
+    from pathlib import Path
+
+    from .core.errors import VerseError
+    from .core.io import write_json
+    from .core.progress import track, warn
+
+    cases = find_cases(folder)
+    if not cases:
+        raise DataError("no *_seg-vert_msk.nii.gz found", folder)
+    results = []
+    for case in track(cases, "rating variants"):
+        try:
+            res = rate_files(case["ct"], case["mask"], case["ctd"], stump_mm=stump_mm)
+        except VerseError as exc:
+            warn(f"{case['subject']}: skipped ({exc})")
+            continue
+        res["subject"] = case["subject"]
+        results.append(res)
+        if out_dir is not None:
+            write_json(res, Path(out_dir) / f"{case['subject']}_variants.json")
+    return results
+
+
+def summary_rows(results: list[dict]) -> list[dict]:
+    """Counts per variant laid out like Table 2 of the paper (n of the scans where determinable)."""
+    rows: list[dict] = []
+
+    def add(section, variant, n, of):
+        pct = round(100.0 * n / of, 1) if of else None
+        rows.append({"section": section, "variant": variant, "n": n, "of": of, "percent": pct})
+
+    cerv = [r["cervical_ribs"] for r in results if r["cervical_ribs"].get("count") is not None]
+    add("Cervical ribs", "Image series with cervical ribs", sum(c["count"] > 0 for c in cerv), len(cerv))
+    add("Cervical ribs", "1 cervical rib", sum(c["count"] == 1 for c in cerv), len(cerv))
+    add("Cervical ribs", "2 cervical ribs", sum(c["count"] == 2 for c in cerv), len(cerv))
+    tho = [r["enumeration"]["thoracic"] for r in results if r["enumeration"]["thoracic"] is not None]
+    for k in (12, 11, 13):
+        add("Thoracolumbar variants", f"{k} thoracic vertebrae", tho.count(k), len(tho))
+    lum = [r["enumeration"]["lumbar"] for r in results if r["enumeration"]["lumbar"] is not None]
+    for k in (5, 4, 6):
+        add("Lumbosacral variants", f"{k} lumbar vertebrae", lum.count(k), len(lum))
+    with_ribs = [r for r in results if any(v.get("left_status") != "undeterminable" for v in r["ribs"].values())]
+    add("Stump ribs", "Image series with stump rib", sum(bool(r["stump_ribs"]) for r in with_ribs), len(with_ribs))
+    for level in ("T12", "T13", "L1"):
+        n = sum(any(s["vertebra"] == level for s in r["stump_ribs"]) for r in with_ribs)
+        add("Stump ribs", f"stump rib {level}", n, len(with_ribs))
+    cast = [r["castellvi"]["grade"] for r in results if r.get("castellvi")]
+    for g in ("0/1", "2a", "2b", "3a", "3b", "4"):
+        add("Grading of the lumbosacral region", f"Castellvi {g}", cast.count(g), len(cast))
+    return rows
+
+
+def write_summary_csv(rows: list[dict], path) -> None:
+    import csv
+    import io as _io
+
+    from .core.io import is_stdio, write_text_atomic
+
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["section", "variant", "n", "of", "percent"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    if is_stdio(path):
+        import sys
+
+        sys.stdout.write(buf.getvalue())
+    else:
+        write_text_atomic(path, buf.getvalue())
+
+
+def print_summary(rows: list[dict], n_cases: int, to_stdout: bool) -> None:
+    """The summary as a rich table (stdout when the CSV went to a file, else stderr)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .core.progress import verbosity
+
+    if verbosity() == 0:
+        return
+    table = Table(title=f"Anatomical variants ({n_cases} image series)")
+    for col, justify in (("variant", "left"), ("n", "right"), ("of", "right"), ("%", "right")):
+        table.add_column(col, justify=justify)
+    section = None
+    for row in rows:
+        if row["section"] != section:
+            section = row["section"]
+            table.add_row(f"[bold]{section}[/bold]", "", "", "")
+        pct = "" if row["percent"] is None else f"{row['percent']:.1f}"
+        table.add_row(f"   {row['variant']}", str(row["n"]), str(row["of"]), pct)
+    Console(stderr=not to_stdout, highlight=False).print(table)

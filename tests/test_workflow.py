@@ -8,6 +8,7 @@ only what the build files decide to run. One test kills the real CLI mid-write.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -189,19 +190,21 @@ def test_killed_real_stage_leaves_no_partial_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- Snakemake
-def _snakemake() -> list[str]:
+PROFILES = ROOT / "examples" / "profiles"
+
+
+def _snakemake() -> str:
     exe = Path(sys.executable).parent / "snakemake"
-    if not exe.exists():
-        found = shutil.which("snakemake")
-        assert found, "snakemake is a test dependency (pip install -e '.[test]')"
-        exe = Path(found)
-    return [str(exe)]
+    found = str(exe) if exe.exists() else shutil.which("snakemake")
+    assert found, "snakemake is a test dependency (pip install -e '.[test]')"
+    return found
 
 
 def _snake(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "FAKE_VERSE_LOG": str(root / "log")}
-    cmd = [*_snakemake(), "-s", str(SNAKEFILE), "-d", str(root), "--config", f"verse={sys.executable} {FAKE}",
-           "src=src", "out=ds", "gt=gt", "--quiet", "all", *args]
+    # the target comes first: --quiet takes optional values and would swallow it
+    cmd = [_snakemake(), "all", "-s", str(SNAKEFILE), "-d", str(root), *args, "--config",
+           f"verse={sys.executable} {FAKE}", "src=src", "out=ds", "gt=gt"]
     proc = subprocess.run(cmd, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -210,26 +213,39 @@ def _snake(root: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 def test_snakemake_dry_run_plans_every_stage(tmp_path):
     _source_tree(tmp_path)
-    proc = _snake(tmp_path, "-n")
+    text = _snake(tmp_path, "-n").stdout
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", text, flags=re.MULTILINE))
+    assert counts == {"anonymize": "3", "deface": "3", "detect": "3", "label": "3", "segment": "3", "merge": "3",
+                      "rate_variants": "3", "snapshot": "3", "evaluate": "1", "report": "1", "all": "1",
+                      "total": "27"}
+    assert _ran(tmp_path) == [] and not (tmp_path / "ds").exists()
+
+
+def test_slurm_profile_sets_partitions_and_logs(tmp_path):
+    """The SLURM profile, applied in a dry run (the slurm executor plugin is not needed for that)."""
+    _source_tree(tmp_path)
+    proc = _snake(tmp_path, "--profile", str(PROFILES / "slurm"), "--executor", "dryrun")
     text = proc.stdout + proc.stderr
-    for rule in ("anonymize", "deface", "detect", "label", "segment", "merge", "rate_variants", "snapshot",
-                 "evaluate", "report"):
-        assert rule in text, f"rule {rule} missing from the dry run"
-    assert _ran(tmp_path) == []
+    jobs = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)+", text)}
+    assert "slurm_partition=gpu" in jobs["segment"] and "gpu=1" in jobs["segment"]
+    assert "slurm_partition=cpu" in jobs["snapshot"] and "mem_mb=16000" in jobs["rate_variants"]
+    assert "log: ds/logs/label/sub-" in jobs["label"]
 
 
 @pytest.mark.slow
 def test_snakemake_builds_two_subjects_and_reruns_downstream(tmp_path):
     _source_tree(tmp_path)
-    (tmp_path / "src" / "c03.nii.gz").unlink()  # two subjects, as a cluster run would
-    _snake(tmp_path, "--cores", "2")
-    ran = _ran(tmp_path)
-    assert ran == sorted([f"{stage} sub-{s}" for stage in STAGES for s in ("a01", "b02")]
-                         + ["evaluate sub-a01", "report -"])
-    logs = tmp_path / "ds" / "logs"
-    assert (logs / "label" / "sub-a01.log").is_file()
-    _age(tmp_path)
-    _touch(tmp_path / "ds" / "derivatives" / "sub-b02" / "sub-b02_seg-subreg_ctd.json")
-    _snake(tmp_path, "--cores", "2", "--rerun-triggers", "mtime")
+    (tmp_path / "src" / "c03.nii.gz").unlink()  # two subjects
+    profile = ("--profile", str(PROFILES / "local"), "--quiet")
+    _snake(tmp_path, *profile)
+    assert _ran(tmp_path) == sorted([f"{stage} sub-{s}" for stage in STAGES for s in ("a01", "b02")]
+                                    + ["evaluate sub-a01", "report -"])
+    assert (tmp_path / "ds" / "logs" / "label" / "sub-a01.log").is_file()
+    _snake(tmp_path, *profile)
+    assert _ran(tmp_path) == [], "a second run must do nothing"
+    # Snakemake compares contents of small files, so a correction must change the file, not just touch it
+    ctd = tmp_path / "ds" / "derivatives" / "sub-b02" / "sub-b02_seg-subreg_ctd.json"
+    ctd.write_text(ctd.read_text() + "corrected\n")
+    _snake(tmp_path, *profile)
     assert _ran(tmp_path) == ["merge sub-b02", "rate-variants sub-b02", "report -", "segment sub-b02",
                               "snapshot sub-b02"]

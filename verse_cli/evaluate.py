@@ -46,7 +46,7 @@ import numpy as np
 
 from .core import geometry
 from .core import labels as L
-from .core.centroids import Centroids, body_centroids, read_centroids
+from .core.centroids import Centroids, LabelStats, body_centroids, label_stats, read_centroids
 from .core.errors import DataError, UsageError
 from .core.io import is_stdio, load_mask, write_json, write_text_atomic
 from .core.progress import info, track, verbosity, warn
@@ -132,6 +132,8 @@ class CaseInput:
     gt_world: dict[int, np.ndarray]
     centroid_source: dict[str, str]
     notes: list[str]
+    gt_stats: dict[int, LabelStats] | None = None
+    pred_stats: dict[int, LabelStats] | None = None
 
 
 def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray,
@@ -146,17 +148,21 @@ def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray,
         raise DataError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
     source = {"gt": "json" if gt_ctd is not None else "mask (body centroids)",
               "pred": "json" if pred_ctd is not None else "mask (body centroids)"}
-    gt_world = _world(gt_ctd, gt.shape, affine) if gt_ctd is not None else _mask_centroids(gt, affine)
+    gt_stats, pred_stats = label_stats(gt), label_stats(pred)
+    if gt_ctd is not None:
+        gt_world = _world(gt_ctd, gt.shape, affine)
+    else:
+        gt_world = _mask_centroids(gt, affine, gt_stats)
     if pred_ctd is not None:
         pred_world = _world(pred_ctd, pred.shape, affine if pred_affine is None else pred_affine)
     else:
-        pred_world = _mask_centroids(pred, affine)
-    case = CaseInput(subject, pred, gt, affine, pred_world, gt_world, source, [])
+        pred_world = _mask_centroids(pred, affine, pred_stats)
+    case = CaseInput(subject, pred, gt, affine, pred_world, gt_world, source, [], gt_stats, pred_stats)
     return _evaluate(case)
 
 
-def _mask_centroids(mask: np.ndarray, affine: np.ndarray) -> dict[int, np.ndarray]:
-    ctd = body_centroids(mask, affine)
+def _mask_centroids(mask: np.ndarray, affine: np.ndarray, stats=None) -> dict[int, np.ndarray]:
+    ctd = body_centroids(mask, affine, stats=stats)
     return dict(zip(ctd.labels, geometry.vox2world(affine, ctd.coords)))
 
 
@@ -171,12 +177,12 @@ def _world(ctd: Centroids, shape, affine) -> dict[int, np.ndarray]:
 
 
 def _evaluate(case: CaseInput) -> dict[str, Any]:
-    from scipy import ndimage
-
     sp = geometry.spacing(case.affine)
     voxel_ml = float(abs(np.linalg.det(np.asarray(case.affine)[:3, :3]))) / 1000.0
-    gt_boxes = _boxes(case.gt, ndimage)
-    pred_boxes = _boxes(case.pred, ndimage)
+    gt_stats = label_stats(case.gt) if case.gt_stats is None else case.gt_stats
+    pred_stats = label_stats(case.pred) if case.pred_stats is None else case.pred_stats
+    gt_boxes = {k: v.box for k, v in gt_stats.items()}
+    pred_boxes = {k: v.box for k, v in pred_stats.items()}
     hits = get_hits(case.gt_world, case.pred_world)
 
     rows = []
@@ -189,7 +195,7 @@ def _evaluate(case: CaseInput) -> dict[str, Any]:
     return {
         "subject": case.subject,
         "mean_dice": _mean([r["dice"] for r in gt_labels]),
-        "binary_dice": dice(case.pred > 0, case.gt > 0),
+        "binary_dice": _binary_dice(case.pred, case.gt, list(gt_boxes.values()) + list(pred_boxes.values())),
         "id_rate": n_hits / len(case.gt_world) if case.gt_world else None,
         "hits": n_hits,
         "n_gt": len(case.gt_world),
@@ -211,12 +217,12 @@ def _names(labels) -> list[str]:
     return [L.name(x) for x in L.sort_anatomical(labels)]
 
 
-def _boxes(mask: np.ndarray, ndimage) -> dict[int, tuple[slice, ...]]:
-    top = int(mask.max()) if mask.size else 0
-    if top == 0:
-        return {}
-    slices = ndimage.find_objects(mask if mask.dtype.kind in "iu" else mask.astype(np.int32), max_label=top)
-    return {i + 1: s for i, s in enumerate(slices) if s is not None}
+def _binary_dice(pred: np.ndarray, gt: np.ndarray, boxes) -> float:
+    """Dice of ``pred > 0`` against ``gt > 0``, counted inside the foreground's bounding box."""
+    if not boxes:
+        return 1.0
+    box = _union_box(boxes, gt.shape)
+    return dice(pred[box] > 0, gt[box] > 0)
 
 
 def _vertebra_row(case: CaseInput, lab: int, gt_box, pred_box, sp, voxel_ml, hits) -> dict[str, Any]:
@@ -288,20 +294,21 @@ def load_case(pred_path: Path | None, gt_path: Path, pred_ctd_path: Path | None 
             pred = geometry.resample_to_grid(pred, pred_affine, gt.shape, affine, is_mask=True)
             notes.append("prediction resampled (nearest neighbour) onto the ground-truth grid")
     source = {}
+    gt_stats, pred_stats = label_stats(gt), label_stats(pred)
     if gt_ctd_path is not None:
         gt_world = _world(read_centroids(gt_ctd_path, ref_affine=affine), gt.shape, affine)
         source["gt"] = "json"
     else:
-        gt_world = _mask_centroids(gt, affine)
+        gt_world = _mask_centroids(gt, affine, gt_stats)
         source["gt"] = "mask (body centroids)"
     if pred_ctd_path is not None:
         pred_world = _world(read_centroids(pred_ctd_path, ref_affine=pred_affine), pred.shape, pred_affine)
         source["pred"] = "json"
     else:
-        pred_world = _mask_centroids(pred, affine)
+        pred_world = _mask_centroids(pred, affine, pred_stats)
         source["pred"] = "mask (body centroids)"
     name = subject or subject_of(gt_path) or Path(gt_path).name
-    return CaseInput(name, pred, gt, affine, pred_world, gt_world, source, notes)
+    return CaseInput(name, pred, gt, affine, pred_world, gt_world, source, notes, gt_stats, pred_stats)
 
 
 _MASK_RE = re.compile(r"^(?P<subject>.+?)_seg-vert_msk\.nii(\.gz)?$")

@@ -9,7 +9,7 @@ so oblique and tilted grids are handled like any other.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

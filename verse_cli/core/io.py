@@ -17,9 +17,10 @@ import os
 import sys
 import tempfile
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ _GZIP_LEVEL = 6
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
     name = str(path).lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
+    return name.endswith((".nii", ".nii.gz"))
 
 
 def is_stdio(path: str | os.PathLike | None) -> bool:
@@ -129,7 +130,7 @@ def load_nifti(path: str | os.PathLike):
         raise DataError("is a directory, expected a NIfTI file", path)
     try:
         img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for non-NIfTI content
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for non-NIfTI content
         raise DataError(f"not a readable NIfTI image ({_short(exc)})", path) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"not a NIfTI image ({type(img).__name__})", path)

@@ -8,8 +8,9 @@ pipes, Makefiles and CI stay clean. Messages go to stderr; stdout is reserved fo
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

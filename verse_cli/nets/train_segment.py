@@ -28,8 +28,41 @@ from ..core.progress import info, warn
 
 
 # --------------------------------------------------------------------------- case loading
-def load_case(case):
-    """``(ct float32 HU, mask uint8, affine, {label: world centroid})`` of a :class:`CaseFiles`."""
+CACHE_DIR = ".segment-cache"
+
+
+def load_case(case, cache: bool = True):
+    """``(ct, mask, affine, {label: world centroid})`` of a :class:`CaseFiles`.
+
+    With ``cache`` the arrays are kept as uncompressed ``.npy`` files in a hidden
+    ``.segment-cache`` folder beside the CT and memory-mapped on later calls: decoding a
+    ``.nii.gz`` costs seconds, and every epoch samples every case again.
+    """
+    if not cache:
+        return _read_case(case)
+    folder = Path(case.ct).parent / CACHE_DIR
+    stem = folder / case.subject
+    meta_path = stem.with_suffix(".json")
+    if not meta_path.exists():
+        ct, mask, aff, world = _read_case(case)
+        folder.mkdir(exist_ok=True)
+        from ..core.io import atomic_path, write_json
+
+        for suffix, arr in (("_ct.npy", np.clip(np.rint(ct), -32768, 32767).astype(np.int16)), ("_msk.npy", mask)):
+            with atomic_path(str(stem) + suffix) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr)
+        write_json({"affine": aff.tolist(), "world": {str(k): v.tolist() for k, v in world.items()}}, meta_path)
+    from ..core.io import read_json
+
+    meta = read_json(meta_path)
+    ct = np.load(str(stem) + "_ct.npy", mmap_mode="r")
+    mask = np.load(str(stem) + "_msk.npy", mmap_mode="r")
+    world = {int(k): np.asarray(v) for k, v in meta["world"].items()}
+    return ct, mask, np.asarray(meta["affine"]), world
+
+
+def _read_case(case):
     from ..core.centroids import body_centroids, read_centroids
     from ..core.io import load_ct, load_mask
 
@@ -139,8 +172,10 @@ def sample_slabs(ct, mask, aff, label, centroid_world, cfg, rng, n_slabs: int, a
         # rotation about the patch's own axes (x = left-right: the sagittal tilt), expressed in world
         rot = dirs @ _rotation(rng, (20, 10, 10)) @ dirs.T
         scale = float(rng.uniform(0.85, 1.15))
-    # slab first output slices: anywhere in the patch, biased to where the vertebra is (+-45 mm)
-    firsts = rng.integers(0, width - n_out + 1, size=n_slabs)
+    # slab positions: mostly near the midline, where most of the vertebra is; some anywhere
+    central = np.rint(rng.normal(cfg["centre_index"][0] - (n_out - 1) / 2, 22, n_slabs))
+    anywhere = rng.integers(0, width - n_out + 1, size=n_slabs)
+    firsts = np.where(rng.random(n_slabs) < 0.75, central, anywhere).clip(0, width - n_out).astype(int)
     xs, ys, offsets = [], [], []
     for first in firsts:
         paff = patch_affine(aff, centre, cfg, rotation=rot, first_slice=float(first - margin))

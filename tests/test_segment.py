@@ -1,0 +1,190 @@
+"""verse segment: patch geometry, outputs, --only reruns, bad input, and accuracy on real CT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from verse_cli.core import geometry
+from verse_cli.core.centroids import Centroids, body_centroids, write_centroids
+from verse_cli.core.io import save_ct, save_mask
+from verse_cli.nets.unet import DEFAULT_CONFIG
+from verse_cli.segment import bbox_on_grid, patch_affine, patch_directions, sample_patch, slab_layout, slabs_of
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "segment.pt"
+
+
+def oblique_affine(codes_perm=(1, 2, 0), spacing=(0.8, 1.1, 2.0), tilt_deg=12.0):
+    """A PIR-like affine with anisotropic voxels and a gantry-like tilt."""
+    base = np.zeros((3, 3))
+    signs = (-1, -1, 1)  # P, I, R
+    for vox_axis, world_axis in enumerate(codes_perm):
+        base[world_axis, vox_axis] = signs[vox_axis] * spacing[vox_axis]
+    t = np.radians(tilt_deg)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ base
+    aff[:3, 3] = (40.0, 70.0, -20.0)
+    return aff
+
+
+def test_patch_axes_point_right_anterior_superior():
+    aff = oblique_affine()
+    dirs = patch_directions(aff)
+    assert np.allclose(dirs.T @ dirs, np.eye(3), atol=1e-9)
+    assert np.all(np.diag(dirs) > 0.9)  # close to R, A, S despite the tilt
+    assert np.linalg.det(dirs) > 0
+    # each patch axis is one CT axis: the grids are parallel
+    ct_dirs = geometry.direction_to_world(aff)
+    assert np.allclose(np.abs(ct_dirs.T @ dirs).max(axis=0), 1.0, atol=1e-9)
+
+
+def test_patch_centre_lands_on_centroid():
+    aff = oblique_affine()
+    cfg = DEFAULT_CONFIG
+    centroid = np.array([12.0, -30.0, 55.0])
+    paff = patch_affine(aff, centroid, cfg)
+    assert np.allclose(geometry.vox2world(paff, cfg["centre_index"]), centroid)
+    assert np.allclose(geometry.spacing(paff), 1.0)
+
+
+def test_patch_resampling_round_trip():
+    """A blob resampled into a patch and back lands where it was (no shift, no flip)."""
+    aff = oblique_affine()
+    shape = (120, 90, 50)
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    centroid = geometry.vox2world(aff, np.array([60, 45, 25]))
+    xyz = ijk @ aff[:3, :3].T + aff[:3, 3]
+    blob = (np.linalg.norm(xyz - (centroid + [0, -20, 5]), axis=-1) < 8).astype(np.float32)
+    cfg = DEFAULT_CONFIG
+    paff = patch_affine(aff, centroid, cfg)
+    patch = sample_patch(blob, aff, cfg["patch_shape"], paff, order=1, cval=0.0)
+    com_patch = geometry.vox2world(paff, np.argwhere(patch > 0.5).mean(0))
+    com_ct = geometry.vox2world(aff, np.argwhere(blob > 0.5).mean(0))
+    assert np.linalg.norm(com_patch - com_ct) < 1.0
+    lo, hi = bbox_on_grid(patch.shape, paff, shape, aff)
+    assert np.all(lo >= 0) and np.all(hi <= shape)
+
+
+def test_slab_tiling_covers_the_patch():
+    cfg = DEFAULT_CONFIG
+    n_slabs, margin, ext = slab_layout(cfg)
+    width = cfg["patch_shape"][0]
+    arr = np.arange(ext, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    slabs = slabs_of(arr, cfg)
+    assert slabs.shape == (n_slabs, cfg["n_in"], 2, 2)
+    n_out = cfg["n_out"]
+    # the centre n_out slices of each slab, in order, are patch slices 0..width-1 (+ margin)
+    centres = slabs[:, margin:margin + n_out, 0, 0].reshape(-1)[:width]
+    assert np.array_equal(centres, np.arange(width) + margin)
+
+
+# --------------------------------------------------------------------------- CLI
+def toy_case(tmp_path):
+    """A small CT with three box vertebrae; enough to exercise files and geometry."""
+    aff = oblique_affine(spacing=(1.5, 1.5, 2.5), tilt_deg=5)
+    shape = (70, 70, 30)
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    mask = np.zeros(shape, np.uint8)
+    for n, lab in enumerate((20, 21, 22)):
+        j0 = 8 + 19 * n
+        mask[25:45, j0:j0 + 16, 8:22] = lab
+    ct = np.where(mask > 0, 500, -50).astype(np.float32)
+    del ijk
+    save_ct(ct, aff, tmp_path / "ct.nii.gz")
+    save_mask(mask, aff, tmp_path / "msk.nii.gz")
+    write_centroids(body_centroids(mask, aff), tmp_path / "ctd.json")
+    return tmp_path / "ct.nii.gz", tmp_path / "ctd.json"
+
+
+needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="models/segment.pt not trained yet")
+
+
+@needs_model
+def test_segment_writes_patches_and_only_reruns(tmp_path, verse):
+    ct, ctd = toy_case(tmp_path)
+    out = tmp_path / "patches"
+    proc = verse("segment", ct, "--ctd", ctd, "-o", out, "--only", "L1,L3")
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((out / "patches.json").read_text())
+    assert [p["name"] for p in index["patches"]] == ["L1", "L3"]
+    img = nib.load(out / "L1_prob.nii.gz")
+    assert img.shape == tuple(DEFAULT_CONFIG["patch_shape"]) and img.get_data_dtype() == np.uint8
+    assert np.allclose(geometry.spacing(img.affine), 1.0, atol=1e-5)
+    entry = index["patches"][0]
+    assert entry["file"] == "L1_prob.nii.gz" and entry["label"] == 20
+    lo, hi = entry["bbox_vox"]
+    assert all(0 <= a < b for a, b in zip(lo, hi))
+    assert len(entry["bbox_world"]) == 2
+    l3_before = (out / "L3_prob.nii.gz").read_bytes()
+    # rerun L2 only: L1 and L3 stay in the index, untouched
+    proc = verse("segment", ct, "--ctd", ctd, "-o", out, "--only", "L2")
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((out / "patches.json").read_text())
+    assert [p["name"] for p in index["patches"]] == ["L1", "L2", "L3"]
+    assert (out / "L3_prob.nii.gz").read_bytes() == l3_before
+    # and merge takes the folder
+    proc = verse("merge", ct, out, "-o", tmp_path / "seg.nii.gz")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("problem", ["missing_ctd", "bad_only", "output_is_file"])
+def test_segment_bad_input(tmp_path, verse, problem):
+    ct, ctd = toy_case(tmp_path)
+    out = tmp_path / "patches"
+    args = ["segment", ct, "--ctd", ctd, "-o", out]
+    expected = 2
+    if problem == "missing_ctd":
+        args[3] = tmp_path / "nope.json"
+        expected = 1
+    elif problem == "bad_only":
+        args += ["--only", "C4"]
+    else:
+        out.write_text("not a folder")
+    proc = verse(*args)
+    assert proc.returncode == expected, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("verse: error:")
+    assert not out.is_dir()
+
+
+# --------------------------------------------------------------------------- accuracy on real CT
+def _dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+@needs_model
+@pytest.mark.slow
+def test_verse014_dice(real_data, tmp_path):
+    from verse_cli.merge import merge
+    from verse_cli.segment import segment
+
+    case = real_data / "verse014"
+    ct = nib.load(case / "sub-verse014_ct.nii.gz")
+    gt = np.asarray(nib.load(case / "sub-verse014_seg-vert_msk.nii.gz").dataobj)
+    segment(case / "sub-verse014_ct.nii.gz", case / "sub-verse014_seg-vb_ctd.json", device="cpu",
+            out_dir=tmp_path / "p")
+    pred = merge(ct, tmp_path / "p")
+    dices = [_dice(pred == lab, gt == lab) for lab in range(20, 25)]
+    assert np.mean(dices) >= 0.85, dices
+
+
+@needs_model
+@pytest.mark.slow
+def test_tptbox_l3_dice(real_data, tmp_path):
+    from verse_cli.merge import merge
+    from verse_cli.segment import segment
+
+    case = real_data / "tptbox-l3-crop"
+    ct = nib.load(case / "sub-ct_label-22_ct.nii.gz")
+    gt = np.asarray(nib.load(case / "sub-ct_seg-vert_label-22_msk.nii.gz").dataobj)
+    ctd = body_centroids(gt, ct.affine)
+    segment(case / "sub-ct_label-22_ct.nii.gz", Centroids(ctd.labels, ctd.coords, ctd.axcodes), device="cpu",
+            out_dir=tmp_path / "p")
+    pred = merge(ct, tmp_path / "p")
+    assert _dice(pred == 22, gt == 22) >= 0.85

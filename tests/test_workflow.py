@@ -66,11 +66,20 @@ def _touch(path: Path) -> None:
     os.utime(path, (now, now))
 
 
+@pytest.fixture(scope="module")
+def _built_once(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("built")
+    _source_tree(root)
+    _make(root, "-j3")
+    return root
+
+
 @pytest.fixture
-def built(tmp_path) -> Path:
-    _source_tree(tmp_path)
-    _make(tmp_path, "-j3")
-    return tmp_path
+def built(_built_once, tmp_path) -> Path:
+    """A fully built dataset (copied with its time stamps, so each test may change it)."""
+    root = tmp_path / "copy"
+    shutil.copytree(_built_once, root, symlinks=True)
+    return root
 
 
 def test_full_build_runs_each_stage_once_per_subject(built):
@@ -175,11 +184,13 @@ def test_killed_real_stage_leaves_no_partial_file(tmp_path):
     """The real CLI, killed (SIGTERM) while its output is half written: no file, no temp file."""
     import numpy as np
 
-    from verse_cli.core.io import save_ct
+    from verse_cli.core.io import save_mask
 
-    save_ct(np.zeros((20, 20, 10)), np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "ct.nii.gz")
-    out = tmp_path / "out" / "qc.png"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, "snapshot", str(tmp_path / "ct.nii.gz"), "-o",
+    mask = np.zeros((20, 20, 10), dtype=np.uint8)
+    mask[5:15, 5:15, 2:8] = 20
+    save_mask(mask, np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "msk.nii.gz")
+    out = tmp_path / "out" / "ctd.json"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, "centroids", str(tmp_path / "msk.nii.gz"), "-o",
                              str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout.readline().strip() == "half"
     assert any(out.parent.iterdir()), "a temporary file should exist mid-write"

@@ -241,6 +241,9 @@ def _variants_block(v: dict[str, Any]) -> str:
     if cast:
         items.append(f"Castellvi ({_fmt(cast.get('vertebra'))}): grade {_fmt(cast.get('grade'))} "
                      f"(left {_fmt(cast.get('left'))}, right {_fmt(cast.get('right'))})")
+    for key in ("warnings", "notes"):
+        for text in v.get(key) or []:
+            items.append(f"{key[:-1]}: {text}")
     ribs = v.get("ribs") or {}
     rib_rows = "".join(
         f"<tr><td>{html.escape(str(name))}</td><td>{html.escape(_fmt(r.get('left_mm'), 1))}</td>"

@@ -97,7 +97,9 @@ def deface(
 ) -> None:
     """Remove the face from a CT, with a hand-drawn mask or automatically."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("deface")
+    from .deface import deface as run
+
+    run(ct, out, mask=mask, auto=auto, fill=fill, margin_mm=margin_mm, save_mask_path=save_mask, sidecar=sidecar)
 
 
 # --------------------------------------------------------------------------- detect / label
@@ -241,12 +243,27 @@ def synth(
     outdir: Annotated[Path, typer.Argument(help="Output folder for VerSe-named cases.")],
     n: Annotated[int, typer.Option("--n", help="Number of cases.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first case.")] = 0,
+    region: Annotated[str, typer.Option(help="cervical, thoracic, lumbar, thoracolumbar, whole or random.")] = "random",
+    variant: Annotated[Optional[str], typer.Option(help="Force a variant: none, T11, T13, L4, L6, cervical_rib, "
+                                                       "stump_rib, castellvi[_1|_2a|_2b|_3a|_3b|_4].")] = None,
+    spacing: Annotated[Optional[str], typer.Option(help="Voxel size in mm along the array axes: 'S' or 'SX,SY,SZ'.")] = None,
+    orientation: Annotated[Optional[str], typer.Option(help="Axis codes of the array, e.g. PIR, RAS, LPS.")] = None,
+    scale: Annotated[float, typer.Option(help="Resolution factor; 0.5 = voxels twice as large (fast cases).")] = 1.0,
+    size: Annotated[Optional[float], typer.Option("--size", help="Largest grid in megavoxels (default 40 x scale^3).")] = None,
+    from_masks: Annotated[Optional[Path], typer.Option("--from-masks", help="Render CTs from the vertebra masks in this folder.")] = None,
+    dicom: Annotated[bool, typer.Option("--dicom", help="Also write each CT as a DICOM series.")] = False,
+    qc: Annotated[bool, typer.Option("--qc/--no-qc", help="Write a QC PNG per case.")] = True,
+    ribs: Annotated[bool, typer.Option("--ribs", help="Also write the rib mask (_seg-rib_msk.nii.gz).")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Cases rendered in parallel.")] = 1,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Synthetic spine CT with full ground truth."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("synth")
+    from .synth.cli_entry import run_synth
+
+    run_synth(outdir, n=n, seed=seed, region=region, variant=variant, spacing=spacing, orientation=orientation,
+              scale=scale, size=size, from_masks=from_masks, dicom=dicom, qc=qc, ribs=ribs, jobs=jobs)
 
 
 @app.command()

@@ -223,14 +223,14 @@ def test_centroid_json_in_another_orientation_is_converted_through_world_mm(tmp_
     assert a["loc_mm"] == pytest.approx(0.0, abs=1e-9) and a["id_rate"] == 1.0
 
 
-def test_json_without_direction_is_read_as_verse2019_millimetres(tmp_path):
+def test_json_without_direction_is_refused(tmp_path):
     from verse_cli.evaluate import load_case
 
     gt = _stack(labels=(20,))
     g = _write_case(tmp_path, "sub-x", gt)
     (tmp_path / "old.json").write_text(json.dumps([{"label": 20, "X": 20.0, "Y": 20.0, "Z": 20.0}]))
-    case = load_case(g, g, gt_ctd_path=tmp_path / "old.json")
-    assert np.allclose(case.gt_world[20], (20.0, 20.0, 20.0))  # mm along the image axes
+    with pytest.raises(DataError, match="no direction"):
+        load_case(g, g, gt_ctd_path=tmp_path / "old.json")
 
 
 def test_dataset_mode_without_ground_truth_is_a_data_error(tmp_path):

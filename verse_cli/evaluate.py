@@ -46,7 +46,7 @@ import numpy as np
 
 from .core import geometry
 from .core import labels as L
-from .core.centroids import Centroids, LabelStats, body_centroids, label_stats, read_centroids
+from .core.centroids import Centroids, LabelStats, body_centroids, label_stats, parse_centroids
 from .core.errors import DataError, UsageError
 from .core.io import is_stdio, load_mask, write_json, write_text_atomic
 from .core.progress import info, track, verbosity, warn
@@ -296,19 +296,30 @@ def load_case(pred_path: Path | None, gt_path: Path, pred_ctd_path: Path | None 
     source = {}
     gt_stats, pred_stats = label_stats(gt), label_stats(pred)
     if gt_ctd_path is not None:
-        gt_world = _world(read_centroids(gt_ctd_path, ref_affine=affine), gt.shape, affine)
+        gt_world = _world(_read_ctd(gt_ctd_path), gt.shape, affine)
         source["gt"] = "json"
     else:
         gt_world = _mask_centroids(gt, affine, gt_stats)
         source["gt"] = "mask (body centroids)"
     if pred_ctd_path is not None:
-        pred_world = _world(read_centroids(pred_ctd_path, ref_affine=pred_affine), pred.shape, pred_affine)
+        pred_world = _world(_read_ctd(pred_ctd_path), pred.shape, pred_affine)
         source["pred"] = "json"
     else:
         pred_world = _mask_centroids(pred, affine, pred_stats)
         source["pred"] = "mask (body centroids)"
     name = subject or subject_of(gt_path) or Path(gt_path).name
     return CaseInput(name, pred, gt, affine, pred_world, gt_world, source, notes, gt_stats, pred_stats)
+
+
+def _read_ctd(path: Path) -> Centroids:
+    """VerSe 2020 centroids; a file without direction is refused, since its axes are a guess."""
+    from .core.io import read_json
+
+    obj = read_json(path)
+    if isinstance(obj, list) and not any(isinstance(e, dict) and "direction" in e for e in obj):
+        raise DataError("centroid JSON has no direction element (VerSe 2019 format?); convert it to VerSe 2020 "
+                        "JSON with verse_cli.core.centroids.parse_centroids(obj, ref_affine=...)", path)
+    return parse_centroids(obj, source=str(path))
 
 
 _MASK_RE = re.compile(r"^(?P<subject>.+?)_seg-vert_msk\.nii(\.gz)?$")

@@ -120,6 +120,9 @@ def resample_to_grid(
     from scipy import ndimage
 
     matrix = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(target_affine, dtype=np.float64)
+    # round-off of the inverse would push the last voxel just outside the source grid
+    near = np.abs(matrix - np.rint(matrix)) < 1e-6
+    matrix[near] = np.rint(matrix[near])
     if is_mask:
         order = 0
     src = data
@@ -132,7 +135,8 @@ def resample_to_grid(
         offset=matrix[:3, 3],
         output_shape=tuple(int(s) for s in shape[:3]),
         order=order,
-        mode="constant",
+        # nearest neighbour: each voxel owns [i - 0.5, i + 0.5), also at the border
+        mode="grid-constant" if order == 0 else "constant",
         cval=cval,
         prefilter=order > 1,
         output=np.dtype(out_dtype) if not is_mask else data.dtype,

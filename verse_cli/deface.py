@@ -116,6 +116,40 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- detection
+SPINE_JUMP_MM = 10.0  # a forward jump of the spine front between neighbouring slices: not spine
+SPINE_EXTRAPOLATE_MM = 30.0
+
+
+def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
+    """Anterior surface (y, mm) of the tracked spine for every axial slice.
+
+    Per slice, the most anterior spine voxel, followed up from the neck until it jumps
+    forward by more than ``SPINE_JUMP_MM`` between neighbouring slices: there bone
+    that touches the column (skull base, jaw) joins the track. Above that level the
+    front is extrapolated along a robust (Theil-Sen) line through the slices below for
+    ``SPINE_EXTRAPOLATE_MM``, then held. Going up, the front never retreats, so nothing
+    behind the column (brainstem, occiput) is ever cut.
+    """
+    from scipy.stats import theilslopes
+
+    _, y_max = _extent(spine.any(axis=0), ys)
+    known = np.flatnonzero(~np.isnan(y_max))
+    raw = y_max[known]
+    jumps = np.flatnonzero(np.diff(raw) > SPINE_JUMP_MM)
+    upto = int(jumps[0]) + 1 if jumps.size else len(raw)
+    known, raw = known[:upto], raw[:upto]
+    z_last = zs[known[-1]]
+    if known.size >= 3:
+        slope, intercept, _, _ = theilslopes(raw, zs[known])
+    else:
+        slope, intercept = 0.0, float(raw.max()) if raw.size else 0.0
+    above = zs > z_last
+    z_ext = np.minimum(zs, z_last + SPINE_EXTRAPOLATE_MM)
+    y_front = np.interp(np.arange(len(zs)), known, raw)  # held constant below the first slice
+    y_front[above] = np.maximum(raw[-1], intercept + slope * z_ext[above])
+    return np.maximum.accumulate(y_front)
+
+
 def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.0) -> tuple[np.ndarray | None, FaceReport]:
     """Face mask on the coarse RAS grid (or None) and a report of how it was found.
 
@@ -180,12 +214,9 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     has_spine = spine.any(axis=(0, 1))
     if not has_spine.any():
         return None, FaceReport(False, "cervical spine not found: no face")
-    _, y_spine = _extent(spine.any(axis=0), ys)
-    known = np.flatnonzero(has_spine)
-    y_front = np.interp(np.arange(nz), known, y_spine[known])  # held constant beyond the ends
-    # Going up, the cut never retreats: above C1 (skull base, brainstem) it keeps the most anterior
-    # spine front seen below, so nothing behind the column is ever cut.
-    y_front = np.maximum.accumulate(y_front)
+    y_front = spine_front(spine, ys, zs)
+    # Bone that merely touches the column (jaw, skull base) is not spine: trim it before the shell.
+    spine &= ys[None, :, None] <= (y_front + step)[None, None, :]
 
     # 3. the chin: the body reaches clearly further forward than the neck does
     _, y_mid_front = _extent((body & midline[:, None, :]).any(axis=0), ys)

@@ -1,0 +1,174 @@
+"""``verse deface``: drawn masks, automatic face removal, no change without a face."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from verse_cli.core.geometry import reorient
+from verse_cli.core.io import save_ct, save_mask
+
+
+def head_phantom(with_head: bool = True, spacing: float = 2.0):
+    """Shoulders, neck, C7-C1, and optionally a head with skull, brain, jaw and face (RAS, mm).
+
+    Returns int16 HU, the affine, the face ground truth (nose, lips, eyes, chin) and the
+    vertebra mask.
+    """
+    xs = np.arange(-150, 150, spacing)
+    ys = np.arange(-120, 150, spacing)
+    zs = np.arange(0, 300 if with_head else 215, spacing)
+    x, y, z = np.meshgrid(xs, ys, zs, indexing="ij", sparse=True)
+
+    def ellipsoid(c, r):
+        return ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1
+
+    ct = np.full((xs.size, ys.size, zs.size), -1000.0, np.float32)
+    chest = ((x / 170) ** 2 + (y / 100) ** 2 <= 1) & (z < 50)
+    neck = ((x / 60) ** 2 + ((y - 5) / 60) ** 2 <= 1) & (z >= 40) & (z < 215)
+    ct[chest | neck] = 40
+    face = np.zeros(ct.shape, bool)
+    if with_head:
+        centre, radii = (0, 10, 250), (75, 95, 85)
+        ct[ellipsoid(centre, radii)] = 900  # skull
+        ct[ellipsoid(centre, (68, 88, 78))] = 35  # brain
+        ct[ellipsoid((0, 65, 195), (55, 45, 60)) & ~ellipsoid(centre, (68, 88, 78))] = 40  # face soft tissue
+        jaw = ellipsoid((0, 45, 150), (45, 55, 18)) & ~ellipsoid((0, 45, 150), (38, 48, 30)) & (y > 20)
+        ct[jaw] = 700
+        nose = ellipsoid((0, 110, 205), (12, 20, 22))
+        lips = ellipsoid((0, 108, 165), (22, 10, 8))
+        eyes = ellipsoid((32, 80, 218), (12, 12, 12)) | ellipsoid((-32, 80, 218), (12, 12, 12))
+        chin = ellipsoid((0, 95, 140), (25, 14, 15))
+        for part, hu in ((nose, 30), (lips, 50), (eyes, 15), (chin, 45)):
+            ct[part] = hu
+        face = nose | lips | eyes | chin | (jaw & (y > 70))
+    ct[((x / 8) ** 2 + ((y - 18) / 6) ** 2 <= 1) & (z > 40) & (z < 190)] = -900  # airway
+    vert = np.zeros(ct.shape, np.uint8)
+    for level, zc in enumerate(range(30, 200, 25)):  # C7 (label 7) at the bottom ... C1 at the top
+        body = ((x / 9) ** 2 + ((y + 5) / 8) ** 2 <= 1) & (np.abs(z - zc) < 9)
+        ring = np.hypot(x, y + 25)
+        arch = (ring > 9) & (ring < 14) & (y < -12) & (np.abs(z - zc) < 6)
+        spinous = (np.abs(x) < 3) & (y < -36) & (y > -55) & (np.abs(z - zc) < 5)
+        vert[body | arch | spinous] = 7 - level
+    ct[vert > 0] = 600
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = xs[0], ys[0], zs[0]
+    return ct.astype(np.int16), affine, face, vert
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("head")
+    ct, affine, face, vert = head_phantom()
+    save_ct(ct, affine, folder / "ct.nii.gz")
+    return folder, ct, affine, face, vert
+
+
+def _data(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+# --------------------------------------------------------------------------- automatic
+def test_auto_removes_the_face_and_spares_the_spine(head, tmp_path, verse):
+    folder, ct, affine, face, vert = head
+    out, used, side = tmp_path / "defaced.nii.gz", tmp_path / "face.nii.gz", tmp_path / "ct.json"
+    side.write_text(json.dumps({"Subject": "s1", "DeidentificationMethodCodeSequence": [
+        {"CodeValue": "113100", "CodingSchemeDesignator": "DCM",
+         "CodeMeaning": "Basic Application Confidentiality Profile"}]}))
+    proc = verse("deface", folder / "ct.nii.gz", out, "--auto", "--save-mask", used, "--sidecar", side)
+    assert proc.returncode == 0, proc.stderr
+    result = _data(out)
+    removed = result != ct
+    assert removed[face].mean() >= 0.95
+    assert not removed[vert > 0].any()
+    assert np.all(result[removed] == -1024)
+    np.testing.assert_array_equal(_data(used).astype(bool) & (ct != -1024), removed)
+    record = json.loads(side.read_text())
+    assert record["Subject"] == "s1"
+    assert [c["CodeValue"] for c in record["DeidentificationMethodCodeSequence"]] == ["113100", "113102"]
+    assert "Clean Recognizable Visual Features Option" in record["DeidentificationMethod"]
+    assert record["Defacing"]["FaceInFieldOfView"] is True
+
+
+def test_auto_follows_the_affine_not_the_voxel_order(head, tmp_path, verse):
+    folder, ct, affine, face, vert = head
+    pir, pir_affine = reorient(ct, affine, ("P", "I", "R"))
+    face_pir, _ = reorient(face.astype(np.uint8), affine, ("P", "I", "R"))
+    vert_pir, _ = reorient(vert, affine, ("P", "I", "R"))
+    save_ct(pir, pir_affine, tmp_path / "pir.nii.gz")
+    proc = verse("deface", tmp_path / "pir.nii.gz", tmp_path / "out.nii.gz", "--auto")
+    assert proc.returncode == 0, proc.stderr
+    removed = _data(tmp_path / "out.nii.gz") != pir
+    assert removed[face_pir > 0].mean() >= 0.95
+    assert not removed[vert_pir > 0].any()
+
+
+def test_auto_without_a_face_changes_nothing(tmp_path, verse):
+    ct, affine, _, _ = head_phantom(with_head=False)
+    save_ct(ct, affine, tmp_path / "neck.nii.gz")
+    proc = verse("deface", tmp_path / "neck.nii.gz", tmp_path / "out.nii.gz", "--auto",
+                 "--sidecar", tmp_path / "s.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "no face" in proc.stderr and "nothing changed" in proc.stderr
+    out = nib.load(tmp_path / "out.nii.gz")
+    assert out.get_data_dtype() == np.int16
+    assert _data(tmp_path / "out.nii.gz").tobytes() == ct.tobytes()
+    assert json.loads((tmp_path / "s.json").read_text())["Defacing"]["FaceInFieldOfView"] is False
+
+
+def test_auto_on_a_real_lumbar_scan_changes_nothing(real_data, tmp_path, verse):
+    src = real_data / "verse014" / "sub-verse014_ct.nii.gz"
+    if not src.exists():
+        src = next((real_data / "verse014").glob("*ct.nii.gz"))
+    proc = verse("deface", src, tmp_path / "out.nii.gz", "--auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing changed" in proc.stderr
+    original = nib.load(src)
+    np.testing.assert_array_equal(_data(tmp_path / "out.nii.gz"), np.asanyarray(original.dataobj))
+
+
+# --------------------------------------------------------------------------- drawn mask
+def test_drawn_mask_is_dilated_by_the_margin(tmp_path, verse):
+    ct = np.full((40, 40, 20), 50, np.int16)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    mask = np.zeros(ct.shape, np.uint8)
+    mask[18:22, 18:22, 9:11] = 1
+    save_ct(ct, affine, tmp_path / "ct.nii.gz")
+    save_mask(mask, affine, tmp_path / "face.nii.gz")
+    proc = verse("deface", tmp_path / "ct.nii.gz", tmp_path / "out.nii.gz", "--mask", tmp_path / "face.nii.gz",
+                 "--margin-mm", "3", "--fill", "-1000")
+    assert proc.returncode == 0, proc.stderr
+    out = _data(tmp_path / "out.nii.gz")
+    assert np.all(out[mask > 0] == -1000)
+    assert out[15, 20, 10] == -1000 and out[14, 20, 10] == 50  # 3 mm (3 voxels) out along x, not 4
+    assert out[20, 20, 11] == -1000 and out[20, 20, 12] == 50  # 2 mm voxels along z: one voxel (2 mm) out
+    assert (out == -1000).sum() < 40 * 40 * 20 / 10
+
+
+# --------------------------------------------------------------------------- bad input
+def test_mask_and_auto_together_is_a_usage_error(head, tmp_path, verse):
+    folder = head[0]
+    proc = verse("deface", folder / "ct.nii.gz", tmp_path / "out.nii.gz", "--auto", "--mask", folder / "ct.nii.gz")
+    assert proc.returncode == 2 and "exactly one" in proc.stderr
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_missing_ct_fails_cleanly(tmp_path, verse):
+    proc = verse("deface", tmp_path / "nope.nii.gz", tmp_path / "out.nii.gz", "--auto")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("verse: error:") and "no such file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_mask_fails_cleanly(tmp_path, verse):
+    ct = np.zeros((10, 10, 10), np.int16)
+    save_ct(ct, np.eye(4), tmp_path / "ct.nii.gz")
+    save_mask(np.zeros_like(ct, dtype=np.uint8), np.eye(4), tmp_path / "face.nii.gz")
+    proc = verse("deface", tmp_path / "ct.nii.gz", tmp_path / "out.nii.gz", "--mask", tmp_path / "face.nii.gz")
+    assert proc.returncode == 1 and "empty" in proc.stderr
+    assert not (tmp_path / "out.nii.gz").exists()

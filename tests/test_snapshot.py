@@ -152,3 +152,16 @@ def test_non_png_output_is_a_usage_error(tmp_path, verse):
     proc = verse("snapshot", tmp_path / "ct.nii.gz", "-o", tmp_path / "qc.jpg")
     assert proc.returncode == 2 and ".png" in proc.stderr
     assert not (tmp_path / "qc.jpg").exists()
+
+
+def test_wide_field_of_view_is_cropped_to_the_spine_but_keeps_its_height():
+    shape = (300, 60, 50)  # 300 mm left-right: the coronal panels are cropped around the spine
+    affine = _ras_affine(sp=(1.0, 1.0, 2.0), shape=shape)
+    ct, mask = _phantom(affine, shape)
+    grid, views = _views(ct, mask, affine)
+    coronal = views[2]
+    assert coronal.grey.shape[0] == grid.shape[2], "the head-foot extent is never cropped"
+    expected = (20 + 2 * snp.CROP_MARGIN_MM) / grid.spacing  # ball diameter plus both margins
+    assert abs(coronal.grey.shape[1] - expected) <= 3
+    _, cols = np.nonzero(views[3].labels == 20)
+    assert abs(cols.mean() - (coronal.grey.shape[1] - 1) / 2) <= 1.5, "the spine is centred"

@@ -40,6 +40,8 @@ MAX_DISPLAY_VOXELS = 24_000_000
 MIN_DISPLAY_SPACING = 0.5
 #: Extra thickness (mm) around the spine of the slab a MIP projects through.
 SLAB_MARGIN_MM = 8.0
+#: Room (mm) left beside the spine when a panel's width is cropped to it.
+CROP_MARGIN_MM = 70.0
 AIR_HU = -1024.0
 #: Widest figure, in inches at 100 dpi.
 MAX_WIDTH_IN = 20.0
@@ -161,28 +163,52 @@ def _slab(axis: int, grid: DisplayGrid, mask: np.ndarray | None, pts: np.ndarray
     return slice(int(max(0, np.floor(lo))), int(min(grid.shape[axis], np.ceil(hi) + 1)))
 
 
+def _width_range(axis: int, grid: DisplayGrid, mask: np.ndarray | None, pts: np.ndarray) -> slice:
+    """Index range along a panel's horizontal ``axis``: the spine plus :data:`CROP_MARGIN_MM`.
+
+    Only the width is cropped; the full head-foot extent stays, so vertebrae the mask
+    or the centroids miss above or below remain in view.
+    """
+    lows, highs = [], []
+    if mask is not None and mask.any():
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        lows.append(occupied[0])
+        highs.append(occupied[-1])
+    if len(pts):
+        lows.append(pts[:, axis].min())
+        highs.append(pts[:, axis].max())
+    if not lows:
+        return slice(0, grid.shape[axis])
+    margin = CROP_MARGIN_MM / grid.spacing
+    lo = int(max(0, np.floor(min(lows) - margin)))
+    hi = int(min(grid.shape[axis], np.ceil(max(highs) + margin) + 1))
+    return slice(lo, hi)
+
+
 def build_views(ct: np.ndarray, mask: np.ndarray | None, pts: np.ndarray, grid: DisplayGrid) -> list[View]:
     """Sagittal and coronal mid-slices and MIPs on the display grid."""
     centre = np.clip(np.round(_spine_centre(grid, mask, pts)).astype(int), 0, np.asarray(grid.shape) - 1)
     views = []
     for axis, plane_name in ((0, "sagittal"), (1, "coronal")):
         other = 1 - axis  # the in-plane horizontal axis (y for sagittal, x for coronal)
-        n_other = grid.shape[other]
+        width = _width_range(other, grid, mask, pts)
+        n_other = width.stop - width.start
         # marker positions: (col, row) after _panel's flips
-        cols = (n_other - 1) - pts[:, other] if len(pts) else np.zeros(0)
+        cols = (n_other - 1) - (pts[:, other] - width.start) if len(pts) else np.zeros(0)
         rows = (grid.shape[2] - 1) - pts[:, 2] if len(pts) else np.zeros(0)
         markers = np.stack([cols, rows], axis=1) if len(pts) else np.zeros((0, 2))
 
         index = [slice(None)] * 3
         index[axis] = centre[axis]
+        index[other] = width
         grey = ct[tuple(index)]
         lab = mask[tuple(index)] if mask is not None else None
         views.append(View(f"{plane_name} slice", _panel(grey), None if lab is None else _panel(lab), markers))
 
         slab = [slice(None)] * 3
         slab[axis] = _slab(axis, grid, mask, pts)
-        block = ct[tuple(slab)]
-        mip = block.max(axis=axis)
+        slab[other] = width
+        mip = ct[tuple(slab)].max(axis=axis)
         # seen from the patient's left (sagittal) and from the front (coronal)
         lab = _first_label(mask[tuple(slab)], axis, from_high=axis == 1) if mask is not None else None
         views.append(View(f"{plane_name} MIP", _panel(mip), None if lab is None else _panel(lab), markers))

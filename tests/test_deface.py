@@ -74,7 +74,7 @@ def _data(path: Path) -> np.ndarray:
 
 # --------------------------------------------------------------------------- automatic
 def test_auto_removes_the_face_and_spares_the_spine(head, tmp_path, verse):
-    folder, ct, affine, face, vert = head
+    folder, ct, _, face, vert = head
     out, used, side = tmp_path / "defaced.nii.gz", tmp_path / "face.nii.gz", tmp_path / "ct.json"
     side.write_text(json.dumps({"Subject": "s1", "DeidentificationMethodCodeSequence": [
         {"CodeValue": "113100", "CodingSchemeDesignator": "DCM",
@@ -95,7 +95,7 @@ def test_auto_removes_the_face_and_spares_the_spine(head, tmp_path, verse):
 
 
 def test_auto_follows_the_affine_not_the_voxel_order(head, tmp_path, verse):
-    folder, ct, affine, face, vert = head
+    _, ct, affine, face, vert = head
     pir, pir_affine = reorient(ct, affine, ("P", "I", "R"))
     face_pir, _ = reorient(face.astype(np.uint8), affine, ("P", "I", "R"))
     vert_pir, _ = reorient(vert, affine, ("P", "I", "R"))

@@ -215,8 +215,29 @@ def save_nifti(img, path: str | os.PathLike) -> None:
         raise UsageError(f"output must end in .nii or .nii.gz: {path}")
     raw = img.to_bytes()
     if str(path).lower().endswith(".gz"):
-        raw = gzip.compress(raw, compresslevel=_GZIP_LEVEL, mtime=0)
+        raw = gzip_deterministic(raw)
     write_bytes_atomic(path, raw)
+
+
+_GZIP_MEMBER = 1 << 24  # 16 MiB of input per gzip member
+
+
+def gzip_deterministic(raw: bytes) -> bytes:
+    """gzip without time stamp or file name; large inputs are compressed in parallel.
+
+    Inputs above 16 MiB are split at fixed offsets into independent gzip members,
+    compressed in threads (zlib releases the GIL) and concatenated. The split does not
+    depend on the machine, so the bytes stay deterministic, and every gzip reader
+    (Python's gzip, zlib's gzread, nibabel, ITK) reads concatenated members.
+    """
+    if len(raw) <= _GZIP_MEMBER:
+        return gzip.compress(raw, compresslevel=_GZIP_LEVEL, mtime=0)
+    from concurrent.futures import ThreadPoolExecutor
+
+    view = memoryview(raw)
+    parts = [view[i:i + _GZIP_MEMBER] for i in range(0, len(raw), _GZIP_MEMBER)]
+    with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
+        return b"".join(pool.map(lambda part: gzip.compress(part, compresslevel=_GZIP_LEVEL, mtime=0), parts))
 
 
 def save_ct(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:

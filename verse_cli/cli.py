@@ -115,7 +115,9 @@ def detect(
 ) -> None:
     """Spine heatmap and bounding box from a low-resolution CNN."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("detect")
+    from .detect import run_detect
+
+    run_detect(ct, heatmap, bbox, model=model, device=device)
 
 
 @app.command()
@@ -302,13 +304,23 @@ def report(
 def train_detect(
     data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
     out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/detect.pt"),
+    minutes: Annotated[Optional[float], typer.Option(help="Time budget in minutes (data preparation included).")] = 10.0,
+    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (split, augmentation, initial weights).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")] = False,
+    workers: Annotated[int, typer.Option(help="DataLoader / data preparation worker processes.")] = 2,
+    batch: Annotated[int, typer.Option(help="Crops per step.")] = 2,
+    synth: Annotated[int, typer.Option("--synth", help="Also generate N synthetic cases on the fly (4 mm).")] = 0,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Train the spine detector."""
     _setup(quiet, verbose)
-    raise NotImplementedYet("train detect")
+    from .nets.detect_net import train_detect as run
+
+    run(data_dir, out, minutes=minutes, epochs=epochs, device=device, seed=seed, resume=resume, workers=workers,
+        synth=synth, batch=batch)
 
 
 @train_app.command("label")

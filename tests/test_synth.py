@@ -1,0 +1,203 @@
+"""verse synth: ground truth consistency over many seeds, determinism, the CLI.
+
+Cases are small (``max_voxels`` ~0.4 M) so that 50+ seeds stay fast; the geometry is
+the same as at full resolution, only the grid is coarser.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from verse_cli.core import geometry
+from verse_cli.core import labels as L
+from verse_cli.core.centroids import body_centroids, read_centroids
+
+SMALL = 400_000
+SEEDS = list(range(1000, 1052))
+
+
+@pytest.fixture(scope="module")
+def cases():
+    from verse_cli.synth import generate_case
+
+    return {s: generate_case(s, max_voxels=SMALL) for s in SEEDS}
+
+
+def _labels(mask):
+    return sorted(set(np.unique(mask).tolist()) - {0})
+
+
+def test_masks_and_centroids_agree(cases):
+    for seed, c in cases.items():
+        again = body_centroids(c.mask, c.affine)
+        assert again.labels == c.centroids.labels, seed
+        if len(again):
+            assert np.abs(again.coords - c.centroids.coords).max() <= 1.0, seed
+        assert c.centroids.axcodes == geometry.axcodes(c.affine), seed
+
+
+def test_no_label_touches_the_edge(cases):
+    for seed, c in cases.items():
+        m = c.mask
+        for face in (m[0], m[-1], m[:, 0], m[:, -1], m[:, :, 0], m[:, :, -1]):
+            assert not face.any(), seed
+
+
+def test_variants_match_the_labels(cases):
+    for seed, c in cases.items():
+        v = c.variants
+        labelled = {L.name(x) for x in _labels(c.mask)}
+        fov = v["field_of_view"]
+        fused = {v["castellvi"]["vertebra"]} if v["castellvi"]["grade"] in ("3a", "3b", "4") else set()
+        assert labelled == set(fov["visible"]) - {"S1"} - fused, seed
+        assert not set(fov["cut"]) & labelled, seed
+        counts = v["counts"]
+        lumbar = [n for n in labelled if n.startswith("L")]
+        assert len(lumbar) <= counts["lumbar"], seed
+        assert all(int(n[1:]) <= counts["lumbar"] for n in lumbar), seed
+        thor = [n for n in labelled if n.startswith("T")]
+        assert all(int(n[1:]) <= counts["thoracic"] for n in thor), seed
+        if counts["thoracic"] == 13 and "T13" in labelled:
+            assert 28 in _labels(c.mask)
+        if v["enumeration"]["lumbar"] is not None:
+            assert v["enumeration"]["lumbar"] == counts["lumbar"]
+        left, right = v["castellvi"]["left"], v["castellvi"]["right"]
+        from verse_cli.synth.variants import castellvi_grade
+
+        assert v["castellvi"]["grade"] == castellvi_grade(left, right)
+        for st in v["stump_ribs"]:
+            assert st["length_mm"] < 38.0
+            assert v["ribs"][st["vertebra"]][f"{st['side']}_mm"] == pytest.approx(st["length_mm"], abs=0.2)
+
+
+def test_rib_lengths_measured_back_from_the_rib_mask(cases):
+    """March along each rib's centreline in the rendered rib mask: the labelled run
+    must end within 2 mm of the ground-truth length (fine grids only)."""
+    checked = 0
+    for seed, c in cases.items():
+        sp = geometry.spacing(c.affine)
+        if sp.max() > 1.6:
+            continue
+        for rib in c.meta["ribs"]:
+            name = rib["vertebra"]
+            side = rib["side"]
+            if c.variants["ribs"][name][f"{side}_status"] != "present":
+                continue
+            _check_rib(c, rib)
+            checked += 1
+    assert checked >= 0
+
+
+def _check_rib(c, rib):
+    pts = np.array(rib["points"])
+    seg = np.sqrt((np.diff(pts, axis=0) ** 2).sum(1))
+    cum = np.concatenate([[0], np.cumsum(seg)])
+    t = np.arange(0, cum[-1] + 10, 0.25)
+    tang = (pts[-1] - pts[-2]) / seg[-1]
+    xyz = np.stack([np.interp(t, cum, pts[:, k]) for k in range(3)], 1)
+    beyond = t > cum[-1]
+    xyz[beyond] = pts[-1] + (t[beyond] - cum[-1])[:, None] * tang
+    vox = np.rint(geometry.world2vox(c.affine, xyz)).astype(int)
+    ok = np.all((vox >= 0) & (vox < np.array(c.rib_mask.shape)), axis=1)
+    vid = L.label_id(rib["vertebra"])
+    inside = np.zeros(len(t), bool)
+    inside[ok] = c.rib_mask[tuple(vox[ok].T)] == vid
+    last = t[np.nonzero(inside)[0].max()] if inside.any() else 0.0
+    assert abs(last - rib["length_mm"]) <= 2.0, (rib["vertebra"], rib["side"], last, rib["length_mm"])
+
+
+def test_hu_ranges_per_tissue(cases):
+    for seed, c in cases.items():
+        ct = c.ct
+        assert ct.dtype == np.int16
+        assert ct.min() >= -3024 and ct.max() <= 3071
+        bone = ct[c.mask > 0]
+        if bone.size > 200:
+            med = float(np.median(bone))
+            assert 80 <= med <= 900, (seed, med)
+        assert (ct < -900).any(), seed  # air around the patient or in the lungs/bowel
+        soft = ct[(ct > -200) & (ct < 200)]
+        assert soft.size > 0.05 * ct.size, seed
+
+
+def test_orientation_codes_in_json_match_the_file(cases, tmp_path):
+    from verse_cli.synth import write_case
+
+    for seed in SEEDS[:4]:
+        paths = write_case(cases[seed], tmp_path, subject=f"syn{seed:04d}", qc=False)
+        img = nib.load(str(paths["ct"]))
+        ctd = json.loads(paths["ctd"].read_text())
+        assert tuple(ctd[0]["direction"]) == tuple(nib.aff2axcodes(img.affine))
+        back = read_centroids(paths["ctd"])
+        assert back.labels == cases[seed].centroids.labels
+        m = nib.load(str(paths["mask"]))
+        assert m.get_data_dtype() == np.uint8
+        assert np.array_equal(np.asarray(m.dataobj), cases[seed].mask)
+        assert np.array_equal(np.asarray(img.dataobj), cases[seed].ct)
+
+
+def test_forced_orientation_and_spacing():
+    from verse_cli.synth import generate_case
+
+    c = generate_case(3, region="lumbar", orientation="LPS", spacing=(1.5, 1.5, 2.0), max_voxels=3_000_000)
+    assert geometry.axcodes(c.affine) == ("L", "P", "S")
+    assert np.allclose(geometry.spacing(c.affine), (1.5, 1.5, 2.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["T11", "T13", "L4", "L6"])
+def test_numbering_variants(variant):
+    from verse_cli.synth import generate_case
+
+    c = generate_case(7, region="whole", variant=variant, max_voxels=SMALL)
+    counts = c.variants["counts"]
+    region = {"T": "thoracic", "L": "lumbar"}[variant[0]]
+    assert counts[region] == int(variant[1:])
+    if variant == "T13":
+        assert "T13" in c.variants["ribs"]
+    if variant == "L6":
+        assert 25 in _labels(c.mask) or "L6" in c.variants["field_of_view"]["cut"]
+
+
+def test_castellvi_fused_vertebra_is_not_labelled():
+    from verse_cli.synth import generate_case
+
+    c = generate_case(11, region="lumbar", variant="castellvi_3b", max_voxels=SMALL)
+    cv = c.variants["castellvi"]
+    assert cv["grade"] == "3b" and cv["left"] == cv["right"] == 3
+    assert L.label_id(cv["vertebra"]) not in _labels(c.mask)
+
+
+def test_deterministic_by_seed():
+    from verse_cli.synth import generate_case
+
+    a = generate_case(5, max_voxels=200_000)
+    b = generate_case(5, max_voxels=200_000)
+    assert np.array_equal(a.ct, b.ct) and np.array_equal(a.mask, b.mask)
+    assert a.variants == b.variants
+
+
+def test_cli_writes_cases(verse, tmp_path):
+    out = tmp_path / "syn"
+    proc = verse("synth", out, "--n", "2", "--seed", "3", "--size", "0.3", "--jobs", "2", "--region", "lumbar")
+    assert proc.returncode == 0, proc.stderr
+    for s in ("0003", "0004"):
+        for suffix in ("_ct.nii.gz", "_seg-vert_msk.nii.gz", "_seg-subreg_ctd.json", "_variants.json", "_qc.png"):
+            assert (out / f"sub-syn{s}{suffix}").is_file()
+    again = tmp_path / "again"
+    verse("synth", again, "--n", "1", "--seed", "3", "--size", "0.3", "--region", "lumbar", "--no-qc", check=True)
+    a = (out / "sub-syn0003_ct.nii.gz").read_bytes()
+    assert a == (again / "sub-syn0003_ct.nii.gz").read_bytes()
+
+
+@pytest.mark.parametrize("args", [["--region", "pelvis"], ["--variant", "T14"], ["--orientation", "PIX"],
+                                  ["--spacing", "a,b"], ["--n", "0"]])
+def test_bad_input(verse, tmp_path, args):
+    out = tmp_path / "bad"
+    proc = verse("synth", out, *args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("verse: error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())

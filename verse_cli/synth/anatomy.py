@@ -1,0 +1,659 @@
+"""Shape models of the bones: vertebrae C1-L6, sacrum, coccyx, pelvis, ribs, sternum,
+clavicles, scapulae and the skull base.
+
+Every vertebra lives in its own frame (origin at the body centre; x to the patient's
+right, y anterior, z along the spine). Its SDF is a smooth union of primitives whose
+sizes follow :mod:`.morphometry`, plus a random smooth deformation. The spine is built
+by stacking bodies and discs from the sacrum upward and bending at each disc
+(lordosis, kyphosis, scoliosis, axial rotation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import morphometry as M
+from .engine import Shape, capsule, ellipse2d, ellipsoid, extrude, plate, polyline, smax, smin
+
+F32 = np.float32
+
+
+# --------------------------------------------------------------------------- frames
+def rot(axis: str, deg: float) -> np.ndarray:
+    a = np.radians(deg)
+    c, s = np.cos(a), np.sin(a)
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+@dataclass
+class Level:
+    """One vertebra (or the sacrum) of the anatomy."""
+
+    name: str
+    vid: int
+    region: str
+    dims: dict
+    centre: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    R: np.ndarray = field(default_factory=lambda: np.eye(3))  # columns: local x, y, z in patient frame
+    labelled: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_world(self, q) -> np.ndarray:
+        return np.asarray(q, dtype=float) @ self.R.T + self.centre
+
+    def local(self, p: np.ndarray) -> np.ndarray:
+        return (p - self.centre.astype(F32)) @ self.R.astype(F32)
+
+    @property
+    def top(self) -> np.ndarray:
+        return self.to_world([0, 0, self.dims["H"] / 2])
+
+    @property
+    def bottom(self) -> np.ndarray:
+        return self.to_world([0, 0, -self.dims["H"] / 2])
+
+
+# --------------------------------------------------------------------------- stacking
+def build_spine(levels: list[Level], rng: np.random.Generator, shape: dict) -> None:
+    """Place ``levels`` (head to sacrum, sacrum last) by stacking from the sacrum up.
+
+    ``shape`` holds the sagittal and coronal parameters: sacral slope ``ss``, lumbar
+    lordosis ``ll``, thoracic kyphosis ``tk``, cervical lordosis ``cl`` (degrees),
+    scoliosis ``cobb`` with ``scol_centre`` and ``scol_width``, axial rotation gain.
+    """
+    sac = levels[-1]
+    sac.R = rot("x", -shape["ss"])  # S1 endplate normal tilted anteriorly by the sacral slope
+    sac.centre = np.zeros(3)  # the sacrum's origin is the S1 top endplate centre
+    # angular increments per disc, from bottom to top
+    movers = levels[:-1][::-1]  # lowest lumbar first
+    n = len(movers)
+    reg = [lv.region for lv in movers]
+    sag = np.zeros(n)
+    lum = [i for i, r in enumerate(reg) if r == "L"]
+    th = [i for i, r in enumerate(reg) if r == "T"]
+    ce = [i for i, r in enumerate(reg) if r == "C"]
+    if lum:
+        w = np.linspace(2.0, 0.6, len(lum))  # most lordosis at L4-S1
+        sag[lum] = -shape["ll"] * w / w.sum()
+    if th:
+        x = np.linspace(0, 1, len(th))
+        w = 0.4 + np.sin(np.pi * x)  # kyphosis peaks mid-thorax
+        sag[th] = shape["tk"] * w / w.sum()
+    if ce:
+        w = np.ones(len(ce))
+        w[-1] = 0.3  # C1-C2
+        sag[ce] = -shape["cl"] * w / w.sum()
+    # scoliosis: a smooth coronal curve (one or two arcs) and matching axial rotation
+    t = np.linspace(0, 1, n)
+    cor = np.zeros(n)
+    for cobb, centre, width in shape.get("scoliosis", []):
+        g = np.exp(-0.5 * ((t - centre) / width) ** 2) * (t - centre)
+        g = np.gradient(np.gradient(g))
+        cor += cobb * g / max(np.abs(g).sum() / 2, 1e-6) * 0.5
+    jitter = rng.normal(0, 1.0, (n, 3)) * np.array([1.0, 0.6, 0.6])
+    R = sac.R.copy()
+    top = np.zeros(3)
+    prev_axial = 0.0
+    for i, lv in enumerate(movers):
+        below = levels[-1] if i == 0 else movers[i - 1]
+        disc = lv.dims["disc"]
+        half_turn = rot("x", -(sag[i] + jitter[i, 0]) / 2) @ rot("y", (cor[i] + jitter[i, 1]) / 2)
+        mid_R = R @ half_turn
+        mid = top + mid_R[:, 2] * disc / 2
+        R = mid_R @ half_turn
+        target_axial = shape.get("rot_gain", 0.0) * float(np.sum(cor[: i + 1])) + jitter[i, 2]
+        R = R @ rot("z", target_axial - prev_axial)
+        prev_axial = target_axial
+        lv.extra["disc_below"] = {"mid": mid, "R": mid_R, "height": disc, "lower": below, "upper": lv}
+        start = mid + R[:, 2] * disc / 2
+        lv.R = R.copy()
+        lv.centre = start + R[:, 2] * lv.dims["H"] / 2
+        top = lv.centre + R[:, 2] * lv.dims["H"] / 2
+
+
+def align_upright(levels: list[Level], tilt_deg=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """Rotate the whole spine so that sacrum-to-top runs along +z, then tilt it.
+
+    Returns the 3x3 rotation applied (about the sacral endplate centre).
+    """
+    top = levels[0].centre
+    base = levels[-1].centre
+    v = top - base
+    v /= np.linalg.norm(v)
+    z = np.array([0.0, 0.0, 1.0])
+    axis = np.cross(v, z)
+    s = np.linalg.norm(axis)
+    if s < 1e-9:
+        Rw = np.eye(3)
+    else:
+        axis /= s
+        ang = np.arctan2(s, v @ z)
+        K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        Rw = np.eye(3) + np.sin(ang) * K + (1 - np.cos(ang)) * K @ K
+    Rw = rot("x", tilt_deg[0]) @ rot("y", tilt_deg[1]) @ rot("z", tilt_deg[2]) @ Rw
+    for lv in levels:
+        lv.centre = Rw @ (lv.centre - base)
+        lv.R = Rw @ lv.R
+        db = lv.extra.get("disc_below")
+        if db:
+            db["mid"] = Rw @ (db["mid"] - base)
+            db["R"] = Rw @ db["R"]
+    return Rw
+
+
+# --------------------------------------------------------------------------- materials
+@dataclass
+class BoneHU:
+    cortex: float
+    trabecular: float
+    cortex_mm: float
+    texture_amp: float
+    tile: np.ndarray  # (64, 64, 64) smooth unit-variance noise: the trabecular pattern
+    tile_mm: float
+
+    def material(self, cortex_mm: float | None = None, trab: float | None = None, cortex=None):
+        t = F32(cortex_mm if cortex_mm is not None else self.cortex_mm)
+        tr = F32(trab if trab is not None else self.trabecular)
+        co = F32(cortex if cortex is not None else self.cortex)
+        tile = (self.tile * self.texture_amp).astype(F32).ravel()
+        inv = F32(1.0 / self.tile_mm)
+
+        def mat(p, d):
+            inner = np.clip((-d - t) / F32(0.7) + F32(0.5), 0, 1)  # 0 in the shell, 1 in the core
+            ijk = (p * inv).astype(np.int32) & 63
+            tex = tile[(ijk[:, 0] << 12) | (ijk[:, 1] << 6) | ijk[:, 2]]
+            return co + (tr + tex - co) * inner
+
+        return mat
+
+
+def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
+    """Random bone HU: trabecular 90-300 (lower with age), cortex 700-1400."""
+    from scipy import ndimage
+
+    trab = float(rng.uniform(150, 300) - 110 * age_factor)
+    tile = ndimage.gaussian_filter(rng.standard_normal((64, 64, 64)).astype(F32), rng.uniform(0.7, 1.4), mode="wrap")
+    tile /= max(float(tile.std()), 1e-6)
+    return BoneHU(cortex=float(rng.uniform(700, 1400)), trabecular=trab, cortex_mm=float(rng.uniform(0.8, 1.6)),
+                  texture_amp=float(rng.uniform(20, 60)), tile=tile, tile_mm=float(rng.uniform(0.5, 0.9)))
+
+
+# --------------------------------------------------------------------------- vertebrae
+def _deformer(rng: np.random.Generator, amp: float):
+    k = rng.normal(size=(3, 3))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    k *= (2 * np.pi / rng.uniform(35, 80, 3))[:, None]
+    ph = rng.uniform(0, 2 * np.pi, 3)
+    a = rng.normal(0, amp, 3)
+    K = k.astype(F32)
+    P = ph.astype(F32)
+    A = a.astype(F32)
+
+    def warp(q):
+        s = np.sin(q @ K.T + P)  # (N, 3)
+        return q + s * A
+
+    return warp
+
+
+def body_sdf(q: np.ndarray, W, D, H, waist=0.06, post=0.88, conc=1.2, rr=1.5, wedge=0.0):
+    """A vertebral body: elliptic cylinder, flat posterior wall, waist, concave endplates."""
+    x, y, z = q[:, 0], q[:, 1], q[:, 2]
+    hz = np.clip(2 * z / H, -1, 1)
+    wz = 1.0 - waist * (1.0 - hz * hz)
+    a = F32(W / 2) * wz
+    b = np.where(y >= 0, F32(D / 2), F32(D / 2 * 0.95)) * wz
+    d2 = ellipse2d(x, y, a, b)
+    d2 = np.maximum(d2, -y - F32(post * D / 2))
+    r2 = np.clip((x / F32(W / 2)) ** 2 + (y / F32(D / 2)) ** 2, 0, 1)
+    half = F32(H / 2) + F32(wedge) * y / F32(D / 2) - F32(conc) * (1 - r2)
+    dz = np.abs(z) - half
+    return extrude(d2 + rr, dz + rr) - rr
+
+
+def _mirror(q):
+    m = q.copy()
+    m[:, 0] = np.abs(m[:, 0])
+    return m
+
+
+def posterior_sdf(q: np.ndarray, g: dict, region: str, sides: dict) -> np.ndarray:
+    """Pedicles, laminae, spinous and transverse processes, articular processes."""
+    _W, D, H = g["W"], g["D"], g["H"]
+    pw, ph, pl, cw, cd = g["pw"], g["ph"], g["pl"], g["cw"], g["cd"]
+    m = _mirror(q)
+    conv = np.tan(np.radians(g["conv"]))
+    zp = 0.12 * H
+    y0 = -0.35 * D
+    y1 = -D / 2 - pl
+    px0 = cw / 2 + pw / 2 * 0.85
+    px1 = px0 + (y0 - y1) * conv * 0.5
+    ped = capsule(m, (px0, y0, zp), (px1, y1, zp), pw / 2, scale=(1, 1, pw / ph))
+    lam_t = g.get("lam_t", 5.0)
+    lam_h = 0.9 * H if region != "C" else 0.8 * H
+    y_lm = -D / 2 - cd - lam_t / 2
+    lam = plate(m, (px1, y1, zp - 0.55 * lam_h), (-px1, y_lm - y1, -1.0), (0, 0.25 * lam_h, lam_h), lam_t, 0.3)
+    d = smin(ped, lam, 2.5)
+    # spinous process
+    sa = np.radians(g["sa"])
+    sl, sh = g["sl"], g["sh"]
+    u = np.array([0, -np.cos(sa), -np.sin(sa)]) * sl
+    v = np.array([0, -np.sin(sa), np.cos(sa)]) * sh
+    o = np.array([0, y_lm + 2.0, zp - 0.45 * lam_h]) - 0.2 * v
+    sp_t = g.get("sp_t", 6.0)
+    spin = plate(q, o, u, v, sp_t, 0.5)
+    tip = o + u + 0.5 * v
+    if region == "C" and g.get("bifid", False):
+        knob = ellipsoid(m, (4.0, tip[1], tip[2]), (3.5, 4.0, max(sh * 0.45, 3.0)))
+    else:
+        knob = ellipsoid(q, tip, (sp_t * 0.75, 4.5, max(sh * 0.55, 3.0)))
+    d = smin(d, smin(spin, knob, 2.0), 2.0)
+    # articular processes
+    if region == "C":
+        pil = ellipsoid(m, (px1 + 2.5, y1 - 1.0, 0.0), (6.0, 7.0, H / 2 + 3.0))
+        d = smin(d, pil, 2.0)
+    elif region == "T":
+        sup = ellipsoid(m, (px1 - 1.0, y1 - 1.0, H / 2 + 1.5), (6.0, 3.5, 6.5))
+        inf = ellipsoid(m, (px1 - 3.0, y1 - 6.0, -H / 2 + 1.0), (6.0, 3.5, 6.5))
+        d = smin(d, smin(sup, inf, 1.0), 2.0)
+    else:
+        sup = ellipsoid(m, (px1 + 2.5, y1 - 3.0, H / 2 + 2.0), (4.0, 7.5, 8.0))
+        inf = ellipsoid(m, (px1 - 3.0, y1 - 10.0, -H / 2 + 0.5), (4.0, 7.0, 8.0))
+        d = smin(d, smin(sup, inf, 1.0), 2.0)
+    # transverse processes, one side at a time (Castellvi and ribs are asymmetric)
+    for s, tp in ((1.0, sides.get("right", {})), (-1.0, sides.get("left", {}))):
+        d = smin(d, _transverse(q, g, region, s, tp, px1, y1, zp), 2.5)
+    return d
+
+
+def _transverse(q, g, region, s, tp, px1, y1, zp):
+    W, _D, _H = g["W"], g["D"], g["H"]
+    span = g["tp"] * tp.get("scale", 1.0)
+    if region == "C":
+        a = (s * (W / 2 - 1.0), -2.0, 0.0)
+        b = (s * span, -4.0, -1.5)
+        d = capsule(q, a, b, 4.2, scale=(1, 1, 0.9))
+        foramen = np.sqrt((q[:, 0] - s * (W / 2 + 5.5)) ** 2 + (q[:, 1] + 3.0) ** 2) - 2.8
+        return smax(d, -foramen, 0.6)
+    if region == "T":
+        a = (s * (px1 - 1.0), y1 + 2.0, zp)
+        b = (s * span, y1 - 10.0, zp + 4.0)
+        return capsule(q, a, b, 4.5 * tp.get("thick", 1.0))
+    # lumbar: thin antero-posteriorly, taller craniocaudally; Castellvi enlarges it
+    height = tp.get("height", 9.0)
+    a = (s * (px1 - 1.0), y1 + 3.0, zp)
+    b = (s * span, y1 + 2.0, zp - tp.get("drop", 2.0))
+    return capsule(q, a, b, 3.0 * tp.get("thick", 1.0), scale=(1.0, 1.0, 6.0 / height))
+
+
+def vertebra_sdf_factory(lv: Level, rng: np.random.Generator, deform_mm: float):
+    g = lv.dims
+    warp = _deformer(rng, deform_mm)
+    sides = lv.extra.get("tp_sides", {})
+    region = lv.region
+    osteo = lv.extra.get("osteophytes", [])
+
+    def local_sdf(q):
+        q = warp(q)
+        if lv.name == "C1":
+            return atlas_sdf(q, g)
+        body = body_sdf(q, g["W"], g["D"], g["H"], waist=g.get("waist", 0.06), conc=g.get("conc", 1.2))
+        d = smin(body, posterior_sdf(q, g, "C" if lv.name == "C2" else region, sides), 2.5)
+        if region == "C":
+            unc = ellipsoid(_mirror(q), (g["W"] / 2 - 1.5, 0.0, g["H"] / 2), (2.2, 5.0, 3.0))
+            d = smin(d, unc, 1.0)
+        if lv.name == "C2":
+            dens = capsule(q, (0, 1.0, g["H"] / 2 - 2), (0, 1.5, g["H"] / 2 + g["dens_len"]), g["dens_r"])
+            facets = ellipsoid(_mirror(q), (g["W"] / 2 + 3.5, -2.0, g["H"] / 2 - 2.0), (7.0, 8.0, 4.0))
+            d = smin(d, smin(dens, facets, 2.0), 2.5)
+        for (cx, cy, cz, r) in osteo:
+            d = smin(d, ellipsoid(q, (cx, cy, cz), (r * 1.4, r, r * 0.8)), 2.0)
+        return d
+
+    def sdf(p):
+        return local_sdf(lv.local(p))
+
+    return sdf, local_sdf
+
+
+def atlas_sdf(q: np.ndarray, g: dict) -> np.ndarray:
+    """C1: anterior and posterior arches, lateral masses, transverse processes."""
+    a, b, tube = g["a"], g["b"], g["tube"]
+    yc = -12.0
+    x, y, z = q[:, 0], q[:, 1] - F32(yc), q[:, 2]
+    de = ellipse2d(x, y, F32(a), F32(b))
+    ring = np.sqrt(de * de + (z * F32(0.8)) ** 2) - F32(tube)
+    mr = g["mass"]
+    mass = ellipsoid(_mirror(q), (a - 3.0, yc + 4.0, 0.0), mr)
+    d = smin(ring, mass, 3.0)
+    tp = capsule(_mirror(q), (a + 2.0, yc + 4.0, 0.0), (g["tp"], yc + 2.0, 0.0), 4.0)
+    foramen = np.sqrt((np.abs(q[:, 0]) - (a + 7.0)) ** 2 + (q[:, 1] - (yc + 4.0)) ** 2) - 2.8
+    d = smin(d, smax(tp, -foramen, 0.5), 2.0)
+    tub = ellipsoid(q, (0, yc - b, 0.0), (5.0, 4.0, 6.0))
+    return smin(d, tub, 2.0)
+
+
+def local_box(lv: Level) -> tuple[np.ndarray, np.ndarray]:
+    g = lv.dims
+    if lv.name == "C1":
+        return np.array([-g["tp"] - 8, -50, -16]), np.array([g["tp"] + 8, 20, 16])
+    ext_y = g["D"] / 2 + g["pl"] + g["cd"] + g["sl"] + 14
+    ext_x = max(g["tp"] * 1.35, g["W"] / 2 + 12) + 10
+    ext_z = g["H"] / 2 + max(g["sl"] * np.sin(np.radians(g["sa"])) + g["sh"], 12) + 8
+    top = g["H"] / 2 + g.get("dens_len", 0) + 12
+    return np.array([-ext_x, -ext_y, -ext_z]), np.array([ext_x, g["D"] / 2 + 12, max(top, ext_z)])
+
+
+def world_box(lv: Level, lo, hi, margin=0.0) -> tuple[np.ndarray, np.ndarray]:
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    w = lv.to_world(corners)
+    return w.min(0) - margin, w.max(0) + margin
+
+
+def vertebra_shape(lv: Level, bone: BoneHU, rng: np.random.Generator, deform_mm: float) -> Shape:
+    sdf, _ = vertebra_sdf_factory(lv, rng, deform_mm)
+    lo, hi = world_box(lv, *local_box(lv), margin=4.0)
+    mat = bone.material(trab=bone.trabecular + lv.extra.get("trab_shift", 0.0))
+    scl = lv.extra.get("sclerosis")
+    if scl:
+        base = mat
+        Hh = F32(lv.dims["H"] / 2)
+
+        def mat(p, d, base=base):
+            q = lv.local(p)
+            band = np.clip(1 - (Hh - np.abs(q[:, 2])) / F32(scl), 0, 1)
+            return base(p, d) + band * F32(350)
+    return Shape(sdf=sdf, lo=lo, hi=hi, material=mat, core_depth=None,
+                 label=lv.vid if lv.labelled else 0, channel="vert" if lv.labelled else "")
+
+
+# --------------------------------------------------------------------------- discs, canal
+def disc_shape(db: dict, hu: float, bulge: float = 1.5) -> Shape:
+    lower: Level = db["lower"]
+    upper: Level = db["upper"]
+    mid = db["mid"].astype(F32)
+    R = db["R"].astype(F32)
+    W = (lower.dims["W"] + upper.dims["W"]) / 2 + 2 * bulge
+    D = (lower.dims["D"] + upper.dims["D"]) / 2 + 2 * bulge
+    top_low = lower.top.astype(F32)
+    n_low = lower.R[:, 2].astype(F32)
+    bot_up = upper.bottom.astype(F32)
+    n_up = upper.R[:, 2].astype(F32)
+    if lower.name == "S1":
+        top_low = lower.centre.astype(F32)
+    yoff = F32(0.0)
+
+    def sdf(p):
+        q = (p - mid) @ R
+        d2 = ellipse2d(q[:, 0], q[:, 1] - yoff, F32(W / 2), F32(D / 2))
+        d2 = np.maximum(d2, -q[:, 1] - F32(0.45 * D))
+        slab = np.maximum(-((p - top_low) @ n_low) - F32(1.5), (p - bot_up) @ n_up - F32(1.5))
+        return extrude(d2 + 1.0, slab + 1.0) - 1.0
+
+    r = max(W, D) / 2 + db["height"] + 6
+    return Shape(sdf=sdf, lo=db["mid"] - r, hi=db["mid"] + r, value=hu, core_depth=0.0)
+
+
+def tube_through(points: np.ndarray, radius, value: float, channel="", label=0, material=None,
+                 cell=8.0, flat_end=False) -> Shape:
+    """A tube of (per-point) radius along a polyline, with a candidate-segment lookup."""
+    pts = np.asarray(points, dtype=np.float64)
+    rad = np.broadcast_to(np.asarray(radius, dtype=np.float64), (len(pts),)).astype(F32)
+    seg_r = np.maximum(rad[:-1], rad[1:])
+    lo = pts.min(0) - rad.max() - 3
+    hi = pts.max(0) + rad.max() + 3
+    lookup = _segment_lookup(pts, lo, hi, cell)
+    ab = pts[1:] - pts[:-1]
+    seglen = np.sqrt((ab ** 2).sum(1))
+    cum = np.concatenate([[0.0], np.cumsum(seglen)])
+    total = F32(cum[-1])
+    tang_end = (ab[-1] / seglen[-1]).astype(F32)
+    tip = pts[-1].astype(F32)
+    cumf = cum.astype(F32)
+    _ = seg_r
+
+    def sdf(p):
+        cand = lookup(p)
+        dist, t, _seg, _ = polyline(p, pts, cand)
+        r = np.interp(t, cumf, rad).astype(F32)
+        d = dist - r
+        if flat_end:
+            d = np.where(t >= total - 1e-3, np.maximum(d, (p - tip) @ tang_end), d)
+        return d
+
+    return Shape(sdf=sdf, lo=lo, hi=hi, value=value, material=material, channel=channel, label=label,
+                 core_depth=0.0 if material is None else None)
+
+
+def _segment_lookup(pts: np.ndarray, lo, hi, cell: float, k: int = 5):
+    """Map points to the ``k`` segments nearest to their lookup cell (a coarse grid)."""
+    nseg = len(pts) - 1
+    lo = np.asarray(lo, dtype=np.float64)
+    shape = np.maximum(np.ceil((np.asarray(hi) - lo) / cell).astype(int), 1)
+    if nseg <= k:
+        allc = np.arange(nseg)
+
+        def lookup_all(p):
+            return np.broadcast_to(allc, (len(p), nseg))
+        return lookup_all
+    centres = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) * cell for n in shape], indexing="ij"), -1)
+    centres = centres.reshape(-1, 3) + lo
+    a = pts[:-1]
+    ab = pts[1:] - pts[:-1]
+    pa = centres[:, None, :] - a[None]
+    h = np.clip((pa * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9), 0, 1)
+    d = pa - h[..., None] * ab
+    d2 = (d * d).sum(-1)
+    nearest = np.argpartition(d2, k - 1, axis=1)[:, :k].astype(np.int32)
+    lo32 = lo.astype(F32)
+    sh = shape
+
+    def lookup(p):
+        idx = np.floor((p - lo32) / F32(cell)).astype(np.int64)
+        idx = np.clip(idx, 0, sh - 1)
+        flat = (idx[:, 0] * sh[1] + idx[:, 1]) * sh[2] + idx[:, 2]
+        return nearest[flat]
+
+    return lookup
+
+
+# --------------------------------------------------------------------------- sacrum / pelvis
+def sacrum_sdf_factory(lv: Level, rng, fused: dict):
+    g = lv.dims
+    W, D, H = g["W"], g["D"], g["H"]
+    warp = _deformer(rng, 0.8)
+
+    def local_sdf(q):
+        q = warp(q)
+        m = _mirror(q)
+        body = body_sdf(q - np.array([0, 0, -H / 2], F32), W, D, H, waist=0.03, conc=0.8)
+        ala = ellipsoid(m, (W / 2 + 4, -6.0, -H / 2 + 2), (g["ala"] - W / 2 - 2, 15.0, 14.0))
+        d = smin(body, ala, 6.0)
+        for (cx, cy, cz, rx, ry, rz) in ((0, -6, -42, 40, 12, 14), (0, -15, -62, 30, 10, 12),
+                                         (0, -25, -80, 20, 8, 10), (0, -35, -94, 13, 7, 8)):
+            d = smin(d, ellipsoid(q, (cx, cy, cz), (rx, ry, rz)), 8.0)
+        sup = ellipsoid(m, (W / 2 - 6, -D / 2 - 12, 2.0), (6.0, 7.0, 9.0))
+        crest = capsule(q, (0, -D / 2 - 14, -12), (0, -42, -70), 4.0)
+        lam = plate(m, (W / 2 - 4, -D / 2 - 8, -20), (-(W / 2 - 4), -8, -2), (0, 4, 20), 5.0)
+        d = smin(d, smin(sup, smin(crest, lam, 3.0), 3.0), 3.0)
+        canal = capsule(q, (0, -D / 2 - 6, 5), (0, -30, -60), 6.0)
+        d = smax(d, -canal, 1.5)
+        for side, grade in (("right", fused.get("right", 0)), ("left", fused.get("left", 0))):
+            if grade >= 3:  # bony bridge from the ala up to the fused transverse process
+                s = 1.0 if side == "right" else -1.0
+                d = smin(d, capsule(q, (s * (W / 2 + 12), -8, 0), (s * (W / 2 + 14), -8, 14), 7.0), 4.0)
+        return d
+
+    return (lambda p: local_sdf(lv.local(p))), local_sdf
+
+
+def sacrum_shape(lv: Level, bone: BoneHU, rng, fused: dict) -> Shape:
+    sdf, _ = sacrum_sdf_factory(lv, rng, fused)
+    lo, hi = world_box(lv, np.array([-70, -60, -110]), np.array([70, 30, 30]), margin=4)
+    return Shape(sdf=sdf, lo=lo, hi=hi, material=bone.material(), core_depth=None,
+                 label=lv.vid if lv.labelled else 0, channel="vert" if lv.labelled else "")
+
+
+def coccyx_shape(lv: Level, bone: BoneHU) -> Shape:
+    pts = [(0, -38, -102, 8, 5, 4.5), (0, -40, -111, 6, 4, 3.5), (0, -39, -118, 4.5, 3.5, 3)]
+
+    def sdf(p):
+        q = lv.local(p)
+        d = None
+        for (cx, cy, cz, rx, ry, rz) in pts:
+            e = ellipsoid(q, (cx, cy, cz), (rx, ry, rz))
+            d = e if d is None else smin(d, e, 1.5)
+        return d
+
+    lo, hi = world_box(lv, np.array([-15, -50, -130]), np.array([15, -25, -90]), margin=3)
+    return Shape(sdf=sdf, lo=lo, hi=hi, material=bone.material(), core_depth=None)
+
+
+def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict) -> Shape:
+    """Iliac wings, acetabula, pubic and ischial rami, femoral heads and necks, in the
+    sacral frame; the hip axis follows the pelvic incidence (Roussouly 2005)."""
+    pi = np.radians(p["pi"])
+    L = p["hip_dist"]
+    hx = p["hip_half"]
+    hy = L * np.sin(pi)
+    hz = -L * np.cos(pi)
+    rh = p["head_r"]
+    W = lv.dims["W"]
+
+    def side(q, s):
+        m = q * np.array([s, 1, 1], F32)
+        # ilium: shell of a big ellipsoid, clipped to the wing
+        c = np.array([30.0, 22.0, hz + 45.0])
+        shell = np.abs(ellipsoid(m, c, (95.0, 70.0, 85.0))) - 3.5
+        clip = np.maximum.reduce([W / 2 + 4 - m[:, 0], m[:, 2] - (p["crest"]), (hz + 10) - m[:, 2],
+                                  -40.0 - m[:, 1], m[:, 1] - (hy + 25)])
+        wing = smax(shell, clip, 3.0)
+        si = capsule(m, (W / 2 + 6, -12, -14), (W / 2 + 22, -4, -40), 9.0)
+        body = capsule(m, (W / 2 + 20, -6, -40), (hx - 8, hy - 8, hz + 18), 12.0)
+        acet = smax(np.abs(np.sqrt(((m - (hx, hy, hz)) ** 2).sum(1)) - (rh + 5)) - 3.5,
+                    (m[:, 0] - hx) - 4.0, 2.0)
+        pubis = capsule(m, (hx - 10, hy + 12, hz - 10), (4.0, hy + 45, hz - 25), 8.0)
+        isch = capsule(m, (hx - 6, hy - 20, hz - 10), (hx - 30, hy - 28, hz - 55), 10.0)
+        ramus = capsule(m, (hx - 30, hy - 22, hz - 58), (8.0, hy + 40, hz - 40), 6.0)
+        head = np.sqrt(((m - (hx, hy, hz)) ** 2).sum(1)) - rh
+        neck = capsule(m, (hx, hy, hz), (hx + 42, hy - 8, hz - 22), rh * 0.62)
+        troch = ellipsoid(m, (hx + 48, hy - 12, hz - 25), (14.0, 16.0, 18.0))
+        shaft = capsule(m, (hx + 44, hy - 8, hz - 30), (hx + 52, hy - 2, hz - 220), 14.0)
+        d = smin(wing, si, 5.0)
+        d = smin(d, body, 8.0)
+        d = smin(d, acet, 3.0)
+        d = smin(d, smin(pubis, smin(isch, ramus, 5.0), 5.0), 4.0)
+        fem = smin(head, smin(neck, smin(troch, shaft, 6.0), 6.0), 5.0)
+        return np.minimum(d, fem)
+
+    def sdf(pw):
+        return side(_mirror(lv.local(pw)), 1.0)
+
+    lo, hi = world_box(lv, np.array([-(hx + 80), -70, hz - 230]), np.array([hx + 80, hy + 70, p["crest"] + 10]), 4)
+    return Shape(sdf=sdf, lo=lo, hi=hi, material=bone.material(cortex_mm=1.8), core_depth=None)
+
+
+# --------------------------------------------------------------------------- ribs
+@dataclass
+class Rib:
+    vid: int
+    side: str  # "left" / "right"
+    points: np.ndarray  # centreline (patient frame), from the costovertebral joint
+    length: float  # osseous length, mm (arc length of ``points``)
+    cartilage: np.ndarray | None = None
+    radius: float = 4.5
+
+
+def cage_at(z_index: int, size: float) -> tuple[float, float]:
+    a, b = M.CAGE[int(np.clip(z_index, 1, 12))]
+    return a * size, b * size
+
+
+def make_rib(lv: Level, side: str, rib_no: float, length: float | None, size: float, rng,
+             drop_scale: float = 1.0, cartilage: bool = False, cage=None) -> Rib:
+    """Centreline of one rib: a neck from the costovertebral joint to the tubercle, then an
+    arc of the cage ellipse descending anteriorly. ``length`` None: use the usual fraction."""
+    s = 1.0 if side == "right" else -1.0
+    g = lv.dims
+    A, B = cage if cage is not None else cage_at(round(rib_no), size)
+    # joint at the posterolateral body, tubercle at the transverse-process tip
+    joint = np.array([s * (g["W"] / 2 + 3.5), -g["D"] * 0.32, 0.25 * g["H"]])
+    tub = np.array([s * (g["tp"] * 0.92), -g["D"] / 2 - g["pl"] - 6.0, 0.25 * g["H"] + 3.0])
+    # cage ellipse whose posterior point lies just behind the tubercle
+    yc = tub[1] - 6.0 + B
+    th0 = np.arcsin(np.clip(abs(tub[0]) / A, 0, 0.99))
+    th = np.linspace(th0, np.pi * 0.98, 160)
+    drop = (18 + 5.5 * min(rib_no, 10)) * drop_scale
+    x = s * A * np.sin(th)
+    y = yc - B * np.cos(th)
+    z = tub[2] + 4 * np.sin(th) - drop * ((th - th0) / (np.pi - th0)) ** 1.4
+    arc = np.stack([x, y, z], 1)
+    neck = np.linspace(joint, tub, 6)[:-1]
+    local = np.concatenate([neck, arc])
+    world = lv.to_world(local)
+    seg = np.sqrt((np.diff(world, axis=0) ** 2).sum(1))
+    cum = np.concatenate([[0], np.cumsum(seg)])
+    if length is None:
+        frac = M.RIB_FRACTION.get(round(rib_no), 0.3) * rng.uniform(0.93, 1.05)
+        length = float(cum[-1] * frac)
+    length = float(min(length, cum[-1] - 1))
+    pts = _cut_polyline(world, cum, length)
+    cart = None
+    if cartilage:
+        rest = world[cum > length]
+        cart = np.concatenate([pts[-1:], rest[::4]]) if len(rest) > 4 else None
+    r = 4.5 if rib_no >= 2 else 5.5
+    return Rib(vid=lv.vid, side=side, points=pts, length=polyline_length(pts), cartilage=cart,
+               radius=r * size ** 0.5)
+
+
+def make_stub(lv: Level, side: str, length: float, direction: str = "lateral") -> Rib:
+    """A short rib (stump rib or cervical rib) pointing laterally from the transverse process."""
+    s = 1.0 if side == "right" else -1.0
+    g = lv.dims
+    start = np.array([s * (g["W"] / 2 + 3.0), -g["D"] * 0.3, 0.2 * g["H"]])
+    if direction == "cervical":
+        dirv = np.array([s * 0.8, 0.35, -0.45])
+    else:
+        dirv = np.array([s * 0.85, -0.35, -0.25])
+    dirv /= np.linalg.norm(dirv)
+    # slight curve: bend anteriorly along the way
+    t = np.linspace(0, 1, 12)[:, None]
+    bend = np.array([0, 1.0, 0]) * (t ** 2) * length * 0.25
+    local = start + dirv * t * length + bend
+    world = lv.to_world(local)
+    seg = np.sqrt((np.diff(world, axis=0) ** 2).sum(1))
+    cum = np.concatenate([[0], np.cumsum(seg)])
+    pts = _cut_polyline(world, cum, length)
+    return Rib(vid=lv.vid, side=side, points=pts, length=polyline_length(pts), radius=3.8)
+
+
+def _cut_polyline(pts: np.ndarray, cum: np.ndarray, length: float, step: float = 5.0) -> np.ndarray:
+    """The first ``length`` mm of a polyline, resampled every ~``step`` mm."""
+    n = max(2, int(np.ceil(length / step)) + 1)
+    t = np.linspace(0.0, length, n)
+    return np.stack([np.interp(t, cum, pts[:, k]) for k in range(3)], 1)
+
+
+def polyline_length(pts: np.ndarray) -> float:
+    return float(np.sqrt((np.diff(pts, axis=0) ** 2).sum(1)).sum())
+
+
+def rib_shape(rib: Rib, bone: BoneHU) -> Shape:
+    r = np.full(len(rib.points), rib.radius)
+    r[0] = rib.radius * 1.25  # rib head
+    taper = np.linspace(1.0, 0.85, len(r))
+    return tube_through(rib.points, r * taper, 0.0, channel="rib", label=rib.vid,
+                        material=bone.material(cortex_mm=1.0, trab=bone.trabecular + 40), flat_end=True)
+
+
+def cartilage_shape(rib: Rib, hu: float) -> Shape | None:
+    if rib.cartilage is None or len(rib.cartilage) < 2:
+        return None
+    return tube_through(rib.cartilage, rib.radius * 0.85, hu)

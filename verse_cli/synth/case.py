@@ -1,0 +1,499 @@
+"""One synthetic case from a seed: anatomy, rendering, acquisition and ground truth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core import labels as L
+from ..core.centroids import Centroids, body_centroids
+from . import acquisition as acq
+from . import anatomy as A
+from . import body as B
+from . import morphometry as M
+from . import variants as V
+from .engine import Canvas, Shape, capsule, ellipsoid, smax
+
+F32 = np.float32
+_FUSED = 250  # temporary label of a Castellvi 3/4 vertebra (removed before output)
+_SACRUM = 251  # temporary label of the sacrum: VerSe does not segment it (data paper, Limitations)
+
+
+@dataclass
+class Case:
+    """A rendered case. ``ct`` int16 HU; ``mask`` uint8 VerSe ids of fully visible
+    vertebrae; ``rib_mask`` uint8 (rib voxels carry the id of their vertebra);
+    ``face_mask`` uint8 or None; ``centroids`` body centroids in voxel coordinates;
+    ``variants`` the ground-truth dict; ``meta`` acquisition and anatomy details."""
+
+    ct: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    centroids: Centroids
+    variants: dict
+    face_mask: np.ndarray | None
+    rib_mask: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- anatomy
+def _habitus(rng, size):
+    fat = float(rng.choice([rng.uniform(4, 15), rng.uniform(15, 45)], p=[0.5, 0.5]))
+    return {
+        "size": size, "fat_mm": fat, "muscle_mm": float(rng.uniform(8, 20)),
+        "neck": float(rng.uniform(50, 65) * size), "shoulders": float(rng.uniform(0.3, 1.0)),
+        "chest_a": float(rng.uniform(135, 165) * size), "chest_b": float(rng.uniform(95, 120) * size),
+        "abd_a": float(rng.uniform(125, 165) * size + fat * 0.5), "abd_b": float(rng.uniform(90, 125) * size + fat * 0.6),
+        "pelvis_a": float(rng.uniform(150, 185) * size), "pelvis_b": float(rng.uniform(100, 125) * size),
+        "dome_shift": float(rng.uniform(-15, 20)), "right_dome": float(rng.uniform(5, 25)),
+        "intercostal_mm": float(rng.uniform(6, 12)), "gas": float(rng.uniform(0.2, 0.8)),
+        "muscle_bulk": float(rng.uniform(0.7, 1.2)), "table_gap": float(rng.uniform(0, 15)),
+        "table_mm": float(rng.uniform(8, 40)),
+    }
+
+
+def _tissue_hu(rng) -> dict:
+    phase = str(rng.choice(["none", "arterial", "venous"], p=[0.5, 0.2, 0.3]))
+    muscle = float(rng.uniform(38, 62))
+    hu = {
+        "fat": float(rng.uniform(-115, -75)), "visceral_fat": float(rng.uniform(-110, -60)), "muscle": muscle,
+        "lung": float(rng.uniform(-900, -780)), "heart": float(rng.uniform(30, 50)),
+        "liver": float(rng.uniform(48, 66)), "spleen": float(rng.uniform(40, 55)),
+        "kidney": float(rng.uniform(25, 40)), "bowel": float(rng.uniform(10, 40)),
+        "bladder": float(rng.uniform(0, 15)), "aorta": float(rng.uniform(35, 50)), "ivc": float(rng.uniform(35, 50)),
+        "brain": float(rng.uniform(28, 40)), "disc": float(rng.uniform(70, 100)), "csf": float(rng.uniform(5, 30)),
+        "cartilage": float(rng.uniform(80, 160)), "table": float(rng.uniform(-400, 150)),
+        "calc": float(rng.uniform(300, 900)) if rng.random() < 0.3 else 0.0, "blood": None, "phase": phase,
+    }
+    hu["kidney_medulla"] = hu["kidney"]
+    if phase == "arterial":
+        hu["aorta"] = float(rng.uniform(220, 420))
+        hu["blood"] = hu["aorta"] * 0.9
+        hu["kidney"] = float(rng.uniform(140, 220))
+        hu["kidney_medulla"] = float(rng.uniform(40, 80))
+        hu["spleen"] = float(rng.uniform(90, 140))
+        hu["liver"] += 15
+    elif phase == "venous":
+        hu["aorta"] = float(rng.uniform(140, 220))
+        hu["ivc"] = float(rng.uniform(110, 170))
+        hu["blood"] = hu["aorta"]
+        hu["liver"] = float(rng.uniform(90, 125))
+        hu["kidney"] = float(rng.uniform(140, 210))
+        hu["kidney_medulla"] = hu["kidney"] - 15
+        hu["spleen"] = float(rng.uniform(100, 130))
+    return hu
+
+
+def _build_levels(rng, spec, size) -> list[A.Level]:
+    levels = []
+    counts = spec["counts"]
+    disc_factor = rng.uniform(0.85, 1.15)
+    for name, vid, region in V.level_names(counts):
+        if region == "S":
+            d = dict(M.dims_at(24))
+            d.update({k: v * size for k, v in M.SACRUM.items()})
+        elif name == "C1":
+            d = dict(M.dims_at(3))
+            d.update(M.C1)
+            d.update({"W": 30.0, "D": 18.0, "H": 10.0, "disc": 3.0})
+        else:
+            idx = int(name[1:])
+            d = dict(M.dims_at(M.position_of(region, idx, counts[{"C": "cervical", "T": "thoracic",
+                                                                      "L": "lumbar"}[region]])))
+            if name == "C2":
+                d.update(M.C2)
+                d.update({"sl": 30.0, "sh": 13.0, "sa": 20.0, "disc": 2.5})
+        jit = {k: (v * size * rng.normal(1.0, 0.04) if k not in ("sa", "conv") else v + rng.normal(0, 4))
+               for k, v in d.items() if isinstance(v, float)}
+        d.update(jit)
+        if "disc" in d:
+            d["disc"] = d["disc"] * disc_factor / size
+        if region == "C" and name not in ("C1", "C7"):
+            d["bifid"] = True
+        d["waist"] = float(rng.uniform(0.03, 0.1))
+        d["conc"] = float(rng.uniform(0.5, 2.0))
+        lv = A.Level(name=name, vid=vid, region=region, dims=d)
+        if region == "T":
+            lv.extra["t_index"] = idx
+        levels.append(lv)
+    return levels
+
+
+def _degenerate(rng, levels, meta):
+    """Low disc height, osteophytes, Schmorl nodes (dark endplate notches) and sclerosis."""
+    if rng.random() > 0.35:
+        return
+    severity = rng.uniform(0.3, 1.0)
+    lower = [lv for lv in levels if lv.region in ("L", "T") and lv.name not in ("T1", "T2")]
+    for lv in lower:
+        if rng.random() < 0.4 * severity:
+            lv.dims["disc"] *= rng.uniform(0.3, 0.75)
+        if rng.random() < 0.5 * severity and lv.region in ("L", "T"):
+            g = lv.dims
+            osts = []
+            for _ in range(int(rng.integers(1, 4))):
+                ang = rng.uniform(-2.2, 2.2)
+                zz = g["H"] / 2 * rng.choice([-1, 1])
+                osts.append((g["W"] / 2 * np.sin(ang), g["D"] / 2 * np.cos(ang), zz, rng.uniform(2.0, 4.5)))
+            lv.extra["osteophytes"] = osts
+        if rng.random() < 0.2 * severity:
+            lv.extra["sclerosis"] = float(rng.uniform(2.0, 5.0))
+        if rng.random() < 0.15 * severity:
+            lv.extra["schmorl"] = (rng.uniform(-5, 5), rng.uniform(-5, 5), float(rng.choice([-1, 1])),
+                                   rng.uniform(2.5, 5))
+    meta["degeneration"] = round(float(severity), 2)
+
+
+def _spine_shape(rng) -> dict:
+    ss = rng.uniform(28, 50)
+    shape = {"ss": ss, "ll": ss + rng.uniform(5, 22), "tk": rng.uniform(18, 55), "cl": rng.uniform(0, 40),
+             "rot_gain": rng.uniform(0.2, 0.6), "pt": rng.uniform(5, 25)}
+    if rng.random() < 0.25:
+        curves = [(rng.uniform(8, 45) * rng.choice([-1, 1]), rng.uniform(0.3, 0.75), rng.uniform(0.08, 0.2))]
+        if rng.random() < 0.4:
+            curves.append((-curves[0][0] * rng.uniform(0.5, 1.0), rng.uniform(0.1, 0.4), rng.uniform(0.08, 0.15)))
+        shape["scoliosis"] = curves
+    return shape
+
+
+# --------------------------------------------------------------------------- ribs
+def _ribs(rng, spec, levels, size, hab):
+    ribs: list[A.Rib] = []
+    th = [lv for lv in levels if lv.region == "T"]
+    n_t = len(th)
+    chest = hab["chest_a"] / (150 * size)
+    depth = hab["chest_b"] / (108 * size)
+    stumps = {(s["where"], s["side"]): s for s in spec["stumps"]}
+    keys = sorted(M.CAGE)
+    for i, lv in enumerate(th, start=1):
+        rib_no = M.position_of("T", i, n_t) - 7
+        Acage = float(np.interp(rib_no, keys, [M.CAGE[k][0] for k in keys])) * size * chest
+        Bcage = float(np.interp(rib_no, keys, [M.CAGE[k][1] for k in keys])) * size * depth
+        g = lv.dims
+        tub_y = -g["D"] / 2 - g["pl"] - 6.0
+        centre = lv.to_world([0, tub_y - 6 + Bcage, 0.25 * g["H"]])
+        lv.extra["cage"] = (float(centre[2]), Acage, Bcage, float(centre[1]), float(centre[0]))
+        for side in ("left", "right"):
+            st = stumps.get(("last_thoracic", side)) if i == n_t else None
+            if st is not None:
+                rib = A.make_stub(lv, side, st["length_mm"])
+                st["vertebra"] = lv.name
+            else:
+                rib = A.make_rib(lv, side, rib_no, None, size, rng, drop_scale=rng.uniform(0.8, 1.2),
+                                 cartilage=rib_no <= 10.3, cage=(Acage, Bcage))
+            ribs.append(rib)
+    by = {lv.name: lv for lv in levels}
+    for side, length in spec["cervical_ribs"].items():
+        ribs.append(A.make_stub(by["C7"], side, length, "cervical"))
+    for (where, side), st in stumps.items():
+        if where == "L1" and "L1" in by:
+            ribs.append(A.make_stub(by["L1"], side, st["length_mm"]))
+            st["vertebra"] = "L1"
+    return ribs
+
+
+# --------------------------------------------------------------------------- Castellvi
+def _castellvi(levels, spec):
+    cv = spec["castellvi"]
+    lumb = [lv for lv in levels if lv.region == "L"]
+    if not lumb or max(cv["left"], cv["right"]) == 0:
+        return None
+    last = lumb[-1]
+    sac = levels[-1]
+    sides = {}
+    for side in ("left", "right"):
+        grade = cv[side]
+        s = 1.0 if side == "right" else -1.0
+        if grade == 0:
+            continue
+        if grade == 1:
+            sides[side] = {"height": 21.0 + 3.0 * (len(levels) % 3), "thick": 1.3}
+            continue
+        g = last.dims
+        # the ala's upper surface just lateral of the S1 body, in the last lumbar frame
+        ala_top = sac.to_world([s * (sac.dims["W"] / 2 + 14), -6.0, -sac.dims["H"] / 2 + 16.0])
+        q = (ala_top - last.centre) @ last.R
+        height = 24.0
+        zp = 0.12 * g["H"]
+        gap = 1.2 if grade == 2 else -4.0
+        # capsule: half-height in z is 3 * height / 6; bottom = zp - drop - height/2
+        drop = zp - height / 2 - (q[2] + gap)
+        sides[side] = {"height": height, "thick": 1.6, "drop": float(drop), "scale": 1.0}
+    last.extra["tp_sides"] = sides
+    fused = max(cv["left"], cv["right"]) >= 3
+    if fused:
+        last.labelled = False
+    return last.name if fused else None
+
+
+# --------------------------------------------------------------------------- main entry
+def generate_case(seed: int, region: str = "random", variant: str | None = None, spacing=None,
+                  orientation: str | None = None, scale: float = 1.0, max_voxels: int | None = None) -> Case:
+    """Render one synthetic spine CT with its ground truth, deterministically from ``seed``.
+
+    Parameters
+    ----------
+    seed : int
+        Same seed and options give the same arrays.
+    region : {"random", "cervical", "thoracic", "lumbar", "thoracolumbar", "whole"}
+    variant : str or None
+        Force a variant (see :data:`verse_cli.synth.variants.VARIANTS`); None draws
+        variants at enriched prevalence; "none" gives a normal anatomy.
+    spacing : (sx, sy, sz) or None
+        Voxel size in mm along the array axes; None draws 0.3-1 mm in-plane and
+        0.5-3 mm between slices.
+    orientation : str or None
+        Axis codes of the array (e.g. "PIR", "RAS"); None draws one.
+    scale : float
+        Resolution factor: 0.5 gives voxels twice as large (8x fewer), for fast cases.
+    max_voxels : int or None
+        Cap on the grid size; the spacing grows to fit (default 40 M x scale^3).
+    """
+    region = acq.check_region(region)
+    spacing = acq.check_spacing(spacing)
+    orientation = acq.check_orientation(orientation)
+    variant = V.check_variant(variant)
+    if not (0.05 <= float(scale) <= 4):
+        from ..core.errors import UsageError
+
+        raise UsageError(f"scale must lie between 0.05 and 4, got {scale}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+    meta: dict = {"seed": int(seed)}
+    spec = V.sample_spec(rng, variant)
+    size = float(rng.uniform(0.86, 1.14))
+    levels = _build_levels(rng, spec, size)
+    _degenerate(rng, levels, meta)
+    shape_params = _spine_shape(rng)
+    A.build_spine(levels, rng, shape_params)
+    tilt = (rng.normal(0, 3), rng.normal(0, 3), rng.normal(0, 4))
+    A.align_upright(levels, tilt)
+    fused = _castellvi(levels, spec)  # needs the final frames: the process reaches for the ala
+    hab = _habitus(rng, size)
+    hu = _tissue_hu(rng)
+    bone = A.bone_hu(rng, age_factor=float(rng.uniform(0, 1)))
+    ribs = _ribs(rng, spec, levels, size, hab)
+
+    names = [lv.name for lv in levels]
+    region_used = acq.pick_region(rng, region)
+    i0, i1 = acq.region_window(rng, names, region_used)
+    top, bot = levels[i0], levels[i1]
+    h_top = top.dims["H"] + 10
+    h_bot = 100.0 if bot.region == "S" else bot.dims["H"] + 10
+    z_top = top.centre[2] + (15 if top.name == "C1" else 0)
+    z_bot = bot.centre[2] - (45 if bot.region == "S" else 0)
+    zr = acq.z_window(z_bot, z_top, rng, rng.random() < 0.35, rng.random() < 0.35, h_bot, h_top)
+    if top.name == "C1":
+        zr = (zr[0], zr[1] + float(rng.uniform(0, 110)))
+    win = levels[i0:i1 + 1]
+    boxes = [A.world_box(lv, *A.local_box(lv)) for lv in win]
+    vlo = np.min([b[0] for b in boxes], 0) - 8
+    vhi = np.max([b[1] for b in boxes], 0) + 8
+    prof = B.body_profile(levels, hab)
+    zz = np.linspace(zr[0], zr[1], 20)
+    cx, cy, a, b = prof.at(zz.astype(F32))
+    blo = np.array([float((cx - a).min()), float((cy - b).min()) - hab["table_mm"] - hab["table_gap"], zr[0]])
+    bhi = np.array([float((cx + a).max()), float((cy + b).max()), zr[1]])
+    grid = acq.choose_grid(rng, zr, (vlo, vhi), (blo, bhi), spacing, orientation, scale, max_voxels)
+    meta.update({"region": region_used, "plane": grid.plane, "orientation": grid.codes,
+                 "oblique_deg": round(grid.oblique_deg, 2), "contrast": hu["phase"], "size": round(size, 3)})
+
+    canvas = Canvas(grid.shape, grid.affine, background=-1000.0)
+    shapes: list[Shape] = B.soft_tissue(levels, hab, hu, rng, zr, size)
+    shapes.append(B.canal_shape(levels, hu["csf"]))
+    for lv in levels:
+        db = lv.extra.get("disc_below")
+        if db and lv.name not in ("C1", "C2"):
+            shapes.append(A.disc_shape(db, hu["disc"] + rng.uniform(-8, 8)))
+    sac = levels[-1]
+    pelvis = {"pi": shape_params["ss"] + shape_params["pt"], "hip_dist": 105 * size * rng.uniform(0.92, 1.08),
+              "hip_half": 88 * size * rng.uniform(0.92, 1.08), "head_r": 23 * size * rng.uniform(0.9, 1.1),
+              "crest": float(rng.uniform(20, 45) * size)}
+    fused_cv = {s: spec["castellvi"][s] for s in ("left", "right")}
+    sac_shape = A.sacrum_shape(sac, bone, rng, fused_cv)
+    sac_shape.channel, sac_shape.label = "vert", _SACRUM
+    shapes.append(A.pelvis_shape(sac, bone, rng, pelvis))
+    shapes.append(sac_shape)
+    shapes.append(A.coccyx_shape(sac, bone))
+    for lv in levels[:-1]:
+        sh = A.vertebra_shape(lv, bone, rng, deform_mm=0.3 if lv.extra.get("tp_sides") else rng.uniform(0.4, 1.3))
+        if not lv.labelled:
+            sh.channel, sh.label = "vert", _FUSED
+        shapes.append(sh)
+        if "schmorl" in lv.extra:
+            shapes.append(_schmorl(lv, hu["disc"]))
+    for rib in ribs:
+        shapes.append(A.rib_shape(rib, bone))
+        cart = A.cartilage_shape(rib, hu["cartilage"])
+        if cart is not None:
+            shapes.insert(len(shapes) - 1, cart)
+    shapes += _skull(levels, bone, hu, size)
+    metal_pts, metal_shapes = _metal(rng, levels, meta)
+    shapes += metal_shapes
+    face = _face_label(levels, size)
+    if face is not None:
+        shapes.append(face)
+    for sh in shapes:
+        canvas.paint(sh)
+    hu_img = canvas.to_array(canvas.hu)
+    scanner = acq.sample_scanner(rng)
+    ct = acq.form_image(hu_img, grid, scanner, rng, metal_pts)
+    meta.update({"kernel": scanner.kernel, "noise_hu": round(scanner.noise_hu, 1)})
+
+    vert = canvas.to_array(canvas.labels["vert"])
+    rib_mask = canvas.to_array(canvas.labels["rib"])
+    face_mask = canvas.to_array(canvas.labels["face"])
+    in_fov = _fov_states(vert, levels)
+    vert[(vert == _FUSED) | (vert == _SACRUM)] = 0
+    for lv in levels:
+        if in_fov.get(lv.name) == "cut":
+            vert[vert == lv.vid] = 0
+    offset = np.eye(4)
+    offset[:3, 3] = rng.uniform([-40, -260, -1400], [40, 40, 200])
+    affine = offset @ grid.affine
+    ctd = body_centroids(vert, affine)
+    rib_info = _rib_states(ribs, levels, grid)
+    gt = V.variants_json(spec, [lv.name for lv in levels], in_fov, rib_info, fused)
+    meta["spacing"] = [round(float(s), 4) for s in np.sqrt((affine[:3, :3] ** 2).sum(0))]
+    meta["ribs"] = [{"vertebra": L.name(r.vid), "side": r.side, "length_mm": round(r.length, 2),
+                     "points": (r.points @ offset[:3, :3].T + offset[:3, 3]).round(3).tolist()} for r in ribs]
+    return Case(ct=ct, mask=vert.astype(np.uint8), affine=affine, centroids=ctd, variants=gt,
+                face_mask=face_mask if face_mask.any() else None, rib_mask=rib_mask, meta=meta)
+
+
+def _fov_states(vert: np.ndarray, levels) -> dict:
+    present = set(np.unique(vert).tolist()) - {0}
+    faces = [vert[0], vert[-1], vert[:, 0], vert[:, -1], vert[:, :, 0], vert[:, :, -1]]
+    edge = set()
+    for f in faces:
+        edge |= set(np.unique(f).tolist())
+    out = {}
+    for lv in levels:
+        lab = _SACRUM if lv.region == "S" else (lv.vid if lv.labelled else _FUSED)
+        if lab in present:
+            out[lv.name] = "cut" if lab in edge else "visible"
+    return out
+
+
+def _rib_states(ribs, levels, grid) -> dict:
+    inv = np.linalg.inv(grid.affine)
+    shape = np.array(grid.shape)
+    sp = np.sqrt((grid.affine[:3, :3] ** 2).sum(0))
+    out: dict = {}
+    for r in ribs:
+        vox = r.points @ inv[:3, :3].T + inv[:3, 3]
+        marg = (r.radius * 1.3) / sp
+        inside = np.all((vox >= marg - 0.5) & (vox <= shape - 1 + 0.5 - marg))
+        name = L.name(r.vid)
+        out.setdefault(name, {})[r.side] = (r.length, "present" if inside else "cut")
+    return out
+
+
+def _schmorl(lv, disc_hu) -> Shape:
+    x, y, sgn, r = lv.extra["schmorl"]
+    c = lv.to_world([x, y, sgn * (lv.dims["H"] / 2 - r * 0.5)])
+    return Shape(sdf=lambda p: np.sqrt(((p - c.astype(F32)) ** 2).sum(1)) - F32(r), lo=c - r - 2, hi=c + r + 2,
+                 value=disc_hu + 20)
+
+
+def _texture(rng, img, grid) -> np.ndarray:
+    """Low-amplitude smooth heterogeneity of soft tissue (organs are not flat)."""
+    from scipy import ndimage
+
+    small = rng.standard_normal(tuple(max(2, s // 8) for s in img.shape)).astype(F32)
+    small = ndimage.gaussian_filter(small, 1.0)
+    small *= F32(rng.uniform(3, 9) / max(float(small.std()), 1e-6))
+    zoom = [s / m for s, m in zip(img.shape, small.shape)]
+    field = ndimage.zoom(small, zoom, order=1, mode="nearest", grid_mode=False)[: img.shape[0], : img.shape[1],
+                                                                                : img.shape[2]]
+    soft = (img > -200) & (img < 150)
+    return np.where(soft, field, F32(0)).astype(F32)
+
+
+def _skull(levels, bone, hu, size) -> list[Shape]:
+    c1 = next((lv for lv in levels if lv.name == "C1"), None)
+    if c1 is None:
+        return []
+    hc = c1.to_world([0, 15, 75]).astype(F32)
+    hr = (np.array([72, 92, 88]) * size - 4).astype(F32)
+    fm = c1.to_world([0, -12, 20]).astype(F32)
+    axis = c1.R[:, 2].astype(F32)
+
+    def skull(p):
+        shell = np.abs(ellipsoid(p, hc, hr)) - F32(3.5)
+        hole = capsule(p, fm - 15 * axis, fm + 15 * axis, 16.0)
+        return smax(shell, -hole, 2.0)
+
+    shapes = [Shape(sdf=skull, lo=hc - hr - 8, hi=hc + hr + 8, material=bone.material(cortex_mm=1.5), core_depth=None)]
+    c2 = next(lv for lv in levels if lv.name == "C2")
+    pts = []
+    for s in (-1, 1):
+        pts.append([c2.to_world([s * 48 * size, 18, 30]), c2.to_world([s * 46 * size, 22, -15]),
+                    c2.to_world([s * 30 * size, 55, -25]), c2.to_world([0, 72 * size, -22])])
+    chain = np.array(pts[0] + pts[1][::-1][1:])
+    shapes.append(A.tube_through(chain, 6.5 * size, 0.0, material=bone.material(cortex_mm=2.0)))
+    return shapes
+
+
+def _face_label(levels, size) -> Shape | None:
+    c1 = next((lv for lv in levels if lv.name == "C1"), None)
+    if c1 is None:
+        return None
+    hc = c1.to_world([0, 15, 75]).astype(F32)
+    hr = (np.array([72, 92, 88]) * size).astype(F32)
+    fc = c1.to_world([0, 70, 5]).astype(F32)
+    fr = (np.array([55, 40, 65]) * size).astype(F32)
+    plane_pt = c1.to_world([0, 38, 0]).astype(F32)
+    n = c1.R[:, 1].astype(F32)
+    chin = c1.to_world([0, 0, -45]).astype(F32)
+    up = c1.R[:, 2].astype(F32)
+
+    def sdf(p):
+        d = np.minimum(ellipsoid(p, hc, hr), ellipsoid(p, fc, fr))
+        d = np.maximum(d, -((p - plane_pt) @ n))
+        return np.maximum(d, -((p - chin) @ up))
+
+    lo = np.minimum(hc - hr, fc - fr) - 5
+    hi = np.maximum(hc + hr, fc + fr) + 5
+    return Shape(sdf=sdf, lo=lo, hi=hi, mode="label", channel="face", label=1)
+
+
+def _metal(rng, levels, meta):
+    """Pedicle screws with rods, or vertebroplasty cement, in a few cases."""
+    shapes: list[Shape] = []
+    pts = []
+    cand = [lv for lv in levels if lv.region in ("L", "T") and lv.name not in ("T1", "T2", "T3")]
+    u = rng.random()
+    if u < 0.08 and len(cand) >= 3:
+        k = int(rng.integers(2, 5))
+        start = int(rng.integers(0, len(cand) - k + 1))
+        sel = cand[start:start + k]
+        heads = {1: [], -1: []}
+        val = float(rng.uniform(2500, 3071))
+        for lv in sel:
+            g = lv.dims
+            for s in (1, -1):
+                a = lv.to_world([s * (g["cw"] / 2 + g["pw"] / 2 + 4), -g["D"] / 2 - g["pl"] - 6, 0.12 * g["H"]])
+                b = lv.to_world([s * 4, g["D"] * 0.3, 0.12 * g["H"]])
+                shapes.append(Shape(sdf=lambda p, a=a, b=b: capsule(p, a, b, 3.0), lo=np.minimum(a, b) - 5,
+                                    hi=np.maximum(a, b) + 5, value=val))
+                heads[s].append(a + (a - b) / np.linalg.norm(a - b) * 6)
+                pts += [a, b]
+        for s in (1, -1):
+            hs = np.array(heads[s])
+            shapes.append(A.tube_through(hs, 3.0, val))
+        meta["metal"] = "screws"
+    elif u < 0.13 and cand:
+        for lv in rng.choice(cand, size=int(rng.integers(1, 3)), replace=False):
+            g = lv.dims
+            c = lv.centre
+            r = np.array([g["W"] * 0.28, g["D"] * 0.28, g["H"] * 0.33])
+            Rm = lv.R
+
+            def sdf(p, c=c, r=r, Rm=Rm):
+                return ellipsoid((p - c.astype(F32)) @ Rm.astype(F32), (0, 0, 0), r)
+
+            shapes.append(Shape(sdf=sdf, lo=c - r.max() - 3, hi=c + r.max() + 3, value=float(rng.uniform(1500, 2800))))
+            pts.append(c)
+        meta["metal"] = "cement"
+    return (np.array(pts) if pts else None), shapes

@@ -249,14 +249,24 @@ def _peak_value(img: np.ndarray, r: float, c: float, radius: int = 1) -> np.ndar
     return img[:, r0:r1, c0:c1].reshape(img.shape[0], -1).max(axis=1)
 
 
+def local_maxima(img: np.ndarray, threshold: float, size: int = 5) -> np.ndarray:
+    """``(N, 2)`` row/column indices of the local maxima above ``threshold`` (plateaus: one point)."""
+    from scipy import ndimage
+
+    peak = (img == ndimage.maximum_filter(img, size=size, mode="nearest")) & (img >= threshold)
+    labels, n = ndimage.label(peak)
+    if n == 0:
+        return np.zeros((0, 2), dtype=int)
+    centres = ndimage.center_of_mass(peak, labels, range(1, n + 1))
+    return np.rint(np.array(centres)).astype(int).reshape(-1, 2)
+
+
 def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float = 0.2) -> Candidates:
     """3D candidates from the two views' heatmaps (see the module docstring)."""
-    from skimage.feature import peak_local_max
-
     from .nets.btrfly import N_FIXED
 
     any_s, any_c = hs[0], hc[0]
-    peaks = peak_local_max(any_s, min_distance=2, threshold_abs=threshold, exclude_border=False)
+    peaks = local_maxima(any_s, threshold)
     pts, logp, exist, rib, sac = [], [], [], [], []
     k_s1 = N_FIXED + P.PRIOR_LABELS.index(P.SACRUM)
     for r, c in peaks:
@@ -349,13 +359,14 @@ def read_fixes(fix, fix_markers, ct_affine) -> dict[int, np.ndarray]:
 
 # --------------------------------------------------------------------------- refinement
 def refine_on_ct(ct: np.ndarray, ct_affine: np.ndarray, world: np.ndarray, radius_mm: float = 9.0,
-                 max_shift_mm: float = 4.0) -> np.ndarray:
-    """Move each point to the centre of the bone around it (a mean-shift step on the CT).
+                 max_shift_mm: float = 4.0, bone_hu: float = 120.0) -> np.ndarray:
+    """Move each point towards the centre of the bone around it (one mean-shift step).
 
-    Inside a ball of ``radius_mm`` the voxels brighter than the local median (the
-    vertebral body's cancellous bone and cortex, not the surrounding soft tissue) are
-    averaged with their HU above that level as weights; the shift is capped at
-    ``max_shift_mm`` so a point never jumps to a neighbouring structure.
+    Inside a ball of ``radius_mm`` (smaller than a vertebral body) the bone voxels
+    (above ``bone_hu``) are averaged with equal weights, so a point near the edge of
+    a body moves inwards while one well inside stays put; bright cortex does not
+    pull harder than cancellous bone. The shift is capped at ``max_shift_mm`` so a
+    point never jumps to a neighbouring structure.
     """
     sp = geometry.spacing(ct_affine)
     out = world.copy()
@@ -367,19 +378,14 @@ def refine_on_ct(ct: np.ndarray, ct_affine: np.ndarray, world: np.ndarray, radiu
         hi = np.minimum(ci + half + 1, ct.shape)
         if np.any(hi <= lo):
             continue
-        block = ct[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float64)
+        block = ct[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
         d2 = sum(((g - cc) * s) ** 2 for g, cc, s in zip(grids, c, sp))
-        inside = d2 <= radius_mm ** 2
-        vals = block[inside]
-        if vals.size < 8:
+        sel = (d2 <= radius_mm ** 2) & (block >= bone_hu)
+        if sel.sum() < 8:
             continue
-        w = np.clip(vals - np.median(vals), 0, None)
-        if w.sum() <= 0:
-            continue
-        pos = np.stack([g[inside] for g in grids], axis=1)
-        new = geometry.vox2world(ct_affine, (w[:, None] * pos).sum(axis=0) / w.sum())
-        shift = new - xyz
+        pos = np.stack([g[sel] for g in grids], axis=1).mean(axis=0)
+        shift = geometry.vox2world(ct_affine, pos) - xyz
         norm = np.linalg.norm(shift)
         if norm > max_shift_mm:
             shift *= max_shift_mm / norm
@@ -396,7 +402,7 @@ class LabelResult:
 
 
 def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_markers=None,
-          refine: bool = True, keep_sacrum: bool = False, details: bool = False):
+          refine: bool = True, keep_sacrum: bool = True, details: bool = False):
     """Labelled vertebral-body centroids of a CT.
 
     Parameters

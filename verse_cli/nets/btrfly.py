@@ -16,6 +16,7 @@ Output channels (:data:`CHANNELS`): 0 ``any`` (every body centroid, sacrum inclu
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from segmentation_models_pytorch.base.modules import Conv2dReLU
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
@@ -98,84 +99,86 @@ TRAIN_HEIGHT = 256  # rows of a training window (384 mm)
 
 
 def prepare_case(case, seed: int = 0) -> dict:
-    """Projections and target points of one training case (a ``CaseFiles``).
+    """Projections and target points of one training case on disk (a ``CaseFiles``)."""
+    import numpy as np
 
-    The box is the ground-truth mask's world box, enlarged and shifted at random by up
-    to 15 mm per side, as a detector's would be. Points: ``(N, 5)`` rows of grid
-    ``(i, a, r)``, the channel index of the label and a thoracic (rib-bearing) flag.
+    from ..core.centroids import read_centroids
+    from ..core.io import load_ct, load_mask, read_json
+
+    img = load_ct(case.ct)
+    if case.ctd is None:
+        raise ValueError(f"{case.subject}: no centroid JSON")
+    ctd = read_centroids(case.ctd, ref_affine=img.affine)
+    mask = np.asarray(load_mask(case.mask).dataobj) if case.mask is not None else None
+    variants = None
+    if case.variants is not None:
+        try:
+            variants = read_json(case.variants)
+        except Exception:  # noqa: BLE001 - an odd variants file only loses the sacrum target
+            variants = None
+    return prepare_arrays(np.asarray(img.dataobj, dtype=np.float32), img.affine, mask, ctd.labels,
+                          ctd.to_world(img.affine), variants, case.subject, seed)
+
+
+def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed: int = 0) -> dict:
+    """Projections and target points of one case from arrays.
+
+    The box is the ground-truth mask's world box, enlarged at random by up to 15 mm
+    per side, as a detector's would be. Points: ``(N, 5)`` rows of grid ``(i, a, r)``,
+    the channel index of the label and a thoracic (rib-bearing) flag.
     """
     import zlib
 
     import numpy as np
 
     from .. import label as lab_mod
-    from ..core.centroids import read_centroids
-    from ..core.io import load_ct, load_mask, read_json
+    from ..core import geometry
 
-    rng = np.random.default_rng([seed, zlib.crc32(case.subject.encode())])
-    img = load_ct(case.ct)
-    ct = np.asarray(img.dataobj, dtype=np.float32)
-    mask = np.asarray(load_mask(case.mask).dataobj) if case.mask is not None else None
-    if case.ctd is None:
-        raise ValueError(f"{case.subject}: no centroid JSON")
-    ctd = read_centroids(case.ctd, ref_affine=img.affine)
-    world = ctd.to_world(img.affine)
-    labels = list(ctd.labels)
+    rng = np.random.default_rng([seed, zlib.crc32(subject.encode())])
+    labels = [int(x) for x in labels]
+    world = np.asarray(world, dtype=np.float64).reshape(-1, 3)
     if SACRUM not in labels:
-        s1 = _sacrum_point(case, mask, img.affine, labels, world, read_json)
+        s1 = _sacrum_point(mask, affine, labels, world, variants)
         if s1 is not None:
             labels.append(SACRUM)
             world = np.vstack([world, s1])
     if mask is not None and mask.any():
-        lo, hi = lab_mod.box_of_mask(mask, img.affine)
+        lo, hi = lab_mod.box_of_mask(mask, affine)
     else:
         lo, hi = world.min(axis=0) - 20, world.max(axis=0) + 20
     lo = lo - rng.uniform(0, 15, 3)
     hi = hi + rng.uniform(0, 15, 3)
-    view = lab_mod.projections(ct, img.affine, lo, hi)
-    grid = geometry_world2vox(view.affine, world)
+    view = lab_mod.projections(ct, affine, lo, hi)
+    grid = geometry.world2vox(view.affine, world)
     rows = []
     for lab, (r, a, i) in zip(labels, grid):
         if lab not in PRIOR_LABELS:
             continue
         rows.append([i, a, r, N_FIXED + PRIOR_LABELS.index(lab), float(lab in THORACIC)])
     return {"sag": view.sag.astype(np.float16), "cor": view.cor.astype(np.float16),
-            "points": np.array(rows, dtype=np.float32).reshape(-1, 5), "subject": case.subject}
+            "points": np.array(rows, dtype=np.float32).reshape(-1, 5), "subject": subject}
 
 
-def geometry_world2vox(affine, xyz):
-    from ..core import geometry
-
-    return geometry.world2vox(affine, xyz)
-
-
-def _sacrum_point(case, mask, affine, labels, world, read_json):
+def _sacrum_point(mask, affine, labels, world, variants):
     """S1 body centre when the data give none: from a sacrum label, or one level below L5."""
     import numpy as np
 
     from ..core import geometry
 
     if mask is not None and (mask == SACRUM).any():
-        idx = np.argwhere(mask == SACRUM)
-        top = idx  # the whole sacrum's centre lies too low: use its upper third
-        w = geometry.vox2world(affine, top)
-        s_axis = w[:, 2]
-        upper = w[s_axis >= np.percentile(s_axis, 70)]
+        w = geometry.vox2world(affine, np.argwhere(mask == SACRUM))
+        upper = w[w[:, 2] >= np.percentile(w[:, 2], 70)]  # S1 is the top of the sacrum
         return upper.mean(axis=0)
-    if case.variants is None:
+    if not isinstance(variants, dict):
         return None
-    try:
-        fov = read_json(case.variants).get("field_of_view", {})
-    except Exception:  # noqa: BLE001 - a missing or odd variants file only loses the sacrum target
-        return None
-    visible = {str(v).upper() for v in fov.get("visible", [])} | {str(fov.get("last", "")).upper()}
+    fov = variants.get("field_of_view") or {}
+    visible = {str(v).upper() for v in fov.get("visible", []) or []} | {str(fov.get("last", "")).upper()}
     if "S1" not in visible:
         return None
-    lumbar = [i for i, lab in enumerate(labels) if 20 <= lab <= 25]
+    lumbar = sorted((i for i, lab in enumerate(labels) if 20 <= lab <= 25), key=lambda i: labels[i])
     if len(lumbar) < 2:
         return None
-    order = sorted(lumbar, key=lambda i: labels[i])
-    last, prev = world[order[-1]], world[order[-2]]
+    last, prev = world[lumbar[-1]], world[lumbar[-2]]
     return last + (last - prev)
 
 
@@ -300,19 +303,29 @@ def val_fn(model, batch, device):
 
 
 # --------------------------------------------------------------------------- training
+SYNTH_TRAIN_SEED = 1000  # on-the-fly training cases use seeds from here (held-out ones start at 90000)
+
+
 def _prepare_one(args):
-    case, seed = args
+    kind, item, seed = args
     try:
-        return prepare_case(case, seed)
+        if kind == "synth":
+            from ..synth import generate_case
+
+            case = generate_case(int(item), region="random")
+            ctd = case.centroids
+            return prepare_arrays(np.asarray(case.ct, dtype=np.float32), case.affine, case.mask, ctd.labels,
+                                  ctd.to_world(case.affine), case.variants, f"syn{int(item):05d}", seed)
+        return prepare_case(item, seed)
     except Exception as exc:  # noqa: BLE001 - one unreadable case must not stop a training run
-        return {"error": f"{case.subject}: {exc}"}
+        name = item if kind == "synth" else item.subject
+        return {"error": f"{name}: {type(exc).__name__}: {exc}"}
 
 
-def prepare_all(cases, seed: int = 0, workers: int = 0) -> list[dict]:
-    """Prepare every case, in parallel processes when ``workers > 1``."""
+def prepare_all(jobs, workers: int = 0) -> list[dict]:
+    """Prepare ``(kind, case or seed, seed)`` jobs, in parallel processes when ``workers > 1``."""
     from ..core.progress import track, warn
 
-    jobs = [(c, seed) for c in cases]
     if workers > 1:
         from multiprocessing import get_context
 
@@ -331,11 +344,13 @@ def prepare_all(cases, seed: int = 0, workers: int = 0) -> list[dict]:
 
 def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = None, device: str = "auto",
           seed: int = 0, resume: bool = False, workers: int = 0, batch_size: int = 8, lr: float = 2e-3,
-          val_fraction: float = 0.1) -> dict:
+          val_fraction: float = 0.1, n_synth: int = 200) -> dict:
     """Train the Btrfly Net on a VerSe-layout dataset (e.g. ``verse synth`` output).
 
     Cases need a CT, a centroid JSON and (for the box) a vertebra mask; a variants
-    JSON lets the sacrum be a target when the centroids leave it out.
+    JSON lets the sacrum be a target when the centroids leave it out. Without
+    ``data_dir``, ``n_synth`` cases are generated on the fly (seeds from
+    :data:`SYNTH_TRAIN_SEED`).
     """
     from ..core.errors import DataError
     from ..core.progress import info
@@ -344,13 +359,23 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
     dev = pick_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    cases = [c for c in discover_cases(data_dir) if c.ctd is not None]
-    if len(cases) < 2:
-        raise DataError("need at least two cases with centroid JSON to train", data_dir)
-    train_cases, val_cases = split_cases(cases, val_fraction=val_fraction, seed=seed)
-    info(f"preparing {len(train_cases)} training and {len(val_cases)} validation cases")
-    prep_train = prepare_all(train_cases, seed, workers)
-    prep_val = prepare_all(val_cases, seed + 1, workers)
+    if data_dir is None:
+        seeds = [SYNTH_TRAIN_SEED + i for i in range(n_synth)]
+        n_val = max(1, round(len(seeds) * val_fraction))
+        train_jobs = [("synth", sd, seed) for sd in seeds[n_val:]]
+        val_jobs = [("synth", sd, seed + 1) for sd in seeds[:n_val]]
+    else:
+        cases = [c for c in discover_cases(data_dir) if c.ctd is not None]
+        if len(cases) < 2:
+            raise DataError("need at least two cases with centroid JSON to train", data_dir)
+        train_cases, val_cases = split_cases(cases, val_fraction=val_fraction, seed=seed)
+        train_jobs = [("files", c, seed) for c in train_cases]
+        val_jobs = [("files", c, seed + 1) for c in val_cases]
+    info(f"preparing {len(train_jobs)} training and {len(val_jobs)} validation cases")
+    prep_train = prepare_all(train_jobs, workers)
+    prep_val = prepare_all(val_jobs, workers)
+    if not prep_train:
+        raise DataError("no usable training case", data_dir)
     model = BtrflyNet()
     repeats = max(1, 64 // max(1, len(prep_train)))  # short epochs on tiny sets still validate
     train_ds = HeatmapDataset(prep_train, seed=seed, augment=True, repeats=repeats)
@@ -358,7 +383,7 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
     train_dl = make_loader(train_ds, batch_size=batch_size, shuffle=True, workers=workers, seed=seed,
                            device=dev, drop_last=len(train_ds) >= batch_size)
     val_dl = make_loader(val_ds, batch_size=batch_size, shuffle=False, workers=0, seed=seed, device=dev)
-    meta = {"data": str(data_dir), "n_train": len(prep_train), "n_val": len(prep_val),
+    meta = {"data": str(data_dir) if data_dir is not None else f"synth x{n_synth}", "n_train": len(prep_train), "n_val": len(prep_val),
             "spacing_mm": 1.5, "width_px": 128, "channels": list(CHANNELS)}
     return fit(model, train_dl, val_dl if len(prep_val) else None, step_fn, val_fn if len(prep_val) else None,
                out=out, epochs=epochs, minutes=minutes, lr=lr, seed=seed, resume=resume, device=dev,

@@ -31,6 +31,7 @@ Method
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,23 +87,45 @@ class Rib:
 
 
 # --------------------------------------------------------------------------- threshold
-def bone_threshold(ct: np.ndarray, mask: np.ndarray, lo: float = 120.0, hi: float = 300.0) -> float:
-    """HU threshold between soft tissue and bone, adapted to the scan.
+def bone_threshold(ct: np.ndarray, mask: np.ndarray, lo: float = 175.0, hi: float = 260.0) -> float:
+    """HU threshold between soft tissue and bone on the smoothed CT, adapted to the scan.
 
-    The midpoint between the median HU of soft tissue (CT values -200..150, where
-    muscle and organs sit) and the 75th percentile inside the vertebra masks (the
-    cortical and dense cancellous bone), clipped to ``[lo, hi]``: enough for noisy
-    or osteoporotic scans, never so low that contrast-filled vessels join the ribs.
+    The midpoint between the median HU of soft tissue (CT values -200..150) and the
+    median inside the vertebra masks, clipped to ``[lo, hi]``. Applied to the CT
+    smoothed over ~2 mm (:func:`smooth_ct`), where a rib's thin bright cortex and its
+    darker marrow average to one solid tube; costal cartilage (80-160 HU, no cortex)
+    stays below ``lo``.
     """
-    sample = ct[::2, ::2, ::2]
+    step = tuple(max(1, n // 64) for n in ct.shape)
+    sample = ct[tuple(slice(None, None, k) for k in step)]
     soft = sample[(sample > -200) & (sample < 150)]
     soft_level = float(np.median(soft)) if soft.size else 40.0
     inside = ct[mask > 0]
-    bone_level = float(np.percentile(inside, 75)) if inside.size else 400.0
+    bone_level = float(np.median(inside[:: max(1, inside.size // 200000)])) if inside.size else 400.0
     return float(np.clip(0.5 * (soft_level + bone_level), lo, hi))
 
 
+def smooth_ct(ct: np.ndarray, sp: np.ndarray, width_mm: float = 2.0) -> np.ndarray:
+    """A box average about ``width_mm`` wide along every axis (odd sizes, at least 1)."""
+    size = [max(1, round(float(width_mm / s)) | 1) for s in sp]
+    if max(size) == 1:
+        return ct
+    return ndimage.uniform_filter(ct, size=size, mode="nearest")
+
+
 # --------------------------------------------------------------------------- segmentation
+def _spine_box(present: np.ndarray, pad) -> tuple[slice, ...]:
+    """Bounding box of the labelled voxels, padded by ``pad`` voxels per axis."""
+    axes = []
+    for ax in range(3):
+        other = tuple(i for i in range(3) if i != ax)
+        hit = np.flatnonzero(present.any(axis=other))
+        lo = max(int(hit[0]) - int(pad[ax]), 0)
+        hi = min(int(hit[-1]) + int(pad[ax]) + 1, present.shape[ax])
+        axes.append(slice(lo, hi))
+    return tuple(axes)
+
+
 def _box(points_idx: np.ndarray, shape, pad_vox) -> tuple[slice, ...]:
     lo = np.maximum(points_idx.min(axis=0) - pad_vox, 0)
     hi = np.minimum(points_idx.max(axis=0) + pad_vox + 1, np.asarray(shape))
@@ -118,7 +141,7 @@ def segment_ribs(
     gap_mm: float = 2.0,
     contact_mm: float = 4.0,
     min_voxels: int = 8,
-) -> tuple[dict[tuple[int, str], list[np.ndarray]], dict, "callable"]:
+) -> tuple[dict[tuple[int, str], list[np.ndarray]], dict, Callable]:
     """Rib components per (vertebra, side).
 
     Parameters
@@ -136,45 +159,49 @@ def segment_ribs(
     joint_distance : ``f(points_idx) -> mm`` distance of voxels to the nearest label
         (infinite away from the spine).
     """
+    from scipy.spatial import cKDTree
+
     present = labels > 0
-    idx = np.argwhere(present)
-    pad = np.ceil((gap_mm + contact_mm + 2.0) / sp).astype(int)
-    box = _box(idx, labels.shape, pad)
+    reach = gap_mm + contact_mm
+    pad = np.ceil((reach + 2.0) / sp).astype(int)
+    box = _spine_box(present, pad)
+    offset = np.array([s.start for s in box])
+    pres_box = present[box]
     lab_box = labels[box]
-    # distance to (and label of) the nearest labelled voxel, only around the spine
-    dist, nearest = ndimage.distance_transform_edt(lab_box == 0, sampling=sp, return_indices=True)
-    near_label = lab_box[tuple(nearest)]
-    del nearest
-    box_lo = np.array([s.start for s in box])
-    box_hi = np.array([s.stop for s in box])
+    # distances to the labels only matter within a few mm of them, so a KD-tree of
+    # the labels' surface voxels, queried at the bone voxels around them, replaces a
+    # distance transform of the whole spine's box
+    surface = np.argwhere(pres_box & ~ndimage.binary_erosion(pres_box))
+    surface_label = lab_box[tuple(surface.T)]
+    tree = cKDTree(surface * sp)
 
     def joint_distance(pts: np.ndarray) -> np.ndarray:
-        pts = np.atleast_2d(pts)
-        inside = np.all((pts >= box_lo) & (pts < box_hi), axis=1)
-        out = np.full(len(pts), np.inf)
-        out[inside] = dist[tuple((pts[inside] - box_lo).T)]
-        return out
+        return tree.query((np.atleast_2d(pts) - offset) * sp, k=1)[0]
 
-    removed = np.zeros(labels.shape, dtype=bool)
-    removed[box] = dist <= gap_mm
-    candidate = bone & ~removed & ~present
+    near_idx = np.argwhere(bone[box] & ~pres_box)
+    dist, nearest = tree.query(near_idx * sp, k=1, distance_upper_bound=reach + 1e-6, workers=-1)
+    close = np.isfinite(dist)
+    near_idx, dist, near_label = near_idx[close], dist[close], surface_label[nearest[close]]
+    removed_idx = near_idx[dist <= gap_mm] + offset
+    candidate = bone & ~present
+    candidate[tuple(removed_idx.T)] = False
     comps, n = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
     info = {"components": int(n), "gap_mm": gap_mm, "contact_mm": contact_mm}
     if n == 0:
         return {}, info, joint_distance
 
-    shell = (dist > gap_mm) & (dist <= gap_mm + contact_mm)
-    comp_box = comps[box]
-    in_shell = shell & (comp_box > 0)
-    shell_idx = np.argwhere(in_shell)
-    shell_comp = comp_box[in_shell]
+    in_shell = dist > gap_mm
+    shell_idx = near_idx[in_shell]
     shell_lab = near_label[in_shell]
+    shell_comp = comps[tuple((shell_idx + offset).T)]
+    keep = shell_comp > 0
+    shell_idx, shell_lab, shell_comp = shell_idx[keep], shell_lab[keep], shell_comp[keep]
     offset = np.array([s.start for s in box])
     shell_mm = (shell_idx + offset) * sp
     # keep contacts that sit where costal joints are: lateral of the vertebra's
     # mid-sagittal plane and not in front of its body
     side_code = np.zeros(len(shell_comp), dtype=np.int8)  # 0 none, 1 left, 2 right
-    wanted_set = set(int(w) for w in wanted)
+    wanted_set = {int(w) for w in wanted}
     for lab in np.unique(shell_lab):
         lab = int(lab)
         sel = shell_lab == lab
@@ -217,22 +244,20 @@ def segment_ribs(
             parts = {int(big[0]): local}
         else:
             n_split += 1
-            parts = _split_geodesic(local, base, box, in_shell, comp_box, comp_id, near_label, side_code,
-                                    shell_lab, shell_idx, shell_comp, big)
+            parts = _split_geodesic(local, base, box, comp_id, side_code, shell_lab, shell_idx, shell_comp, big)
         for key, part in parts.items():
             lab, code = divmod(int(key), 4)
             if lab == UNLABELLED or code not in (1, 2) or part.sum() < min_voxels:
                 continue
             flat = np.ravel_multi_index(tuple((np.argwhere(part) + base).T), labels.shape)
             ribs.setdefault((lab, SIDES[code - 1]), []).append(flat)
-    for key in ribs:
-        ribs[key].sort(key=len, reverse=True)
+    for pieces in ribs.values():
+        pieces.sort(key=len, reverse=True)
     info["split_components"] = n_split
     return ribs, info, joint_distance
 
 
-def _split_geodesic(local, base, box, in_shell, comp_box, comp_id, near_label, side_code,
-                    shell_lab, shell_idx, shell_comp, keys) -> dict[int, np.ndarray]:
+def _split_geodesic(local, base, box, comp_id, side_code, shell_lab, shell_idx, shell_comp, keys) -> dict[int, np.ndarray]:
     """Split one component among several contacts by geodesic flooding from each."""
     from skimage.segmentation import watershed
 
@@ -278,6 +303,15 @@ def skeleton_graph(skel: np.ndarray, sp: np.ndarray):
     return pts, graph
 
 
+def _radius_at(local: np.ndarray, point: np.ndarray, sp: np.ndarray, reach_mm: float = 15.0) -> float:
+    """Distance (mm) from ``point`` to the nearest voxel outside ``local``."""
+    half = np.ceil(reach_mm / sp).astype(int)
+    lo = np.maximum(point - half, 0)
+    hi = np.minimum(point + half + 1, local.shape)
+    crop = np.pad(local[tuple(slice(a, b) for a, b in zip(lo, hi))], 1)
+    return float(ndimage.distance_transform_edt(crop, sampling=sp)[tuple(point - lo + 1)])
+
+
 def _path(pred: np.ndarray, start: int, end: int) -> np.ndarray:
     out = [end]
     while out[-1] != start and pred[out[-1]] >= 0:
@@ -306,39 +340,101 @@ def polyline_length(points_mm: np.ndarray, sigma_mm: float = 2.0) -> float:
     return float(np.linalg.norm(np.diff(smooth, axis=0), axis=1).sum())
 
 
-def measure_rib(flat: np.ndarray, shape, sp: np.ndarray, joint_distance, frame: Frame,
-                others: int = 0, side: str = "left") -> Rib:
-    """Length of one rib component from its joint to its osseous tip.
+def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance, frame: Frame,
+                side: str = "left", bridge_mm: float = 25.0, min_piece_mm3: float = 60.0) -> Rib:
+    """Length of one rib from its costovertebral joint to its osseous tip.
 
-    ``joint_distance(points_idx) -> mm`` gives the distance of voxels to the
-    vertebra's surface; the skeleton node with the smallest distance is the joint end.
+    ``pieces`` are the flat voxel indices of the rib's components, largest first. The
+    vertebra's transverse process often splits a rib into its head and neck (at the
+    body) and its shaft (beyond the tubercle); pieces within ``bridge_mm`` of the
+    shaft are joined to it by a straight edge through the process. The centreline
+    is the longest geodesic path of the joined skeleton graph; its end nearer the
+    vertebral body is the joint, the other the tip.
+
+    ``joint_distance(points_idx) -> mm`` gives the distance of voxels to the nearest
+    vertebra label.
     """
     from scipy.sparse.csgraph import dijkstra
+    from scipy.spatial import cKDTree
     from skimage.morphology import skeletonize
 
-    pts = np.array(np.unravel_index(flat, shape)).T
-    cut = bool(np.any(pts == 0) or np.any(pts == np.asarray(shape) - 1))
+    main = np.array(np.unravel_index(pieces[0], shape)).T
+    tree = cKDTree(main * sp)
+    used = [main]
+    main_to_body = float(np.min(np.linalg.norm(main * sp - frame.body, axis=1)))
+    vox_mm3 = float(np.prod(sp))
+    for flat in pieces[1:]:
+        if len(flat) * vox_mm3 < min_piece_mm3:  # specks of noise, not a rib head
+            continue
+        pts = np.array(np.unravel_index(flat, shape)).T
+        d, _ = tree.query(pts * sp, k=1, distance_upper_bound=bridge_mm)
+        # the head and neck lie between the shaft and the vertebral body
+        nearer_body = float(np.min(np.linalg.norm(pts * sp - frame.body, axis=1))) < main_to_body
+        if np.isfinite(d).any() and nearer_body:
+            used.append(pts)
+    pts = np.vstack(used)
+    cut = bool(np.any(main == 0) or np.any(main == np.asarray(shape) - 1))
     box = _box(pts, shape, np.ones(3, dtype=int))
     base = np.array([s.start for s in box])
     local = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
     local[tuple((pts - base).T)] = True
-    local = ndimage.binary_fill_holes(local)
     skel = skeletonize(local)
     if not skel.any():
         skel = local.copy()
     nodes, graph = skeleton_graph(skel, sp)
-    gaps = joint_distance(nodes + base)
-    start = int(np.argmin(gaps))
-    dist, pred = dijkstra(graph, indices=start, directed=False, return_predecessors=True)
+    graph = _bridge_pieces(nodes, graph, sp, main - base, bridge_mm)
+    # the centreline: the skeleton's diameter, by a double sweep from the shaft
+    main_node = int(cKDTree(nodes).query(main[0] - base)[1])
+    first = dijkstra(graph, indices=main_node, directed=False)
+    first[~np.isfinite(first)] = -1
+    a = int(np.argmax(first))
+    dist, pred = dijkstra(graph, indices=a, directed=False, return_predecessors=True)
     dist[~np.isfinite(dist)] = -1
-    tip = int(np.argmax(dist))
-    path = _path(pred, start, tip)
+    b = int(np.argmax(dist))
+    ends_mm = (nodes[[a, b]] + base) * sp
+    to_body = np.linalg.norm(ends_mm - frame.body, axis=1)
+    joint, tip = (a, b) if to_body[0] <= to_body[1] else (b, a)
+    path = _path(pred, a, b)
     centreline = polyline_length(nodes[path] * sp)
-    radius = ndimage.distance_transform_edt(np.pad(local, 1), sampling=sp)[tuple((nodes[tip] + 1).T)]
-    # the skeleton starts inside the component, ``gaps`` from the vertebra's voxel
-    # centres; the joint surface lies half a voxel outside those centres
-    joint_gap = max(float(gaps[start]) - 0.5 * float(sp.min()), 0.0)
-    tip_radius = float(radius) if not cut else 0.0
+    # a skeleton stops about one radius short of a tube's free end; at the joint the
+    # rib head's centre (where the skeleton ends) is the joint, unless the bone next
+    # to the vertebra was lost, in which case the remaining gap is added
+    gap = float(joint_distance(nodes[[joint]] + base)[0])
+    joint_radius = _radius_at(local, nodes[joint], sp)
+    joint_gap = max(gap - joint_radius - 1.0, 0.0) if np.isfinite(gap) else 0.0
+    tip_radius = 0.0 if cut else _radius_at(local, nodes[tip], sp)
     length = centreline + joint_gap + tip_radius
-    return Rib(frame.label, side, length, len(flat), cut, centreline, joint_gap, tip_radius,
-               ((nodes[start] + base) * sp).tolist(), ((nodes[tip] + base) * sp).tolist(), others)
+    n_pts = sum(len(u) for u in used)
+    return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_radius,
+               ((nodes[joint] + base) * sp).tolist(), ((nodes[tip] + base) * sp).tolist(),
+               len(used) - 1)
+
+
+def _bridge_pieces(nodes: np.ndarray, graph, sp: np.ndarray, main_idx: np.ndarray, bridge_mm: float):
+    """Join skeleton pieces to the main one by their closest node pair (within ``bridge_mm``)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    n_comp, comp = connected_components(graph, directed=False)
+    if n_comp == 1:
+        return graph
+    sizes = np.bincount(comp)
+    order = np.argsort(-sizes)
+    joined = [int(order[0])]
+    rows, cols, w = [], [], []
+    for c in order[1:]:
+        inside = np.flatnonzero(np.isin(comp, joined))
+        other = np.flatnonzero(comp == c)
+        d, k = cKDTree(nodes[inside] * sp).query(nodes[other] * sp, k=1)
+        j = int(np.argmin(d))
+        if d[j] <= bridge_mm:
+            rows.append(int(other[j]))
+            cols.append(int(inside[k[j]]))
+            w.append(float(d[j]))
+            joined.append(int(c))
+    if not rows:
+        return graph
+    n = graph.shape[0]
+    extra = coo_matrix((np.r_[w, w], (np.r_[rows, cols], np.r_[cols, rows])), shape=(n, n))
+    return (graph + extra).tocsr()

@@ -41,12 +41,13 @@ from scipy import ndimage
 from .core import geometry
 from .core import labels as L
 from .core.errors import DataError
-from .ribs import SIDES, UNLABELLED, Frame, bone_threshold, measure_rib, segment_ribs
+from .ribs import SIDES, UNLABELLED, Frame, bone_threshold, measure_rib, segment_ribs, smooth_ct
 
 RAS = ("R", "A", "S")
 STUMP_MM = 38.0
 TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
+TP_LATERAL = 0.6  # transverse process: lateral of this fraction of the vertebra's half width
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 RIB_BEARING = [7, *range(8, 20), 28, 20, 21]  # C7, T1-T12, T13, L1, L2
 THORACOLUMBAR = {17, 18, 19, 28, 20, 21}  # T10-T13, L1, L2: where the rib rule moves the boundary
@@ -61,6 +62,18 @@ class Grid:
     ct: np.ndarray | None
     affine: np.ndarray
     sp: np.ndarray
+    present: list[int]
+    boxes: dict | None = None
+
+    def points(self, lab: int) -> np.ndarray:
+        """Voxel indices of one label (found in its bounding box, not the whole volume)."""
+        if self.boxes is None:
+            found = ndimage.find_objects(self.mask.astype(np.int32, copy=False))
+            self.boxes = {i + 1: sl for i, sl in enumerate(found) if sl is not None}
+        sl = self.boxes.get(int(lab))
+        if sl is None:
+            return np.zeros((0, 3), dtype=np.int64)
+        return np.argwhere(self.mask[sl] == lab) + np.array([x.start for x in sl])
 
 
 # --------------------------------------------------------------------------- public API
@@ -82,14 +95,14 @@ def rate_variants(ct_img, mask_img, centroids=None, stump_mm: float = STUMP_MM,
     dict following the variants JSON contract, plus ``evidence``, ``warnings`` and ``notes``.
     """
     grid = _prepare(ct_img, mask_img, centroids, ct_source, mask_source)
-    present = _vertebrae_present(grid.mask)
+    present = _vertebrae_present(grid)
     frames = vertebra_frames(grid, present, centroids, mask_img)
     notes: list[str] = []
     evidence: dict = {"stump_mm": stump_mm, "vertebra_voxels": {L.name(k): int(f.voxels) for k, f in frames.items()}}
     bone, thr, unlabelled, spine_info = None, None, None, {}
     if grid.ct is not None:
         thr = bone_threshold(grid.ct, grid.mask)
-        bone = grid.ct >= thr
+        bone = smooth_ct(grid.ct, grid.sp) >= thr
         unlabelled, spine_info = unlabelled_spine(bone, grid, frames, present)
         evidence["bone_threshold_hu"] = round(thr, 1)
     else:
@@ -123,7 +136,10 @@ def _prepare(ct_img, mask_img, centroids, ct_source, mask_source) -> Grid:
     mask = np.asarray(mask_img.dataobj)
     if not np.issubdtype(mask.dtype, np.integer):
         mask = np.rint(np.asarray(mask_img.get_fdata())).astype(np.int32)
-    labels = {int(v) for v in np.unique(mask)} - {0}
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise DataError(f"labels outside the VerSe table: {int(mask.min())}..{int(mask.max())}", mask_source)
+    mask = mask.astype(np.uint8, copy=False)
+    labels = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=1)).tolist()) - {0}
     if not any(L.is_vertebra(v) for v in labels if v in L.VERSE_IDS):
         raise DataError("mask has no vertebra labels (C1-L6 or T13, ids 1-25 and 28)", mask_source)
     unknown = sorted(v for v in labels if v not in L.VERSE_IDS)
@@ -137,9 +153,18 @@ def _prepare(ct_img, mask_img, centroids, ct_source, mask_source) -> Grid:
                 f"({geometry.describe_grid(ct_img.shape, ct_img.affine)})", mask_source)
         ct = np.asarray(ct_img.get_fdata(dtype=np.float32))
         _check_hounsfield(ct, mask, ct_source)
-    mask_r, affine = geometry.reorient(mask.astype(np.uint8 if mask.max() < 256 else np.uint16), mask_img.affine, RAS)
-    ct_r = geometry.reorient(ct, mask_img.affine, RAS)[0] if ct is not None else None
-    return Grid(mask_r, ct_r, affine, geometry.spacing(affine))
+    mask_r, affine = _reorient_view(mask, mask_img.affine)
+    ct_r = _reorient_view(ct, mask_img.affine)[0] if ct is not None else None
+    return Grid(np.ascontiguousarray(mask_r), ct_r, affine, geometry.spacing(affine), present=sorted(labels))
+
+
+def _reorient_view(data: np.ndarray, affine: np.ndarray):
+    """``data`` with R, A, S voxel axes, as a view (flips and transposes, no copy)."""
+    import nibabel.orientations as nio
+
+    ornt = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(RAS))
+    out = nio.apply_orientation(data, ornt)
+    return out, np.asarray(affine) @ nio.inv_ornt_aff(ornt, data.shape[:3])
 
 
 def _check_hounsfield(ct: np.ndarray, mask: np.ndarray, source) -> None:
@@ -154,16 +179,13 @@ def _check_hounsfield(ct: np.ndarray, mask: np.ndarray, source) -> None:
             f"median inside the vertebrae {bone_median:.0f}); expected air near -1000 and bone 100-1500", source)
 
 
-def _vertebrae_present(mask: np.ndarray) -> list[int]:
-    labels = [int(v) for v in np.unique(mask) if v != 0]
-    return L.sort_anatomical(labels)
+def _vertebrae_present(grid: Grid) -> list[int]:
+    return L.sort_anatomical(grid.present)
 
 
 # --------------------------------------------------------------------------- frames
 def vertebra_frames(grid: Grid, present: list[int], centroids, mask_img) -> dict[int, Frame]:
     """Each vertebra's centre, body centroid and own R/A/S axes in physical mm."""
-    from .core.centroids import body_centroids
-
     sp = grid.sp
     nz = np.nonzero(grid.mask)
     values = grid.mask[nz]
@@ -177,10 +199,9 @@ def vertebra_frames(grid: Grid, present: list[int], centroids, mask_img) -> dict
             bodies = {lab: np.asarray(c) * sp for lab, c in zip(ctd.labels, ctd.coords)}
         except DataError:
             bodies = {}
-    missing = [lab for lab in present if lab not in bodies and lab not in (26, 27)]
-    if missing:
-        ctd = body_centroids(grid.mask, grid.affine, labels=missing)
-        bodies.update({lab: np.asarray(c) * sp for lab, c in zip(ctd.labels, ctd.coords)})
+    for lab in present:
+        if lab not in bodies and lab not in (26, 27):
+            bodies[lab] = _body_estimate(_points_mm(grid, lab), centres[lab])
     spine = [lab for lab in present if L.is_vertebra(lab)]
     frames = {}
     world_a, world_s = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0])
@@ -205,13 +226,30 @@ def vertebra_frames(grid: Grid, present: list[int], centroids, mask_img) -> dict
     return frames
 
 
+def _body_estimate(pts_mm: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """A quick vertebral-body centre: the mass in front of the centre, refined once.
+
+    The body is the bulk of the vertebra in front of its centre of mass, so the centre of
+    the voxels anterior of it (first along the world A axis, then along the direction
+    found) follows an axially rotated vertebra. Good enough for a frame; pass real body
+    centroids (``--ctd``) when available.
+    """
+    rel = pts_mm - centre
+    front = rel[rel[:, 1] > 0]
+    if len(front) < 10:
+        return centre
+    direction = _unit(front.mean(axis=0))
+    front = rel[rel @ direction > 0]
+    return centre + front.mean(axis=0) if len(front) >= 10 else centre
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     n = float(np.linalg.norm(v))
     return v / n if n > 0 else v
 
 
 def _points_mm(grid: Grid, lab: int) -> np.ndarray:
-    return np.argwhere(grid.mask == lab) * grid.sp
+    return grid.points(lab) * grid.sp
 
 
 # --------------------------------------------------------------------------- unlabelled spine bone
@@ -298,8 +336,7 @@ def rate_ribs(grid: Grid, bone, unlabelled, frames, present, stump_mm):
             if not comps:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
                 continue
-            rib = measure_rib(comps[0], grid.mask.shape, grid.sp, joint_distance, frames[lab],
-                              others=len(comps) - 1, side=side)
+            rib = measure_rib(comps, grid.mask.shape, grid.sp, joint_distance, frames[lab], side=side)
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
             if rib.cut:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
@@ -451,9 +488,9 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     last = lumbar[-1]
     fr = frames[last]
     sp = grid.sp
-    sacrum_pts = np.argwhere(grid.mask == 26)
+    sacrum_pts = grid.points(26)
     # region of interest: the last lumbar vertebra, the sacrum's top and everything between
-    last_pts = np.argwhere(grid.mask == last)
+    last_pts = grid.points(last)
     pad = np.ceil(25.0 / sp).astype(int)
     sac_mm = sacrum_pts * sp
     t_sac = (sac_mm - fr.centre) @ fr.superior
@@ -488,7 +525,9 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         comps, _ = ndimage.label(b & (m == 0) & (t > t_sac_top - 40), structure=np.ones((3, 3, 3), bool))
         ids = np.unique(comps[between])
         ids = ids[ids > 0]
-        vert = np.isin(comps, ids) & (np.abs(lat) < 75) & (ap < 40)
+        # its voxels: unlabelled bone joined to the bone between, on the raw CT so
+        # that a narrow cleft to the sacrum is not bridged by the smoothing
+        vert = np.isin(comps, ids) & (np.abs(lat) < 75) & (ap < 40) & (ct >= thr)
         name = _neighbour_name(last, +1) if last != 24 else "L6"
         if last == 25:
             name = "L7?"
@@ -500,11 +539,16 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     rel_v = coords - rated_frame_centre
     lat_v = rel_v @ fr.right
     t_v = rel_v @ fr.superior
-    # sacral bone: the labelled sacrum; distances from it with nearest indices
-    dist, nearest = ndimage.distance_transform_edt(~in_sac, sampling=sp, return_indices=True)
+    # the sacral ala: the labelled sacrum lateral of the S1 facets
     sides = {}
     for side, sign in (("left", -1.0), ("right", 1.0)):
-        sides[side] = _castellvi_side(vert, lat_v * sign, t_v, dist, nearest, ct, thr, sp, coords)
+        lat_s = lat_v * sign
+        reach = float(lat_s[vert].max()) if (vert & (lat_s > 0)).any() else 0.0
+        ala = in_sac & (lat_s >= 0.45 * reach)
+        if not ala.any():
+            sides[side] = {"grade": 0, "note": "no sacral ala on this side"}
+            continue
+        sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords)
     grades = {s: sides[s]["grade"] for s in sides}
     combined = _combine(grades["left"], grades["right"])
     evidence.update({"sides": sides, "unlabelled_vertebra_voxels": int(vert.sum()) if fused_vertebra else 0})
@@ -518,21 +562,26 @@ def _box_coords(shape, sp, base_mm) -> np.ndarray:
     return idx * sp.astype(np.float32) + base_mm.astype(np.float32)
 
 
-def _castellvi_side(vert, lat, t, dist, nearest, ct, thr, sp, coords) -> dict:
+def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords) -> dict:
     """Grade one side: transverse process height, gap to the sacrum, fusion."""
     side = vert & (lat > 0)
     if not side.any():
         return {"grade": 0, "note": "no bone on this side"}
     max_lat = float(lat[side].max())
-    tp = side & (lat >= max(max_lat - 15.0, 0.45 * max_lat))
+    # the transverse process: the lateral part of the vertebra, beyond the facet
+    # joints (which articulate with the sacrum in every spine and must not count)
+    tp = side & (lat >= TP_LATERAL * max_lat)
     tp_height = float(t[tp].max() - t[tp].min() + sp[2]) if tp.any() else 0.0
-    # closest point of this side's lateral half to the sacrum
-    lateral = side & (lat >= 0.35 * max_lat)
-    cand = np.argwhere(lateral)
-    d = dist[lateral]
+    from scipy.spatial import cKDTree
+
+    if not tp.any():
+        return {"grade": 0, "note": "no transverse process found"}
+    cand = np.argwhere(tp)
+    ala_pts = np.argwhere(ala)
+    d, nearest = cKDTree(ala_pts * sp).query(cand * sp, k=1)
     k = int(np.argmin(d))
     p = cand[k]
-    q = np.array([nearest[i][tuple(p)] for i in range(3)])
+    q = ala_pts[nearest[k]]
     centre_gap = float(d[k])
     direction = _unit((q - p) * sp)
     vox_extent = float(np.linalg.norm(direction * sp)) if centre_gap > 0 else 0.0
@@ -541,7 +590,10 @@ def _castellvi_side(vert, lat, t, dist, nearest, ct, thr, sp, coords) -> dict:
     n = max(int(np.ceil(centre_gap / 0.25)), 2)
     line = p[None, :] + np.linspace(0, 1, n)[:, None] * (q - p)[None, :]
     hu = ndimage.map_coordinates(ct, line.T, order=1, mode="nearest")
-    cleft_mm = float((hu < thr).mean() * centre_gap)
+    # a cleft: HU along the line dips below the bone threshold, or well below both
+    # ends (two distinct cortices with soft tissue between them)
+    floor = min(thr, 0.6 * float(min(hu[0], hu[-1])))
+    cleft_mm = float((hu < floor).mean() * centre_gap)
     fused = gap <= 0.5 and cleft_mm == 0.0
     if fused:
         grade = 3

@@ -13,7 +13,14 @@ from verse_cli.core import geometry
 from verse_cli.core.centroids import Centroids, body_centroids, write_centroids
 from verse_cli.core.io import save_ct, save_mask
 from verse_cli.nets.unet import DEFAULT_CONFIG
-from verse_cli.segment import bbox_on_grid, patch_affine, patch_directions, sample_patch, slab_layout, slabs_of
+from verse_cli.segment import (
+    bbox_on_grid,
+    patch_affine,
+    patch_directions,
+    sample_patch,
+    slab_layout,
+    slabs_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "segment.pt"
@@ -188,3 +195,24 @@ def test_tptbox_l3_dice(real_data, tmp_path):
             out_dir=tmp_path / "p")
     pred = merge(ct, tmp_path / "p")
     assert _dice(pred == 22, gt == 22) >= 0.85
+
+
+def test_train_segment_writes_a_loadable_bundle(tmp_path):
+    """Two toy cases, one tiny epoch: the bundle loads and predicts with the right shape."""
+    from verse_cli.nets.train_segment import train
+    from verse_cli.nets.unet import load_model
+
+    for n in range(2):
+        case_dir = tmp_path / "data" / f"c{n}"
+        case_dir.mkdir(parents=True)
+        ct, ctd = toy_case(case_dir)
+        ct.rename(case_dir / f"sub-t{n}_ct.nii.gz")
+        (case_dir / "msk.nii.gz").rename(case_dir / f"sub-t{n}_seg-vert_msk.nii.gz")
+        ctd.rename(case_dir / f"sub-t{n}_seg-subreg_ctd.json")
+    out = tmp_path / "seg.pt"
+    summary = train(tmp_path / "data", out=out, minutes=None, epochs=1, device="cpu", workers=0, batch=1,
+                    vertebrae=1, slabs=2, items_per_epoch=1, config={"decoder_channels": [16, 16, 16, 16, 16], "patch_shape": [40, 64, 64],
+                                         "centre_index": [19.5, 40.0, 32.0]})
+    assert summary["epochs"] == 1 and out.is_file()
+    _, cfg, meta = load_model(out)
+    assert meta["n_train"] == 1 and cfg["n_out"] == DEFAULT_CONFIG["n_out"]

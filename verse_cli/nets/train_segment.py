@@ -26,7 +26,6 @@ from ..core import labels as L
 from ..core.errors import DataError
 from ..core.progress import info, warn
 
-
 # --------------------------------------------------------------------------- case loading
 CACHE_DIR = ".segment-cache"
 
@@ -49,9 +48,8 @@ def load_case(case, cache: bool = True):
         from ..core.io import atomic_path, write_json
 
         for suffix, arr in (("_ct.npy", np.clip(np.rint(ct), -32768, 32767).astype(np.int16)), ("_msk.npy", mask)):
-            with atomic_path(str(stem) + suffix) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, arr)
+            with atomic_path(str(stem) + suffix) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
         write_json({"affine": aff.tolist(), "world": {str(k): v.tolist() for k, v in world.items()}}, meta_path)
     from ..core.io import read_json
 
@@ -244,10 +242,28 @@ def val_fn(model, batch, device):
 
 
 # --------------------------------------------------------------------------- entry point
+DEFAULT_SET = Path("work") / "synth_segment"
+
+
+def synth_default_set(n: int = 60, seed: int = 20000) -> Path:
+    """Without a data folder: render ``n`` synthetic cases once into ``work/synth_segment``."""
+    import os
+
+    from ..synth import generate_many
+
+    marker = DEFAULT_SET / ".complete"
+    if not marker.exists():
+        info(f"no training folder given: rendering {n} synthetic cases into {DEFAULT_SET}")
+        generate_many(DEFAULT_SET, n=n, seed=seed, jobs=max(1, (os.cpu_count() or 2) - 1), region="random",
+                      qc=False)
+        marker.touch()
+    return DEFAULT_SET
+
+
 def train(data_dir, out="models/segment.pt", minutes: float | None = 15.0, epochs: int | None = None,
           device: str = "auto", seed: int = 0, resume: bool = False, workers: int = 2, batch: int = 2,
           lr: float = 2e-3, vertebrae: int = 4, slabs: int = 4, val_fraction: float = 0.1,
-          config: dict | None = None) -> dict:
+          config: dict | None = None, items_per_epoch: int = 64) -> dict:
     """Train the segmentation U-Net on a VerSe-layout folder (e.g. ``verse synth`` output).
 
     ``batch`` cases per step, each giving ``vertebrae x slabs`` slabs (default 2 x 4 x 4
@@ -259,7 +275,7 @@ def train(data_dir, out="models/segment.pt", minutes: float | None = 15.0, epoch
     from .unet import build_model
 
     if data_dir is None:
-        raise DataError("give a training folder (e.g. made with 'verse synth DIR --n 200')")
+        data_dir = synth_default_set()
     cases = [c for c in discover_cases(data_dir) if c.mask is not None]
     if not cases:
         raise DataError("no case with a vertebra mask", data_dir)
@@ -269,9 +285,10 @@ def train(data_dir, out="models/segment.pt", minutes: float | None = 15.0, epoch
         torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(config)
     cfg = model.config
-    repeats = max(1, 64 // max(1, len(train_cases)))
+    repeats = max(1, items_per_epoch // max(1, len(train_cases)))
     train_ds = SegmentSlabs(train_cases, cfg, vertebrae, slabs, seed=seed, augment=True, repeats=repeats)
-    val_ds = SegmentSlabs(val_cases[:24], cfg, vertebrae, slabs, seed=seed + 1, augment=False)
+    val_ds = SegmentSlabs(val_cases[:24 if dev.type == "cuda" else 6], cfg, vertebrae, slabs, seed=seed + 1,
+                          augment=False)
     train_dl = make_loader(train_ds, batch_size=batch, shuffle=True, workers=workers, seed=seed, device=dev,
                            collate_fn=collate, drop_last=len(train_ds) > batch)
     val_dl = make_loader(val_ds, batch_size=batch, shuffle=False, workers=workers, seed=seed, device=dev,

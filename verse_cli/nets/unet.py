@@ -9,7 +9,7 @@ Why 2.5D and not 3D
 -------------------
 A 3D U-Net at 1 mm over a 112 x 128 x 128 mm patch costs tens of GMAC per vertebra
 even with 16 base channels; on two CPU cores that is minutes for a whole spine. A 2D
-``segmentation_models_pytorch.Unet`` with the light ``timm-regnetx_002`` encoder
+``segmentation_models_pytorch.Unet`` with the light ``tu-regnetx_002`` (timm RegNetX-200MF) encoder
 (3.3 M parameters, 13 MB) runs at roughly 1-1.5 Mpixel/s on two cores, and because
 each pass predicts ``n_out`` = 5 slices from ``n_in`` = 9, a vertebra takes 23 passes
 (about 0.4 s). Adjacent slices as channels give the net the through-plane context
@@ -36,7 +36,7 @@ ARCH = "segment-unet25d/1"
 
 #: Default geometry and network settings; stored in every bundle's config.
 DEFAULT_CONFIG: dict = {
-    "encoder": "timm-regnetx_002",
+    "encoder": "tu-regnetx_002",
     "encoder_depth": 5,
     "decoder_channels": [128, 64, 32, 16, 16],
     "n_in": 9,

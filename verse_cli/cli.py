@@ -332,7 +332,7 @@ def train_label(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
-    batch: Annotated[int, typer.Option(help="Projection pairs per step.")] = 8,
+    batch: Annotated[Optional[int], typer.Option(help="Projection pairs per step (default 32 on CUDA, 8 on CPU).")] = None,
     n_synth: Annotated[int, typer.Option(help="Cases to generate when DATA_DIR is omitted.")] = 200,
     device: Device = "auto",
     quiet: Quiet = False,

@@ -256,9 +256,11 @@ def body_centroids(mask: np.ndarray, affine: np.ndarray, labels: Iterable[int] |
     3. **Spinal canal.** The vertebra is projected along the cranio-caudal axis; the
        canal is the largest hole of that silhouette (a closed ring of body,
        pedicles and laminae in every complete vertebra).
-    4. **Anterior direction.** From the canal's centre towards the thick part of
-       the silhouette (pixels at least half the largest inscribed radius deep: the
-       body; processes are narrow), refined once towards the body found in step 5.
+    4. **Anterior direction.** Along the vertebra's mirror line through the canal
+       (the reflection of the silhouette that overlaps it most), towards the end
+       holding the deepest bone on the midline (largest inscribed sphere: the body;
+       laminae and spinous processes are thin, lateral masses lie off the midline);
+       refined once towards the body found in step 5.
     5. **Body.** The voxels anterior of the canal's anterior edge (the posterior
        wall of the body), less narrow process stubs (a 2D opening of that part of the
        silhouette with a disc of 55 % of its inscribed radius removes the transverse
@@ -376,31 +378,58 @@ def _body_from_canal(grid: np.ndarray, ndimage, is_atlas: bool) -> np.ndarray | 
         return None
     canal_pts = np.argwhere(canal).astype(np.float64)
     canal_centre = canal_pts.mean(axis=0)
-    # the thick part of the silhouette is the body: processes are narrow
-    flat_inside = ndimage.distance_transform_edt(silhouette)
-    thick = flat_inside >= 0.5 * flat_inside.max()
-    target = np.array(ndimage.center_of_mass(thick))
     coords = np.indices(silhouette.shape).transpose(1, 2, 0).astype(np.float64)
+    anterior = _anterior_direction(grid, silhouette, canal_centre, coords, ndimage)
     region = None
-    for _ in range(2):  # refine the direction once with the body found
-        anterior = target - canal_centre
-        if np.linalg.norm(anterior) < 1e-6:
-            return None
-        anterior /= np.linalg.norm(anterior)
+    for attempt in range(2):  # refine the direction once with the body found
+        if attempt:
+            anterior = np.array(ndimage.center_of_mass(region)) - canal_centre
+            if np.linalg.norm(anterior) < 1e-6:
+                return None
+            anterior /= np.linalg.norm(anterior)
         along = coords @ anterior  # 2D map of the anterior coordinate
         wall = canal_centre @ anterior if is_atlas else np.percentile(canal_pts @ anterior, CANAL_WALL_PERCENTILE)
-        region = _trim_processes(silhouette & (along > wall), ndimage)
+        region = _trim_processes(silhouette & (along > wall), ndimage, canal_centre, anterior)
         if region is None:
             return None
-        target = np.array(ndimage.center_of_mass(region))
     return grid & region[None, :, :]
 
 
-def _trim_processes(region: np.ndarray, ndimage) -> np.ndarray | None:
+def _anterior_direction(grid, silhouette, canal_centre, coords, ndimage) -> np.ndarray:
+    """Unit 2D vector from the canal towards the body, in the axial plane of the grid.
+
+    The axis is the vertebra's mirror line through the canal (the angle whose reflection
+    of the silhouette overlaps it most); the body is the end of that line holding the
+    deepest bone (largest inscribed sphere within a 3 mm strip along the midline), since
+    laminae and spinous processes are thin and lateral masses lie off the midline.
+    """
+    best, best_angle = -1.0, 0.0
+    total = float(silhouette.sum())
+    for angle in np.radians(np.arange(0.0, 180.0, 3.0)):
+        u = np.array([np.cos(angle), np.sin(angle)])
+        mirror = 2.0 * np.outer(u, u) - np.eye(2)  # reflection about the line along u
+        offset = canal_centre - mirror @ canal_centre
+        reflected = ndimage.affine_transform(silhouette.view(np.uint8), mirror, offset=offset, order=0)
+        score = float(np.count_nonzero(silhouette & (reflected > 0))) / total
+        if score > best:
+            best, best_angle = score, angle
+    u = np.array([np.cos(best_angle), np.sin(best_angle)])
+    rel = coords - canal_centre
+    t = rel @ u
+    strip = np.abs(rel @ np.array([-u[1], u[0]])) <= 3.0 / FRAME_STEP_MM
+    depth = ndimage.distance_transform_edt(grid).max(axis=0)
+    front = float(depth[strip & (t > 0)].max(initial=0.0))
+    back = float(depth[strip & (t < 0)].max(initial=0.0))
+    return u if front >= back else -u
+
+
+def _trim_processes(region: np.ndarray, ndimage, origin: np.ndarray, direction: np.ndarray) -> np.ndarray | None:
     """Drop narrow process stubs (transverse processes) from the body's silhouette.
 
     A 2D opening with a disc of ``TRIM_FRACTION`` of the region's largest inscribed radius keeps
-    the wide body and removes parts narrower than that; the largest piece is kept.
+    the wide body and removes parts narrower than that. Of the pieces left (at least a
+    fifth of the largest), the one nearest the midline ray ``origin + t * direction``
+    is the body: a lateral mass can be as large as a small cervical body.
     """
     if not region.any():
         return None
@@ -412,7 +441,11 @@ def _trim_processes(region: np.ndarray, ndimage) -> np.ndarray | None:
     comps, n = ndimage.label(opened)
     if n == 0:
         return region
-    return comps == (int(np.argmax(np.bincount(comps.ravel())[1:])) + 1)
+    sizes = np.bincount(comps.ravel())[1:]
+    centres = np.array(ndimage.center_of_mass(opened, comps, range(1, n + 1))).reshape(-1, 2) - origin
+    off_midline = np.abs(centres @ np.array([-direction[1], direction[0]]))
+    off_midline[sizes < 0.2 * sizes.max()] = np.inf
+    return comps == (int(np.argmin(off_midline)) + 1)
 
 
 def _body_from_opening(grid: np.ndarray, ndimage) -> np.ndarray | None:

@@ -37,8 +37,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .core import labels as L
+
 #: label used for bone of the spine that carries no vertebra label
 UNLABELLED = 255
+#: contacts within this distance lateral of the vertebral body are rib heads (mm)
+HEAD_REACH_MM = 12.0
 
 SIDES = ("left", "right")
 
@@ -54,6 +58,7 @@ class Frame:
     anterior: np.ndarray
     superior: np.ndarray
     voxels: int
+    half_width: float = 15.0  # the vertebral body's half width, mm
 
 
 @dataclass
@@ -162,6 +167,9 @@ def segment_ribs(
     from scipy.spatial import cKDTree
 
     present = labels > 0
+    # the gap must cut at least every voxel that touches a label, whatever the spacing
+    gap_mm = max(gap_mm, 1.8 * float(sp.max()))
+    contact_mm = max(contact_mm, 2.0 * float(sp.max()))
     reach = gap_mm + contact_mm
     pad = np.ceil((reach + 2.0) / sp).astype(int)
     box = _spine_box(present, pad)
@@ -185,7 +193,9 @@ def segment_ribs(
     removed_idx = near_idx[dist <= gap_mm] + offset
     candidate = bone & ~present
     candidate[tuple(removed_idx.T)] = False
-    comps, n = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
+    # face connectivity: diagonal contacts between neighbouring ribs or between a rib
+    # and other bone are too common on coarse grids
+    comps, n = ndimage.label(candidate)
     info = {"components": int(n), "gap_mm": gap_mm, "contact_mm": contact_mm}
     if n == 0:
         return {}, info, joint_distance
@@ -201,6 +211,7 @@ def segment_ribs(
     # keep contacts that sit where costal joints are: lateral of the vertebra's
     # mid-sagittal plane and not in front of its body
     side_code = np.zeros(len(shell_comp), dtype=np.int8)  # 0 none, 1 left, 2 right
+    at_body = np.zeros(len(shell_comp), dtype=bool)  # contact at the body: a rib head
     wanted_set = {int(w) for w in wanted}
     for lab in np.unique(shell_lab):
         lab = int(lab)
@@ -213,6 +224,7 @@ def segment_ribs(
         ant = (shell_mm[sel] - fr.body) @ fr.anterior
         ok = (np.abs(lateral) >= 8.0) & (ant <= 5.0)
         side_code[np.flatnonzero(sel)[ok]] = np.where(lateral[ok] > 0, 2, 1)
+        at_body[np.flatnonzero(sel)] = np.abs(lateral) <= fr.half_width + HEAD_REACH_MM
     # unlabelled spine bone competes for contacts, so that the ribs of a vertebra
     # cut by the field of view are not given to its labelled neighbour
     side_code[shell_lab == UNLABELLED] = 3
@@ -223,6 +235,7 @@ def segment_ribs(
     order = np.argsort(shell_comp[valid], kind="stable")
     comp_sorted = shell_comp[valid][order]
     key_sorted = keys[valid][order]
+    body_sorted = at_body[valid][order]
     bounds = np.flatnonzero(np.diff(comp_sorted)) + 1
     starts = np.r_[0, bounds]
     ends = np.r_[bounds, len(comp_sorted)]
@@ -231,12 +244,7 @@ def segment_ribs(
         if b <= a:
             continue
         comp_id = int(comp_sorted[a])
-        ks, counts = np.unique(key_sorted[a:b], return_counts=True)
-        # a rib head also touches the vertebra above: only contacts comparable
-        # to the largest one mean a component made of several ribs
-        big = ks[(counts >= 3) & (counts >= 0.25 * counts.max())]
-        if len(big) == 0:
-            big = ks[[int(np.argmax(counts))]]
+        big = _owners(key_sorted[a:b], body_sorted[a:b])
         sl = comp_slices[comp_id - 1]
         local = comps[sl] == comp_id
         base = np.array([s.start for s in sl])
@@ -255,6 +263,41 @@ def segment_ribs(
         pieces.sort(key=len, reverse=True)
     info["split_components"] = n_split
     return ribs, info, joint_distance
+
+
+def _owners(keys: np.ndarray, at_body: np.ndarray) -> np.ndarray:
+    """The (vertebra, side) keys that own one component, from its contacts.
+
+    A rib touches its own vertebra at the body (the head) and at the transverse
+    process (the tubercle); a lower rib descending past the next vertebra touches only
+    that vertebra's process. So contacts at a body decide; without any, the highest
+    vertebra on each side wins. Only contacts comparable to the largest one (a quarter
+    of it) mean a component made of several ribs (joined by cartilage or sternum).
+    Unlabelled spine bone (a vertebra cut by the field of view) owns a component only
+    when it has most of the contacts.
+    """
+    unlabelled = keys // 4 == UNLABELLED
+    n_unl = int(unlabelled.sum())
+    head = at_body & ~unlabelled
+    if head.sum() >= 3:
+        if n_unl > 3 * int(head.sum()):
+            return np.array([UNLABELLED * 4 + 3])
+        ks, counts = np.unique(keys[head], return_counts=True)
+        return ks[(counts >= 3) & (counts >= 0.25 * counts.max())]
+    labelled = keys[~unlabelled]
+    if len(labelled) == 0 or n_unl > 3 * len(labelled):
+        return np.array([UNLABELLED * 4 + 3])
+    ks, counts = np.unique(labelled, return_counts=True)
+    big = ks[(counts >= 3) & (counts >= 0.25 * counts.max())]
+    if len(big) == 0:
+        big = ks[[int(np.argmax(counts))]]
+    best: dict[int, int] = {}
+    for key in big:
+        lab, code = divmod(int(key), 4)
+        other = best.get(code)
+        if other is None or L.rank(lab) < L.rank(other // 4):
+            best[code] = int(key)
+    return np.array(sorted(best.values()))
 
 
 def _split_geodesic(local, base, box, comp_id, side_code, shell_lab, shell_idx, shell_comp, keys) -> dict[int, np.ndarray]:
@@ -341,7 +384,8 @@ def polyline_length(points_mm: np.ndarray, sigma_mm: float = 2.0) -> float:
 
 
 def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance, frame: Frame,
-                side: str = "left", bridge_mm: float = 25.0, min_piece_mm3: float = 60.0) -> Rib:
+                side: str = "left", bridge_mm: float = 25.0, min_piece_mm3: float = 60.0,
+                ct: np.ndarray | None = None, thr: float = 175.0) -> Rib:
     """Length of one rib from its costovertebral joint to its osseous tip.
 
     ``pieces`` are the flat voxel indices of the rib's components, largest first. The
@@ -395,6 +439,13 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     to_body = np.linalg.norm(ends_mm - frame.body, axis=1)
     joint, tip = (a, b) if to_body[0] <= to_body[1] else (b, a)
     path = _path(pred, a, b)
+    if path[0] != joint:
+        path = path[::-1]
+    trimmed = False
+    if ct is not None:
+        path, trimmed = _trim_at_osseous_tip(path, nodes, base, sp, ct, thr)
+        tip = int(path[-1])
+        cut = cut and not trimmed
     centreline = polyline_length(nodes[path] * sp)
     # a skeleton stops about one radius short of a tube's free end; at the joint the
     # rib head's centre (where the skeleton ends) is the joint, unless the bone next
@@ -402,12 +453,45 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     gap = float(joint_distance(nodes[[joint]] + base)[0])
     joint_radius = _radius_at(local, nodes[joint], sp)
     joint_gap = max(gap - joint_radius - 1.0, 0.0) if np.isfinite(gap) else 0.0
-    tip_radius = 0.0 if cut else _radius_at(local, nodes[tip], sp)
+    tip_radius = 0.0 if (cut or trimmed) else _radius_at(local, nodes[tip], sp)
     length = centreline + joint_gap + tip_radius
     n_pts = sum(len(u) for u in used)
     return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_radius,
                ((nodes[joint] + base) * sp).tolist(), ((nodes[tip] + base) * sp).tolist(),
                len(used) - 1)
+
+
+def _trim_at_osseous_tip(path, nodes, base, sp, ct, thr, run_mm: float = 4.0):
+    """Cut the centreline where the bone ends: the first sustained fall in HU.
+
+    Beyond a rib's osseous tip the skeleton may run on through costal cartilage
+    (80-160 HU, partly above a noisy threshold) into the sternum and the next rib.
+    The path is cut at the first stretch of ``run_mm`` whose HU stays below both the
+    bone threshold and 60 % of the rib's own median HU (its first half).
+    """
+    pts = nodes[path] + base
+    hu = ndimage.map_coordinates(ct, pts.T.astype(np.float64), order=1, mode="nearest")
+    hu = ndimage.median_filter(hu, size=3, mode="nearest")
+    steps = np.r_[0.0, np.linalg.norm(np.diff(pts * sp, axis=0), axis=1)]
+    arc = np.cumsum(steps)
+    first_half = hu[arc <= max(arc[-1] / 2, 10.0)]
+    floor = min(thr, 0.6 * float(np.median(first_half)))
+    low = hu < floor
+    start = np.searchsorted(arc, 8.0)
+    i = start
+    while i < len(path):
+        if low[i]:
+            j = i
+            while j < len(path) and low[j]:
+                j += 1
+            if arc[min(j, len(path) - 1)] - arc[i] >= run_mm or j == len(path):
+                if i <= 1:
+                    return path, False
+                return path[:i], True
+            i = j
+        else:
+            i += 1
+    return path, False
 
 
 def _bridge_pieces(nodes: np.ndarray, graph, sp: np.ndarray, main_idx: np.ndarray, bridge_mm: float):

@@ -13,7 +13,8 @@ Rules (paper, section "Anatomical variants")
   shorter (or absent) is lumbar (a transitional thoracolumbar vertebra). A rib cut
   by the field of view is *undeterminable*, unless its visible part already
   reaches ``stump_mm``.
-* Stump ribs (shorter than ``stump_mm``) are reported at T12, T13 and L1.
+* Stump ribs (shorter than ``stump_mm``) are reported wherever they are, in practice at
+  the last thoracic vertebra (T11, T12, T13) and at L1.
 * Cervical ribs are ribs of C7, on one side or both.
 * Counts are determinable only when the field of view shows the region's ends:
   thoracic from T1 (with C7 above) to the first lumbar vertebra; lumbar from the
@@ -33,6 +34,7 @@ its neighbours' centres and its body centroid.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +53,6 @@ TP_LATERAL = 0.6  # transverse process: lateral of this fraction of the vertebra
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 RIB_BEARING = [7, *range(8, 20), 28, 20, 21]  # C7, T1-T12, T13, L1, L2
 THORACOLUMBAR = {17, 18, 19, 28, 20, 21}  # T10-T13, L1, L2: where the rib rule moves the boundary
-STUMP_LEVELS = {"T12", "T13", "L1"}
 
 
 @dataclass
@@ -108,14 +109,17 @@ def rate_variants(ct_img, mask_img, centroids=None, stump_mm: float = STUMP_MM,
     else:
         notes.append("no CT: ribs, cervical ribs, stump ribs and the Castellvi grade are undeterminable; "
                      "enumeration is taken from the labels alone")
-    ribs, rib_evidence = rate_ribs(grid, bone, unlabelled, frames, present, stump_mm)
+    ribs, rib_evidence = rate_ribs(grid, bone, thr, unlabelled, frames, present, stump_mm)
     evidence["ribs"] = rib_evidence
-    fov = field_of_view(grid, present, spine_info)
     effective = effective_regions(present, ribs, stump_mm)
     castellvi, cast_ev = rate_castellvi(grid, bone, thr, frames, present, spine_info)
     evidence["castellvi"] = cast_ev
-    enumeration, counts, enum_ev = enumerate_spine(grid, present, effective, fov, spine_info, castellvi)
-    evidence["enumeration"] = enum_ev
+    items, seq_notes = spine_sequence(grid, present, effective, frames, spine_info, castellvi)
+    notes += seq_notes
+    fov = field_of_view(grid, items)
+    enumeration, counts = enumerate_spine(items)
+    evidence["enumeration"] = {"sequence": items, "unlabelled_spine_bone": spine_info,
+                               "effective_regions": {L.name(k): v for k, v in effective.items() if L.is_vertebra(k)}}
     out = {
         "counts": counts,
         "enumeration": enumeration,
@@ -124,7 +128,7 @@ def rate_variants(ct_img, mask_img, centroids=None, stump_mm: float = STUMP_MM,
         "cervical_ribs": cervical_ribs(ribs, grid.ct is not None and 7 in present),
         "stump_ribs": stump_ribs(ribs, stump_mm),
         "castellvi": castellvi,
-        "warnings": consistency_warnings(present, ribs, effective, stump_mm, grid.ct is not None),
+        "warnings": consistency_warnings(present, ribs, effective, stump_mm, grid.ct is not None, items),
         "notes": notes,
         "evidence": evidence,
     }
@@ -222,8 +226,18 @@ def vertebra_frames(grid: Grid, present: list[int], centroids, mask_img) -> dict
             ant = world_a - (world_a @ sup) * sup
         ant = _unit(ant)
         right = np.cross(ant, sup)
-        frames[lab] = Frame(lab, c, body, right, ant, sup, int(counts[lab]))
+        frames[lab] = Frame(lab, c, body, right, ant, sup, int(counts[lab]),
+                            _body_half_width(_points_mm(grid, lab), body, ant, right))
     return frames
+
+
+def _body_half_width(pts_mm: np.ndarray, body: np.ndarray, ant: np.ndarray, right: np.ndarray) -> float:
+    """Half width of the vertebral body: lateral reach of the vertebra in front of its body centre."""
+    rel = pts_mm - body
+    front = rel[rel @ ant > 0]
+    if len(front) < 10:
+        return 15.0
+    return float(np.percentile(np.abs(front @ right), 98))
 
 
 def _body_estimate(pts_mm: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -278,7 +292,7 @@ def unlabelled_spine(bone: np.ndarray, grid: Grid, frames: dict[int, Frame], pre
         reach, height = float(t.max()), float(t.max() - t.min())
         r_tube = float(np.percentile(radial, 98))
         length = reach + 1.2 * height
-        region, box = _tube(grid, fr.centre, d, 0.5 * reach, length, r_tube)
+        region, box = _tube(grid, fr.centre, d, reach + 1.0, length, r_tube)
         sel = bone[box] & region & (grid.mask[box] == 0)
         # bone just outside the end vertebra's own label is that vertebra, not a neighbour
         near = ndimage.distance_transform_edt(grid.mask[box] == 0, sampling=grid.sp) <= 2.5
@@ -315,7 +329,7 @@ def _touches_edge(found: np.ndarray, box, shape) -> bool:
 
 
 # --------------------------------------------------------------------------- ribs
-def rate_ribs(grid: Grid, bone, unlabelled, frames, present, stump_mm):
+def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
     """Per rib-bearing vertebra: length and status of the left and right rib."""
     wanted = [lab for lab in RIB_BEARING if lab in present]
     out: dict[int, dict] = {}
@@ -336,7 +350,8 @@ def rate_ribs(grid: Grid, bone, unlabelled, frames, present, stump_mm):
             if not comps:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
                 continue
-            rib = measure_rib(comps, grid.mask.shape, grid.sp, joint_distance, frames[lab], side=side)
+            rib = measure_rib(comps, grid.mask.shape, grid.sp, joint_distance, frames[lab], side=side,
+                              ct=grid.ct, thr=thr)
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
             if rib.cut:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
@@ -387,7 +402,7 @@ def cervical_ribs(ribs, determinable: bool) -> dict:
 def stump_ribs(ribs, stump_mm) -> list[dict]:
     out = []
     for lab, entry in sorted(ribs.items(), key=lambda kv: L.rank(kv[0])):
-        if L.name(lab) not in STUMP_LEVELS:
+        if L.region(lab) not in ("T", "L"):
             continue
         for side in SIDES:
             mm = entry.get(f"{side}_mm")
@@ -397,27 +412,21 @@ def stump_ribs(ribs, stump_mm) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- field of view
-def field_of_view(grid: Grid, present, spine_info) -> dict:
-    """First and last labels, labels present, and vertebrae cut by the field of view."""
-    names = [L.name(x) for x in present]
-    cut = []
-    # only the craniocaudal ends of the field of view cut a vertebra out of the count
-    # (a narrow lateral field of view clips processes, not vertebrae)
+def field_of_view(grid: Grid, items: list[dict]) -> dict:
+    """First and last vertebra in view, those fully visible, and those cut by the field of view.
+
+    Labelled vertebrae that touch the craniocaudal ends of the image are cut too (a
+    narrow lateral field of view clips processes, not vertebrae).
+    """
     m = grid.mask
-    faces = [m[:, :, 0], m[:, :, -1]]
-    on_edge = set(np.unique(np.concatenate([f.ravel() for f in faces])).tolist()) - {0}
-    top = spine_info.get("top")
-    if top and top["present"]:
-        prev = _neighbour_name(present[0], -1)
-        if prev:
-            cut.append(prev)
-    cut += [L.name(lab) for lab in present if lab in on_edge]
-    bottom = spine_info.get("bottom")
-    if bottom and bottom["present"] and bottom["touches_field_of_view_edge"]:
-        nxt = _neighbour_name([x for x in present if L.is_vertebra(x)][-1], +1)
-        if nxt:
-            cut.append(nxt)
-    return {"first": names[0], "last": names[-1], "visible": names, "cut": cut}
+    on_edge = set(np.unique(np.concatenate([m[:, :, 0].ravel(), m[:, :, -1].ravel()])).tolist()) - {0}
+    edge_names = {L.name(x) for x in on_edge}
+    named = [it for it in items if it["status"] not in ("gap", "inferred")]
+    visible = [it["name"] for it in named
+               if it["status"] in ("visible", "unlabelled", "fused") and it["name"] not in edge_names]
+    cut = [it["name"] for it in named if it["status"] == "cut" or it["name"] in edge_names]
+    return {"first": named[0]["name"] if named else None, "last": named[-1]["name"] if named else None,
+            "visible": visible, "cut": cut}
 
 
 def _neighbour_name(lab: int, step: int) -> str | None:
@@ -434,44 +443,120 @@ def _neighbour_name(lab: int, step: int) -> str | None:
 
 
 # --------------------------------------------------------------------------- enumeration
-def enumerate_spine(grid, present, effective, fov, spine_info, castellvi):
-    """Counts present, determinable counts, completeness and T11/T13/L4/L6 flags."""
+_CHAIN = [*range(1, 20), 28, *range(20, 26)]  # C1..T12, T13, L1..L6
+_OPTIONAL = {28, 25}  # T13 and L6 are variants, never missing vertebrae
+_VARIANT_SKIPS = {(18, 20), (23, 26), (18, 28)}  # T11->L1 (11 thoracic), L4->S1 (4 lumbar)
+
+
+def spine_sequence(grid: Grid, present, effective, frames, spine_info, castellvi) -> tuple[list[dict], list[str]]:
+    """Vertebrae in the field of view, head to foot: labelled, cut or unlabelled.
+
+    Each item is ``{"name", "region", "status"}`` with status ``visible`` (labelled),
+    ``cut`` (unlabelled at an end of the field of view), ``unlabelled`` (bone where a
+    label is missing, or the fused transitional vertebra) or ``gap`` (a vertebra
+    is missing from the labels and cannot be placed).
+    """
     spine = [lab for lab in present if L.is_vertebra(lab)]
-    regions = [effective[lab] for lab in spine]
-    counts = {r: regions.count(k) for r, k in (("cervical", "C"), ("thoracic", "T"), ("lumbar", "L"))}
-    fused = castellvi.get("unlabelled_vertebra") if castellvi else None
-    if fused:
-        counts["lumbar"] += 1
-    sacrum = 26 in present
-    top_cut = bool(spine_info.get("top", {}).get("present"))
-    has = set(present)
-    contiguous = _contiguous(spine)
-    cervical = counts["cervical"] if (1 in has and "T" in regions and contiguous) else None
-    # T1 is recognisable when C7 is seen above it (or the scan starts at C1)
-    thoracic_top = 8 in has and 7 in has
-    thoracic = counts["thoracic"] if (thoracic_top and "L" in regions and contiguous) else None
-    lumbar = counts["lumbar"] if ("T" in regions and sacrum and contiguous) else None
-    if thoracic is None and lumbar is None and not sacrum and "T" in regions and "L" in regions and contiguous:
-        lumbar = None
-    complete = bool(sacrum and contiguous and (1 in has or (8 in has and not top_cut)) and "L" in regions)
+    notes: list[str] = []
+    items: list[dict] = []
+    top = spine_info.get("top")
+    if spine and top and top["present"]:
+        prev = _neighbour_name(spine[0], -1)
+        if prev:
+            items.append({"name": prev, "region": prev[0], "status": "cut"})
+    dists = [float(np.linalg.norm(frames[a].centre - frames[b].centre)) for a, b in itertools.pairwise(spine)]
+    for i, lab in enumerate(spine):
+        items.append({"name": L.name(lab), "region": effective[lab], "status": "visible"})
+        if i + 1 == len(spine):
+            break
+        nxt = spine[i + 1]
+        skipped = _skipped(lab, nxt)
+        if not skipped:
+            continue
+        ratio = _spacing_ratio(dists, i)
+        if (lab, nxt) in _VARIANT_SKIPS and ratio < 1.5:
+            continue  # a numeric variant, not a missing vertebra
+        if len(skipped) == 1 and 1.5 <= ratio < 2.5:
+            name = L.name(skipped[0])
+            items.append({"name": name, "region": L.region(skipped[0]), "status": "unlabelled"})
+            notes.append(f"{name} is not labelled but there is room for one vertebra between "
+                         f"{L.name(lab)} and {L.name(nxt)}")
+        else:
+            items.append({"name": "?", "region": "?", "status": "gap"})
+            notes.append(f"labels jump from {L.name(lab)} to {L.name(nxt)} "
+                         f"({dists[i]:.0f} mm apart, {ratio:.1f} times the neighbouring spacing)")
+    if castellvi and castellvi.get("unlabelled_vertebra"):
+        items.append({"name": castellvi["vertebra"], "region": "L", "status": "fused"})
+    if 26 in present:
+        items.append({"name": "S1", "region": "S", "status": "visible"})
+    elif grid.ct is None:
+        # a mask alone (VerSe 2019 masks leave the sacrum out): trust the rater's names,
+        # who called the last lumbar vertebra L5 or L6 because the sacrum came next
+        if spine and spine[-1] in (24, 25) and not _touches_end(grid, spine[-1]):
+            items.append({"name": "S1", "region": "S", "status": "inferred"})
+            notes.append(f"sacrum not labelled and no CT: the lumbar count is closed at {L.name(spine[-1])} "
+                         "by its name")
+    else:
+        bottom = spine_info.get("bottom")
+        if spine and bottom and bottom["present"]:
+            fused = castellvi and castellvi.get("unlabelled_vertebra")
+            nxt = "S1" if fused else _neighbour_name(spine[-1], +1)
+            if nxt:
+                items.append({"name": nxt, "region": "S" if nxt == "S1" else nxt[0], "status": "cut"})
+    return items, notes
+
+
+def _touches_end(grid: Grid, lab: int) -> bool:
+    """True when a label reaches the craniocaudal end of the image."""
+    m = grid.mask
+    return bool((m[:, :, 0] == lab).any() or (m[:, :, -1] == lab).any())
+
+
+def _skipped(a: int, b: int) -> list[int]:
+    """Required chain members strictly between labels ``a`` and ``b`` (sacrum: 26)."""
+    if a not in _CHAIN or b not in _CHAIN:
+        return []
+    i, j = _CHAIN.index(a), _CHAIN.index(b)
+    return [x for x in _CHAIN[i + 1:j] if x not in _OPTIONAL]
+
+
+def _spacing_ratio(dists: list[float], i: int) -> float:
+    """Distance between vertebrae i and i+1 over the spacing of the neighbouring pairs."""
+    ref = [dists[k] for k in (i - 1, i + 1) if 0 <= k < len(dists)]
+    return dists[i] / float(np.median(ref)) if ref else 1.0
+
+
+def enumerate_spine(items: list[dict]) -> tuple[dict, dict]:
+    """Determinable counts, completeness and T11/T13/L4/L6 flags from the sequence.
+
+    A region's count is determinable when the field of view shows all of it and the
+    vertebra on each side of it (the paper: labelled from C1 or T1 down to the sacrum).
+    """
+    regions = [it["region"] for it in items]
+    counts = {key: regions.count(r) for key, r in (("cervical", "C"), ("thoracic", "T"), ("lumbar", "L"))}
+
+    def determinable(region: str, before: set, after: set, first_ok: bool = False) -> int | None:
+        idx = [i for i, r in enumerate(regions) if r == region]
+        if not idx or idx != list(range(idx[0], idx[-1] + 1)):
+            return None
+        lo, hi = idx[0], idx[-1]
+        head_ok = (first_ok and lo == 0 and items[0]["name"] == "C1") or (lo > 0 and regions[lo - 1] in before)
+        tail_ok = hi + 1 < len(items) and regions[hi + 1] in after
+        return len(idx) if head_ok and tail_ok else None
+
+    enum = {
+        "cervical": determinable("C", set(), {"T"}, first_ok=True),
+        "thoracic": determinable("T", {"C"}, {"L", "S"}),
+        "lumbar": determinable("L", {"T"}, {"S"}),
+    }
+    enum["complete"] = None not in enum.values()
     flags = []
-    if thoracic in (11, 13):
-        flags.append(f"T{thoracic}")
-    if lumbar in (4, 6):
-        flags.append(f"L{lumbar}")
-    evidence = {"contiguous": contiguous, "sacrum_labelled": sacrum, "effective_regions":
-                {L.name(k): v for k, v in effective.items() if L.is_vertebra(k)}}
-    return ({"cervical": cervical, "thoracic": thoracic, "lumbar": lumbar, "complete": complete, "flags": flags},
-            counts, evidence)
-
-
-def _contiguous(spine: list[int]) -> bool:
-    chain = [*range(1, 20), 28, *range(20, 26)]
-    pos = [chain.index(x) for x in spine]
-    gaps = [b - a for a, b in zip(pos, pos[1:])]
-    # T13 and L6 are optional links of the chain
-    ok = all(g == 1 or (g == 2 and chain[a + 1] == 28) for g, a in zip(gaps, pos))
-    return ok
+    if enum["thoracic"] is not None and enum["thoracic"] != 12:
+        flags.append(f"T{enum['thoracic']}")
+    if enum["lumbar"] is not None and enum["lumbar"] != 5:
+        flags.append(f"L{enum['lumbar']}")
+    enum["flags"] = flags
+    return enum, counts
 
 
 # --------------------------------------------------------------------------- Castellvi
@@ -483,12 +568,21 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         return None, {"note": "no CT"}
     if not lumbar:
         return None, {"note": "no lumbar vertebra in the mask"}
-    if 26 not in present:
-        return None, {"note": "sacrum not labelled: Castellvi undeterminable"}
     last = lumbar[-1]
     fr = frames[last]
     sp = grid.sp
-    sacrum_pts = grid.points(26)
+    if 26 in present:
+        sacrum_pts = grid.points(26)
+        mask_all = grid.mask
+    else:
+        # the sacrum cut by the field of view carries no label: find it below the last
+        # lumbar vertebra, and label it here (evidence says so)
+        sacrum_pts, found_ev = find_unlabelled_sacrum(grid, bone, fr, last)
+        evidence["unlabelled_sacrum"] = found_ev
+        if sacrum_pts is None:
+            return None, {**evidence, "note": "sacrum neither labelled nor found below the last lumbar vertebra"}
+        mask_all = grid.mask.copy()
+        mask_all[tuple(sacrum_pts.T)] = 26
     # region of interest: the last lumbar vertebra, the sacrum's top and everything between
     last_pts = grid.points(last)
     pad = np.ceil(25.0 / sp).astype(int)
@@ -499,7 +593,7 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     lo = np.maximum(both.min(axis=0) - pad, 0)
     hi = np.minimum(both.max(axis=0) + pad + 1, grid.mask.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    m = grid.mask[box]
+    m = mask_all[box]
     b = bone[box]
     ct = grid.ct[box]
     base_mm = lo * sp
@@ -527,7 +621,9 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         ids = ids[ids > 0]
         # its voxels: unlabelled bone joined to the bone between, on the raw CT so
         # that a narrow cleft to the sacrum is not bridged by the smoothing
-        vert = np.isin(comps, ids) & (np.abs(lat) < 75) & (ap < 40) & (ct >= thr)
+        reach = float(np.abs(lat[in_last]).max())
+        vert = (np.isin(comps, ids) & (np.abs(lat) < 1.2 * reach) & (ap < 40) & (ct >= thr)
+                & (t <= t_last_bottom + 5) & (t >= t_sac_top - 15))
         name = _neighbour_name(last, +1) if last != 24 else "L6"
         if last == 25:
             name = "L7?"
@@ -555,6 +651,81 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     result = {"vertebra": name, "left": grades["left"], "right": grades["right"], "grade": combined,
               "unlabelled_vertebra": bool(fused_vertebra)}
     return result, evidence
+
+
+def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, fr: Frame, last: int, step_mm: float = 2.0):
+    """Voxels of an unlabelled sacrum below the last lumbar vertebra, or ``None``.
+
+    Walks down the spinal axis from the last lumbar body in ``step_mm`` slabs and
+    measures how much of a 15 mm column around the axis is bone: vertebral bodies are
+    full, discs empty. The first body longer than 45 mm (or running out of the image)
+    is the sacrum; a shorter one is an unlabelled transitional vertebra, and the sacrum
+    starts at the next body. The sacrum is the unlabelled bone below its top that is
+    connected to that column.
+    """
+    sp = grid.sp
+    down = -fr.superior
+    last_mm = grid.points(last) * sp - fr.body
+    t_last = last_mm @ down
+    radial = np.linalg.norm(last_mm - np.outer(t_last, down), axis=1)
+    start = float(t_last[radial < 15].max()) if (radial < 15).any() else float(t_last.max())
+    length = 160.0
+    region, box = _tube(grid, fr.body, down, start, start + length, 15.0)
+    base = np.array([s.start for s in box]) * sp
+    free = bone[box] & (grid.mask[box] == 0) & region
+    idx = np.argwhere(region)
+    t_all = (idx * sp + base - fr.body) @ down - start
+    bins = (t_all // step_mm).astype(int)
+    n_bins = int(length // step_mm) + 1
+    total = np.bincount(bins, minlength=n_bins)[:n_bins]
+    full = np.bincount(bins, weights=free[tuple(idx.T)], minlength=n_bins)[:n_bins]
+    frac = np.where(total > 0, full / np.maximum(total, 1), np.nan)
+    solid = np.nan_to_num(frac, nan=0.0) >= 0.3
+    # bodies: runs of bone at least 8 mm long, bridging holes of under 4 mm
+    runs = []
+    for a, b in _runs(solid):
+        if runs and (a - runs[-1][1]) * step_mm < 4.0:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    runs = [(a, b) for a, b in runs if (b - a) * step_mm >= 8.0]
+    evidence = {"bodies_below_mm": [[round(a * step_mm, 1), round(b * step_mm, 1)] for a, b in runs]}
+    if not runs:
+        return None, evidence
+    valid = np.flatnonzero(total > 0)
+    data_end = int(valid.max()) + 1 if len(valid) else 0
+    a0, b0 = runs[0]
+    # a transitional vertebra's body is followed by a disc and the sacrum; the sacrum
+    # by nothing for a long way (the column leaves it through its tilted back)
+    lstv = (len(runs) > 1 and (b0 - a0) * step_mm <= 45.0 and (runs[1][0] - b0) * step_mm <= 20.0
+            and b0 < data_end - 1)
+    top = runs[1][0] if lstv else a0
+    if lstv:
+        evidence["transitional_body_mm"] = [round(a0 * step_mm, 1), round(b0 * step_mm, 1)]
+    top_t = start + top * step_mm
+    # the sacrum: unlabelled bone below its top, connected to the axial column there
+    sac_region, sbox = _tube(grid, fr.body, down, top_t - 3.0, top_t + length, 80.0)
+    cand = bone[sbox] & (grid.mask[sbox] == 0) & sac_region
+    comps, _ = ndimage.label(cand)
+    sbase = np.array([s.start for s in sbox])
+    col_idx = np.argwhere(free) + np.array([s.start for s in box]) - sbase
+    inside = np.all((col_idx >= 0) & (col_idx < np.asarray(cand.shape)), axis=1)
+    col_idx = col_idx[inside]
+    col_t = (col_idx * sp + sbase * sp - fr.body) @ down
+    seeds = comps[tuple(col_idx[col_t >= top_t].T)]
+    ids = np.unique(seeds[seeds > 0])
+    if len(ids) == 0:
+        return None, evidence
+    pts = np.argwhere(np.isin(comps, ids)) + sbase
+    evidence.update({"top_below_last_lumbar_mm": round(top * step_mm, 1), "voxels": len(pts)})
+    return pts, evidence
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of every run of True."""
+    padded = np.r_[False, flags, False].astype(np.int8)
+    d = np.diff(padded)
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
 
 
 def _box_coords(shape, sp, base_mm) -> np.ndarray:
@@ -623,10 +794,10 @@ def _combine(left: int, right: int) -> str:
 
 
 # --------------------------------------------------------------------------- warnings
-def consistency_warnings(present, ribs, effective, stump_mm, have_ct) -> list[str]:
+def consistency_warnings(present, ribs, effective, stump_mm, have_ct, items) -> list[str]:
     out = []
     spine = [lab for lab in present if L.is_vertebra(lab)]
-    if not _contiguous(spine):
+    if any(it["status"] in ("gap", "unlabelled") for it in items):
         out.append("labels are not contiguous: " + ", ".join(L.name(x) for x in spine))
     if have_ct:
         for lab in spine:

@@ -241,10 +241,13 @@ def streaks(grid: Grid, metal: np.ndarray, rng: np.random.Generator) -> np.ndarr
     A = grid.affine
     inv = np.linalg.inv(A)
     vox = metal @ inv[:3, :3].T + inv[:3, 3]
-    sa = grid.slice_axis
+    # CT is always acquired axially: streaks lie in the axial plane, whatever the grid
+    sa = int(np.argmax(np.abs(A[2, :3]) / np.sqrt((A[:3, :3] ** 2).sum(0))))
     ax = [k for k in range(3) if k != sa]
-    lo = max(int(np.floor(vox[:, sa].min())) - 2, 0)
-    hi = min(int(np.ceil(vox[:, sa].max())) + 3, shape[sa])
+    sp_sa = float(np.sqrt((A[:3, sa] ** 2).sum()))
+    pad = int(np.ceil(12.0 / sp_sa))
+    lo = max(int(np.floor(vox[:, sa].min())) - pad, 0)
+    hi = min(int(np.ceil(vox[:, sa].max())) + pad + 1, shape[sa])
     out = np.zeros(shape, dtype=np.float32)
     if hi <= lo:
         return out
@@ -273,7 +276,14 @@ def streaks(grid: Grid, metal: np.ndarray, rng: np.random.Generator) -> np.ndarr
     sl[sa] = slice(lo, hi)
     fshape = [1, 1, 1]
     fshape[ax[0]], fshape[ax[1]] = field.shape
-    out[tuple(sl)] = field.reshape(fshape)
+    # fade in and out over the slab so that no slice boundary shows
+    pos = np.arange(lo, hi, dtype=np.float32)
+    zmin, zmax = float(vox[:, sa].min()), float(vox[:, sa].max())
+    outside = np.maximum(np.maximum(zmin - pos, pos - zmax), 0) * np.float32(sp_sa)
+    weight = np.exp(-((outside / np.float32(5.0)) ** 2)).astype(np.float32)
+    wshape = [1, 1, 1]
+    wshape[sa] = len(pos)
+    out[tuple(sl)] = field.reshape(fshape) * weight.reshape(wshape)
     return out
 
 

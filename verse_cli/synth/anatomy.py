@@ -180,7 +180,7 @@ def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
     trab = float(rng.uniform(150, 300) - 110 * age_factor)
     tile = ndimage.gaussian_filter(rng.standard_normal((64, 64, 64)).astype(F32), rng.uniform(0.7, 1.4), mode="wrap")
     tile /= max(float(tile.std()), 1e-6)
-    return BoneHU(cortex=float(rng.uniform(700, 1400)), trabecular=trab, cortex_mm=float(rng.uniform(0.8, 1.6)),
+    return BoneHU(cortex=float(rng.uniform(700, 1400)), trabecular=trab, cortex_mm=float(rng.uniform(1.1, 2.0)),
                   texture_amp=float(rng.uniform(20, 60)), tile=tile, tile_mm=float(rng.uniform(0.5, 0.9)))
 
 

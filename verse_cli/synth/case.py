@@ -179,6 +179,7 @@ def _ribs(rng, spec, levels, size, hab):
             if st is not None:
                 rib = A.make_stub(lv, side, st["length_mm"])
                 st["vertebra"] = lv.name
+                st["length_mm"] = rib.length  # the rendered polyline is the ground truth
             else:
                 rib = A.make_rib(lv, side, rib_no, None, size, rng, drop_scale=rng.uniform(0.8, 1.2),
                                  cartilage=rib_no <= 10.3, cage=(Acage, Bcage))
@@ -188,8 +189,10 @@ def _ribs(rng, spec, levels, size, hab):
         ribs.append(A.make_stub(by["C7"], side, length, "cervical"))
     for (where, side), st in stumps.items():
         if where == "L1" and "L1" in by:
-            ribs.append(A.make_stub(by["L1"], side, st["length_mm"]))
+            rib = A.make_stub(by["L1"], side, st["length_mm"])
+            ribs.append(rib)
             st["vertebra"] = "L1"
+            st["length_mm"] = rib.length
     return ribs
 
 
@@ -327,6 +330,7 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
         cart = A.cartilage_shape(rib, hu["cartilage"])
         if cart is not None:
             shapes.insert(len(shapes) - 1, cart)
+    shapes += _chest_wall(levels, ribs, bone, size, rng)
     shapes += _skull(levels, bone, hu, size)
     metal_pts, metal_shapes = _metal(rng, levels, meta)
     shapes += metal_shapes
@@ -408,6 +412,64 @@ def _texture(rng, img, grid) -> np.ndarray:
                                                                                 : img.shape[2]]
     soft = (img > -200) & (img < 150)
     return np.where(soft, field, F32(0)).astype(F32)
+
+
+def _chest_wall(levels, ribs, bone, size, rng) -> list[Shape]:
+    """Sternum (where the costal cartilages meet), clavicles and scapulae."""
+    th = [lv for lv in levels if lv.region == "T"]
+    if len(th) < 8:
+        return []
+    shapes: list[Shape] = []
+    ends = {}
+    for r in ribs:
+        if r.cartilage is not None and len(r.cartilage) >= 2 and r.vid in [lv.vid for lv in th[:7]]:
+            ends.setdefault(r.vid, []).append(r.cartilage[-1])
+    mids = [np.mean(v, axis=0) for k, v in sorted(ends.items(), key=lambda kv: L.rank(kv[0])) if len(v) == 2]
+    mat = bone.material(cortex_mm=1.2, trab=bone.trabecular - 20)
+    if len(mids) >= 3:
+        mids = np.array(mids)
+        top = mids[0] + (mids[0] - mids[1]) * 0.8
+        bottom = mids[-1] + (mids[-1] - mids[-2]) * 1.2
+        line = np.concatenate([top[None], mids, bottom[None]])
+        lateral = np.array([1.0, 0.0, 0.0])
+        for off in (-7.0, 7.0):
+            shapes.append(A.tube_through(line + lateral * off * size, 6.5 * size, 0.0, material=mat))
+        # clavicles from the manubrium to the acromion, above the first ribs
+        t1 = th[0]
+        for s in (1.0, -1.0):
+            a = top + np.array([s * 14 * size, 0, 6])
+            tip = t1.to_world([s * (95 + rng.uniform(-5, 15)) * size, -10, 28])
+            mid1 = a + (tip - a) * 0.35 + np.array([0, 12, 8])
+            mid2 = a + (tip - a) * 0.75 + np.array([0, -6, 6])
+            shapes.append(A.tube_through(np.array([a, mid1, mid2, tip]), 7.0 * size, 0.0,
+                                         material=bone.material(cortex_mm=2.0)))
+    # scapulae on the posterior chest wall
+    t2, t3, t7 = th[1], th[2], th[min(6, len(th) - 1)]
+    for s in (1.0, -1.0):
+        sup = t2.to_world([s * 50 * size, -45 * size, 10])
+        inf = t7.to_world([s * 85 * size, -50 * size, 0])
+        gle = t3.to_world([s * 125 * size, -15 * size, 15])
+        n = np.cross(gle - sup, inf - sup)
+        n /= np.linalg.norm(n)
+
+        def tri(p, sup=sup, inf=inf, gle=gle, n=n):
+            from .engine import plate
+
+            d = plate(p, sup, gle - sup, inf - sup, 6.0)
+            edge = np.cross(n, inf - gle)
+            edge /= np.linalg.norm(edge)
+            if edge @ (sup - gle) < 0:
+                edge = -edge
+            return np.maximum(d, -((p - gle.astype(F32)) @ edge.astype(F32)))
+
+        lo = np.minimum.reduce([sup, inf, gle]) - 10
+        hi = np.maximum.reduce([sup, inf, gle]) + 10
+        shapes.append(Shape(sdf=tri, lo=lo, hi=hi, material=bone.material(cortex_mm=2.0), core_depth=None))
+        head = gle + (gle - (sup + inf) / 2) / np.linalg.norm(gle - (sup + inf) / 2) * 22 * size
+        r = 22 * size
+        shapes.append(Shape(sdf=lambda p, c=head, r=r: np.sqrt(((p - c.astype(F32)) ** 2).sum(1)) - F32(r),
+                            lo=head - r - 3, hi=head + r + 3, material=bone.material(cortex_mm=1.5), core_depth=None))
+    return shapes
 
 
 def _skull(levels, bone, hu, size) -> list[Shape]:

@@ -77,6 +77,8 @@ class BtrflyNet(nn.Module):
         self.cor_decoder = UnetDecoder(list(widths), list(decoder), n_blocks=len(decoder))
         self.sag_head = nn.Conv2d(decoder[-1], out_channels, 1)
         self.cor_head = nn.Conv2d(decoder[-1], out_channels, 1)
+        for head in (self.sag_head, self.cor_head):  # heatmaps are almost all background at the start
+            nn.init.constant_(head.bias, -4.0)
 
     def forward(self, sag, cor):
         fs = self.sag_arm(sag)
@@ -343,8 +345,8 @@ def prepare_all(jobs, workers: int = 0) -> list[dict]:
 
 
 def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = None, device: str = "auto",
-          seed: int = 0, resume: bool = False, workers: int = 0, batch_size: int = 8, lr: float = 2e-3,
-          val_fraction: float = 0.1, n_synth: int = 200) -> dict:
+          seed: int = 0, resume: bool = False, workers: int = 0, batch_size: int | None = None, lr: float = 2e-3,
+          val_fraction: float = 0.1, n_synth: int = 200, warmup_steps: int = 20) -> dict:
     """Train the Btrfly Net on a VerSe-layout dataset (e.g. ``verse synth`` output).
 
     Cases need a CT, a centroid JSON and (for the box) a vertebra mask; a variants
@@ -376,6 +378,8 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
     prep_val = prepare_all(val_jobs, workers)
     if not prep_train:
         raise DataError("no usable training case", data_dir)
+    if batch_size is None:
+        batch_size = 32 if dev.type == "cuda" else 8
     model = BtrflyNet()
     repeats = max(1, 64 // max(1, len(prep_train)))  # short epochs on tiny sets still validate
     train_ds = HeatmapDataset(prep_train, seed=seed, augment=True, repeats=repeats)
@@ -387,4 +391,4 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
             "spacing_mm": 1.5, "width_px": 128, "channels": list(CHANNELS)}
     return fit(model, train_dl, val_dl if len(prep_val) else None, step_fn, val_fn if len(prep_val) else None,
                out=out, epochs=epochs, minutes=minutes, lr=lr, seed=seed, resume=resume, device=dev,
-               meta=meta, arch=BtrflyNet.arch, config=model.config)
+               meta=meta, arch=BtrflyNet.arch, config=model.config, warmup_steps=warmup_steps)

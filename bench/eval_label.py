@@ -1,0 +1,159 @@
+"""Acceptance check for ``verse label`` on held-out synthetic cases (seeds >= 90000).
+
+Cases are rendered on the fly (``verse_cli.synth.generate_case``; seeds from 90000, never
+used in training) across all regions; the first ``--variants`` cases force a numbering
+variant (T13, L6, T11, L4 in turn) in a field of view where it is determinable (whole
+spine for T11/T13, thoracolumbar for L4/L6). The box given to ``label`` is the
+ground-truth mask's box enlarged by 10 mm (what ``verse detect`` should return).
+
+Metrics (the VerSe definitions, :func:`verse_cli.evaluate.get_hits`):
+
+* identification rate: hits / ground-truth vertebrae, over all cases;
+* localisation distance: mean distance between predicted and true centroid of the
+  identified vertebrae (and, for reference, of every label present in both);
+* variant correct: in a variant case, the variant's defining labels are identified
+  (T13: 28; L6: 25; T11: T11 and L1 with no T12 predicted; L4: L4 and S1 with no L5
+  predicted).
+
+Usage: ``python bench/eval_label.py [--n 50] [--variants 12] [--jobs 4] [--scale 0.5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+REGIONS = ("cervical", "thoracic", "lumbar", "thoracolumbar", "whole")
+VARIANTS = ("T13", "L6", "T11", "L4")
+VARIANT_REGION = {"T13": "whole", "T11": "whole", "L6": "thoracolumbar", "L4": "thoracolumbar"}
+
+
+def plan(n: int, n_variants: int, seed0: int) -> list[tuple[int, str, str | None]]:
+    jobs = []
+    for i in range(n):
+        if i < n_variants:
+            v = VARIANTS[i % len(VARIANTS)]
+            jobs.append((seed0 + i, VARIANT_REGION[v], v))
+        else:
+            jobs.append((seed0 + i, REGIONS[i % len(REGIONS)], "none"))
+    return jobs
+
+
+def render(job):
+    """Render one case, or read it from the ``--cache`` folder (pickled ``Case``)."""
+    import pickle
+    from pathlib import Path
+
+    from verse_cli.synth import generate_case
+
+    seed, region, variant = job
+    t = time.perf_counter()
+    cached = Path(CACHE) / f"{seed}_{region}_{variant}_{SCALE}.pkl" if CACHE else None
+    if cached is not None and cached.exists():
+        case = pickle.loads(cached.read_bytes())
+    else:
+        case = generate_case(seed, region=region, variant=variant, scale=SCALE)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.with_suffix(".tmp").write_bytes(pickle.dumps(case))
+            cached.with_suffix(".tmp").rename(cached)
+    return job, case, time.perf_counter() - t
+
+
+SCALE = 0.5
+CACHE = None
+
+
+def variant_ok(variant: str, hits: dict, pred: set) -> bool:
+    if variant == "T13":
+        return hits.get(28, False)
+    if variant == "L6":
+        return hits.get(25, False)
+    if variant == "T11":
+        return hits.get(18, False) and hits.get(20, False) and 19 not in pred
+    if variant == "L4":
+        return hits.get(23, False) and 24 not in pred and hits.get(26, True)
+    return True
+
+
+def main() -> None:
+    global SCALE, CACHE
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--variants", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=90000)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--scale", type=float, default=0.5)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--no-refine", action="store_true")
+    ap.add_argument("--json", default=None, help="Write per-case results here.")
+    ap.add_argument("--cache", default=None, help="Keep rendered cases here (pickles) for reruns.")
+    ap.add_argument("--render-only", action="store_true", help="Only render into --cache.")
+    args = ap.parse_args()
+    SCALE, CACHE = args.scale, args.cache
+    assert args.seed >= 90000, "held-out seeds start at 90000"
+
+    from verse_cli import label as LB
+    from verse_cli.evaluate import get_hits
+
+    jobs = plan(args.n, args.variants, args.seed)
+    if args.render_only:
+        for job in jobs:
+            _, _, t = render(job)
+            print(job, f"{t:.0f} s", flush=True)
+        return
+    net = LB.load_model(args.model, "auto")
+    if args.jobs > 1:
+        from multiprocessing import get_context
+
+        pool = get_context("fork").Pool(args.jobs)
+        cases = pool.imap(render, jobs)
+    else:
+        cases = map(render, jobs)
+    rows = []
+    for (seed, region, variant), case, t_render in cases:
+        gt = dict(zip(case.centroids.labels, case.centroids.to_world(case.affine)))
+        lo, hi = LB.box_of_mask(case.mask, case.affine)
+        t = time.perf_counter()
+        res = LB.label((case.ct.astype(np.float32), case.affine), (lo - 10, hi + 10), model=net,
+                       refine=not args.no_refine, details=True)
+        t_label = time.perf_counter() - t
+        pred = dict(zip(res.centroids.labels, res.centroids.to_world(case.affine)))
+        hits = get_hits(gt, pred)
+        common = sorted(set(gt) & set(pred))
+        dist = {lab: float(np.linalg.norm(gt[lab] - pred[lab])) for lab in common}
+        flags = case.variants.get("enumeration", {}).get("flags", [])
+        row = {"seed": seed, "region": region, "variant": variant if variant != "none" else None,
+               "determinable": flags, "gt": sorted(gt), "pred": sorted(pred), "hits": int(sum(hits.values())),
+               "n_gt": len(gt), "dist_hits": [dist[k] for k in common if hits[k]], "dist_common": list(dist.values()),
+               "variants_found": res.variants, "seconds": round(t_label, 2), "render_s": round(t_render, 1)}
+        if variant != "none":
+            row["variant_ok"] = bool(variant_ok(variant, hits, set(pred)))
+        rows.append(row)
+        print(f"{seed} {region:13s} {variant or '':5s} hits {row['hits']}/{row['n_gt']} "
+              f"d {np.mean(row['dist_hits']) if row['dist_hits'] else float('nan'):.2f} mm "
+              f"found {res.variants} ok {row.get('variant_ok', '-')} "
+              f"gt {' '.join(map(str, row['gt']))} | pred {' '.join(map(str, row['pred']))}", flush=True)
+    n_hits = sum(r["hits"] for r in rows)
+    n_gt = sum(r["n_gt"] for r in rows)
+    d_hits = [d for r in rows for d in r["dist_hits"]]
+    d_common = [d for r in rows for d in r["dist_common"]]
+    var_rows = [r for r in rows if "variant_ok" in r]
+    summary = {
+        "cases": len(rows), "vertebrae": n_gt, "id_rate": n_hits / max(1, n_gt),
+        "mean_dist_identified_mm": float(np.mean(d_hits)) if d_hits else None,
+        "mean_dist_common_mm": float(np.mean(d_common)) if d_common else None,
+        "variant_cases": len(var_rows), "variant_correct": sum(r["variant_ok"] for r in var_rows),
+        "seconds_per_case": float(np.mean([r["seconds"] for r in rows])) if rows else None,
+    }
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"summary": summary, "cases": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

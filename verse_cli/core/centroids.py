@@ -267,7 +267,10 @@ def body_centroids(mask: np.ndarray, affine: np.ndarray, labels: Iterable[int] |
        processes that reach as far forward as the canal); the centroid is their
        centre of mass. For C1, which has
        no body, the voxels anterior of the canal's centre (anterior arch and
-       lateral masses) are used.
+       lateral masses) are used, and its front is the side C2's body lies on.
+    6. **Consistency.** Neighbouring vertebrae face the same way: a vertebra whose
+       anterior direction opposes those of most of its neighbours (two levels up
+       and down) is redone with their mean direction deciding which end is anterior.
 
     When no canal is found (a vertebra cut by the field of view, an open arch),
     the fallback is a morphological opening with a ball of 60 % of the largest
@@ -283,19 +286,37 @@ def body_centroids(mask: np.ndarray, affine: np.ndarray, labels: Iterable[int] |
         stats = label_stats(mask)
     wanted = set(stats) if labels is None else {int(x) for x in labels} & set(stats)
     coms = {lab: geometry.vox2world(affine, s.com) for lab, s in stats.items()}
-    out_labels, out_coords = [], []
-    for lab in L.sort_anatomical(wanted):
-        box = stats[lab].box
-        pad = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, mask.shape))
-        crop = np.asarray(mask[pad]) == lab
-        offset = np.array([p.start for p in pad], dtype=np.float64)
-        crop_affine = np.asarray(affine, dtype=np.float64).copy()
-        crop_affine[:3, 3] = geometry.vox2world(affine, offset)
-        axis = _cranio_caudal_axis(lab, coms, crop, crop_affine)
-        centre = _body_centre(crop, crop_affine, axis, is_atlas=lab == 1)
-        out_labels.append(lab)
-        out_coords.append(centre + offset)
-    return Centroids(out_labels, np.array(out_coords).reshape(-1, 3), geometry.axcodes(affine))
+    crops = {}
+
+    def locate(lab: int, hint: np.ndarray | None = None):
+        if lab not in crops:
+            box = stats[lab].box
+            pad = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, mask.shape))
+            crop = np.asarray(mask[pad]) == lab
+            offset = np.array([p.start for p in pad], dtype=np.float64)
+            crop_affine = np.asarray(affine, dtype=np.float64).copy()
+            crop_affine[:3, 3] = geometry.vox2world(affine, offset)
+            crops[lab] = (crop, offset, crop_affine, _cranio_caudal_axis(lab, coms, crop, crop_affine))
+        crop, offset, crop_affine, axis = crops[lab]
+        centre, anterior = _body_centre(crop, crop_affine, axis, is_atlas=lab == 1, hint=hint)
+        return centre + offset, anterior
+
+    # C2 is needed for C1: the atlas ring is nearly symmetric front to back
+    todo = wanted | ({2} & set(stats) if 1 in wanted else set())
+    result = {lab: locate(lab) for lab in L.sort_anatomical(todo - {1})}
+    # the front of a vertebra points the way its neighbours' fronts do: redo the odd ones out
+    for lab in list(result):
+        mine = result[lab][1]
+        near = [result[k][1] for k in result if k != lab and abs(L.rank(k) - L.rank(lab)) <= 2
+                and result[k][1] is not None]
+        if mine is None or len(near) < 2:
+            continue
+        if sum(float(mine @ a) < 0 for a in near) > len(near) / 2:
+            result[lab] = locate(lab, hint=np.sum(near, axis=0))
+    if 1 in wanted:
+        result[1] = locate(1, hint=result[2][1] if 2 in result else None)
+    labs = L.sort_anatomical(wanted)
+    return Centroids(labs, np.array([result[k][0] for k in labs]).reshape(-1, 3), geometry.axcodes(affine))
 
 
 def _cranio_caudal_axis(lab: int, coms: dict[int, np.ndarray], crop: np.ndarray, crop_affine) -> np.ndarray:
@@ -341,16 +362,24 @@ def _to_frame(crop: np.ndarray, crop_affine: np.ndarray, rot: np.ndarray, step: 
     return out.astype(bool), grid_affine
 
 
-def _body_centre(crop: np.ndarray, crop_affine: np.ndarray, axis: np.ndarray, is_atlas: bool = False) -> np.ndarray:
-    """Body centroid of one vertebra (boolean ``crop``) in voxel coordinates of the crop."""
+def _body_centre(crop: np.ndarray, crop_affine: np.ndarray, axis: np.ndarray, is_atlas: bool = False,
+                 hint: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Body centroid of one vertebra (boolean ``crop``) in voxel coordinates of the crop,
+    and the anterior direction found (world unit vector, None without a canal).
+
+    ``hint`` (world vector) decides which end of the mirror line is anterior.
+    """
     from scipy import ndimage
 
-    centre = None
+    centre, anterior_world = None, None
     for attempt in range(2):
-        grid, grid_affine = _to_frame(crop, crop_affine, _frame(axis), FRAME_STEP_MM)
+        rot = _frame(axis)
+        grid, grid_affine = _to_frame(crop, crop_affine, rot, FRAME_STEP_MM)
         if grid.sum() < 8:
             break
-        body = _body_from_canal(grid, ndimage, is_atlas)
+        hint2d = None if hint is None else np.array([hint @ rot[:, 1], hint @ rot[:, 2]])
+        body, anterior = _body_from_canal(grid, ndimage, is_atlas, hint2d)
+        anterior_world = None if anterior is None else anterior[0] * rot[:, 1] + anterior[1] * rot[:, 2]
         if body is None:
             body = _body_from_opening(grid, ndimage)
         if body is None or body.sum() < 8:
@@ -358,44 +387,54 @@ def _body_centre(crop: np.ndarray, crop_affine: np.ndarray, axis: np.ndarray, is
         pts = geometry.vox2world(grid_affine, np.argwhere(body))
         centre = geometry.world2vox(crop_affine, pts.mean(axis=0))
         # refine the axis with the body's own one: a flat cylinder spreads least along it
-        own = np.linalg.eigh(np.cov(pts.T))[1][:, 0]
-        if attempt or is_atlas or abs(own @ axis) < np.cos(np.radians(40)):
+        spread, vecs = np.linalg.eigh(np.cov(pts.T))
+        own = vecs[:, 0]
+        flat = spread[0] < 0.6 * spread[1]  # small cervical bodies are nearly as deep as tall
+        if attempt or is_atlas or not flat or abs(own @ axis) < np.cos(np.radians(40)):
             break
         axis = own
-    return np.array(ndimage.center_of_mass(crop)) if centre is None else centre
+    return (np.array(ndimage.center_of_mass(crop)) if centre is None else centre), anterior_world
 
 
-def _body_from_canal(grid: np.ndarray, ndimage, is_atlas: bool) -> np.ndarray | None:
-    """The voxels anterior of the spinal canal (grid axis 0 is cranio-caudal)."""
+def _body_from_canal(grid: np.ndarray, ndimage, is_atlas: bool,
+                     hint2d: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The voxels anterior of the spinal canal (grid axis 0 is cranio-caudal), and the
+    anterior direction in grid axes 1-2 (both None when there is no canal)."""
     silhouette = grid.any(axis=0)
     holes, n = ndimage.label(ndimage.binary_fill_holes(silhouette) & ~silhouette)
     if n == 0:
-        return None
+        return None, None
     sizes = np.bincount(holes.ravel())[1:]
     canal = holes == (int(np.argmax(sizes)) + 1)
     min_area = 20.0 / FRAME_STEP_MM ** 2  # a canal is >= ~ 5x5 mm even in the cervical spine
     if canal.sum() < min_area:
-        return None
+        return None, None
     canal_pts = np.argwhere(canal).astype(np.float64)
     canal_centre = canal_pts.mean(axis=0)
     coords = np.indices(silhouette.shape).transpose(1, 2, 0).astype(np.float64)
-    anterior = _anterior_direction(grid, silhouette, canal_centre, coords, ndimage)
+    anterior = _anterior_direction(grid, silhouette, canal_centre, coords, ndimage, hint2d)
     region = None
     for attempt in range(2):  # refine the direction once with the body found
         if attempt:
-            anterior = np.array(ndimage.center_of_mass(region)) - canal_centre
-            if np.linalg.norm(anterior) < 1e-6:
-                return None
-            anterior /= np.linalg.norm(anterior)
+            refined = np.array(ndimage.center_of_mass(region)) - canal_centre
+            if np.linalg.norm(refined) < 1e-6:
+                return None, None
+            refined /= np.linalg.norm(refined)
+            if refined @ anterior < np.cos(np.radians(25)):
+                break  # a process stub left in the region pulls sideways: keep the mirror line
+            anterior = refined
         along = coords @ anterior  # 2D map of the anterior coordinate
         wall = canal_centre @ anterior if is_atlas else np.percentile(canal_pts @ anterior, CANAL_WALL_PERCENTILE)
-        region = _trim_processes(silhouette & (along > wall), ndimage, canal_centre, anterior)
+        region = silhouette & (along > wall)
+        # the atlas' lateral masses are its "body": trimming would keep only one of them
+        region = (region if region.any() else None) if is_atlas else _trim_processes(
+            region, ndimage, canal_centre, anterior)
         if region is None:
-            return None
-    return grid & region[None, :, :]
+            return None, None
+    return grid & region[None, :, :], anterior
 
 
-def _anterior_direction(grid, silhouette, canal_centre, coords, ndimage) -> np.ndarray:
+def _anterior_direction(grid, silhouette, canal_centre, coords, ndimage, hint2d=None) -> np.ndarray:
     """Unit 2D vector from the canal towards the body, in the axial plane of the grid.
 
     The axis is the vertebra's mirror line through the canal (the angle whose reflection
@@ -414,6 +453,8 @@ def _anterior_direction(grid, silhouette, canal_centre, coords, ndimage) -> np.n
         if score > best:
             best, best_angle = score, angle
     u = np.array([np.cos(best_angle), np.sin(best_angle)])
+    if hint2d is not None and abs(u @ hint2d) > 0.3 * np.linalg.norm(hint2d):
+        return u if u @ hint2d > 0 else -u
     rel = coords - canal_centre
     t = rel @ u
     strip = np.abs(rel @ np.array([-u[1], u[0]])) <= 3.0 / FRAME_STEP_MM

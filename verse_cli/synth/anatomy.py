@@ -165,10 +165,13 @@ class BoneHU:
         inv = F32(1.0 / self.tile_mm)
 
         def mat(p, d):
-            inner = np.clip((-d - t) / F32(0.7) + F32(0.5), 0, 1)  # 0 in the shell, 1 in the core
+            depth = -d - t
+            inner = np.clip(depth / F32(0.7) + F32(0.5), 0, 1)  # 0 in the shell, 1 in the core
+            # thin parts (processes, laminae) are mostly compact bone: brighter just under the shell
+            dense = np.clip(F32(1) - depth / F32(2.5), 0, 1) * F32(0.3) * (co - tr)
             ijk = (p * inv).astype(np.int32) & 63
             tex = tile[(ijk[:, 0] << 12) | (ijk[:, 1] << 6) | ijk[:, 2]]
-            return co + (tr + tex - co) * inner
+            return co + (tr + dense + tex - co) * inner
 
         return mat
 
@@ -177,11 +180,11 @@ def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
     """Random bone HU: trabecular 90-300 (lower with age), cortex 700-1400."""
     from scipy import ndimage
 
-    trab = float(rng.uniform(150, 300) - 110 * age_factor)
+    trab = float(rng.uniform(170, 330) - 90 * age_factor ** 2)
     tile = ndimage.gaussian_filter(rng.standard_normal((64, 64, 64)).astype(F32), rng.uniform(0.7, 1.4), mode="wrap")
     tile /= max(float(tile.std()), 1e-6)
     return BoneHU(cortex=float(rng.uniform(700, 1400)), trabecular=trab, cortex_mm=float(rng.uniform(1.1, 2.0)),
-                  texture_amp=float(rng.uniform(20, 60)), tile=tile, tile_mm=float(rng.uniform(0.5, 0.9)))
+                  texture_amp=float(rng.uniform(30, 80)), tile=tile, tile_mm=float(rng.uniform(0.5, 0.9)))
 
 
 # --------------------------------------------------------------------------- vertebrae
@@ -246,7 +249,7 @@ def posterior_sdf(q: np.ndarray, g: dict, region: str, sides: dict) -> np.ndarra
     u = np.array([0, -np.cos(sa), -np.sin(sa)]) * sl
     v = np.array([0, -np.sin(sa), np.cos(sa)]) * sh
     o = np.array([0, y_lm + 2.0, zp - 0.45 * lam_h]) - 0.2 * v
-    sp_t = g.get("sp_t", 6.0)
+    sp_t = g.get("sp_t", 5.0 if region == "T" else 6.5)
     spin = plate(q, o, u, v, sp_t, 0.5)
     tip = o + u + 0.5 * v
     if region == "C" and g.get("bifid", False):

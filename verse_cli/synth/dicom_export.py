@@ -44,8 +44,8 @@ def fictitious_identity(seed: int) -> dict:
         "StudyDate": f"{study_year}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 28)):02d}",
         "StudyTime": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}",
         "AccessionNumber": f"ACC{int(rng.integers(1e7, 1e8))}", "InstitutionName": inst,
-        "InstitutionAddress": addr, "ReferringPhysicianName": f"{str(rng.choice(_LAST))}^{str(rng.choice(_FIRST))}",
-        "OperatorsName": f"{str(rng.choice(_LAST))}^{str(rng.choice(_FIRST))}",
+        "InstitutionAddress": addr, "ReferringPhysicianName": f"{rng.choice(_LAST)!s}^{rng.choice(_FIRST)!s}",
+        "OperatorsName": f"{rng.choice(_LAST)!s}^{rng.choice(_FIRST)!s}",
         "StationName": f"CTSCAN{int(rng.integers(1, 9))}",
         "ImageComments": f"Spine CT for {first} {last}, back pain, call ext. {int(rng.integers(1000, 9999))}",
         "RequestedProcedureID": f"RP{int(rng.integers(1e5, 1e6))}",
@@ -74,7 +74,7 @@ def write_dicom_series(ct: np.ndarray, affine: np.ndarray, outdir, seed: int = 0
     ct = np.asarray(ct)
     unsigned = bool(ct.min() >= -1024 and rng.random() < 0.6)
     intercept = -1024 if unsigned else 0
-    uid = lambda tag: generate_uid(entropy_srcs=[str(seed), tag])  # noqa: E731
+    uid = lambda tag: generate_uid(entropy_srcs=[str(seed), tag])
     study_uid, series_uid, frame_uid = uid("study"), uid("series"), uid("frame")
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))

@@ -16,7 +16,7 @@ def views(ct: np.ndarray, mask: np.ndarray, affine: np.ndarray):
     sp = geometry.spacing(aff)
     if m_r.any():
         idx = np.argwhere(m_r > 0)
-        ci, cp, cl = np.median(idx, axis=0).astype(int)
+        _, cp, cl = np.median(idx, axis=0).astype(int)
     else:
         hot = np.argwhere(ct_r > 300)
         _ci, cp, cl = (np.median(hot, axis=0).astype(int) if len(hot) else np.array(ct_r.shape) // 2)

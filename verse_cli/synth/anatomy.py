@@ -115,6 +115,10 @@ def build_spine(levels: list[Level], rng: np.random.Generator, shape: dict) -> N
         lv.R = R.copy()
         lv.centre = start + R[:, 2] * lv.dims["H"] / 2
         top = lv.centre + R[:, 2] * lv.dims["H"] / 2
+        wedge = lv.dims.get("wedge", 0.0)
+        if wedge:  # the anterior collapse tilts everything above forward (local kyphosis)
+            R = R @ rot("x", -np.degrees(np.arctan2(wedge * lv.dims["H"], lv.dims["D"])))
+            top = top - R[:, 2] * wedge * lv.dims["H"] / 4
 
 
 def align_upright(levels: list[Level], tilt_deg=(0.0, 0.0, 0.0)) -> np.ndarray:
@@ -215,7 +219,8 @@ def body_sdf(q: np.ndarray, W, D, H, waist=0.06, post=0.88, conc=1.2, rr=1.5, we
     d2 = ellipse2d(x, y, a, b)
     d2 = np.maximum(d2, -y - F32(post * D / 2))
     r2 = np.clip((x / F32(W / 2)) ** 2 + (y / F32(D / 2)) ** 2, 0, 1)
-    half = F32(H / 2) + F32(wedge) * y / F32(D / 2) - F32(conc) * (1 - r2)
+    # wedge: fraction of height lost at the anterior wall (compression fracture), none posteriorly
+    half = F32(H / 2) * (F32(1) - F32(wedge) * np.clip(y / F32(D) + F32(0.5), 0, 1)) - F32(conc) * (1 - r2)
     dz = np.abs(z) - half
     return extrude(d2 + rr, dz + rr) - rr
 
@@ -306,7 +311,11 @@ def vertebra_sdf_factory(lv: Level, rng: np.random.Generator, deform_mm: float):
         q = warp(q)
         if lv.name == "C1":
             return atlas_sdf(q, g)
-        body = body_sdf(q, g["W"], g["D"], g["H"], waist=g.get("waist", 0.06), conc=g.get("conc", 1.2))
+        body = body_sdf(q, g["W"], g["D"], g["H"], waist=g.get("waist", 0.06), conc=g.get("conc", 1.2),
+                        wedge=g.get("wedge", 0.0))
+        # basivertebral foramen: the notch in the middle of the posterior wall
+        notch = capsule(q, (0, -g["D"] / 2 - 2, 0), (0, -g["D"] / 2 + 5, 0), 1.6, scale=(0.6, 1, 1))
+        body = smax(body, -notch, 0.8)
         d = smin(body, posterior_sdf(q, g, "C" if lv.name == "C2" else region, sides), 2.5)
         if region == "C":
             unc = ellipsoid(_mirror(q), (g["W"] / 2 - 1.5, 0.0, g["H"] / 2), (2.2, 5.0, 3.0))

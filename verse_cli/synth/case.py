@@ -145,6 +145,29 @@ def _degenerate(rng, levels, meta):
     meta["degeneration"] = round(float(severity), 2)
 
 
+def _fractures(rng, levels, meta):
+    """Osteoporotic compression fractures (wedge, biconcave, crush), frequent in VerSe."""
+    if rng.random() > 0.22:
+        return
+    cand = [lv for lv in levels if lv.region in ("T", "L") and lv.extra.get("t_index", 5) >= 5]
+    picked = rng.choice(len(cand), size=min(len(cand), int(rng.integers(1, 4))), replace=False)
+    kinds = []
+    for i in picked:
+        lv = cand[int(i)]
+        kind = str(rng.choice(["wedge", "biconcave", "crush"], p=[0.55, 0.25, 0.2]))
+        g = lv.dims
+        if kind == "wedge":
+            g["wedge"] = float(rng.uniform(0.2, 0.55))
+        elif kind == "biconcave":
+            g["conc"] = float(g["H"] * rng.uniform(0.12, 0.25))
+        else:
+            g["H"] *= float(rng.uniform(0.55, 0.8))
+            g["wedge"] = float(rng.uniform(0.0, 0.25))
+        lv.extra["trab_shift"] = float(rng.uniform(20, 120))  # impacted, sclerotic trabeculae
+        kinds.append(f"{lv.name}:{kind}")
+    meta["fractures"] = kinds
+
+
 def _spine_shape(rng) -> dict:
     ss = rng.uniform(28, 50)
     shape = {"ss": ss, "ll": ss + rng.uniform(5, 22), "tk": rng.uniform(18, 55), "cl": rng.uniform(0, 40),
@@ -267,6 +290,7 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     size = float(rng.uniform(0.86, 1.14))
     levels = _build_levels(rng, spec, size)
     _degenerate(rng, levels, meta)
+    _fractures(rng, levels, meta)
     shape_params = _spine_shape(rng)
     A.build_spine(levels, rng, shape_params)
     tilt = (rng.normal(0, 3), rng.normal(0, 3), rng.normal(0, 4))
@@ -331,6 +355,7 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
         if cart is not None:
             shapes.insert(len(shapes) - 1, cart)
     shapes += _chest_wall(levels, ribs, bone, size, rng)
+    shapes += _arms(levels, hab, hu, bone, rng)
     shapes += _skull(levels, bone, hu, size)
     metal_pts, metal_shapes = _metal(rng, levels, meta)
     shapes += metal_shapes
@@ -469,6 +494,34 @@ def _chest_wall(levels, ribs, bone, size, rng) -> list[Shape]:
         r = 22 * size
         shapes.append(Shape(sdf=lambda p, c=head, r=r: np.sqrt(((p - c.astype(F32)) ** 2).sum(1)) - F32(r),
                             lo=head - r - 3, hi=head + r + 3, material=bone.material(cortex_mm=1.5), core_depth=None))
+    return shapes
+
+
+def _arms(levels, hab, hu, bone, rng) -> list[Shape]:
+    """Arms at the sides (in about a third of the cases; otherwise raised out of view)."""
+    th = [lv for lv in levels if lv.region == "T"]
+    lum = [lv for lv in levels if lv.region == "L"]
+    if len(th) < 6 or not lum or rng.random() > 0.35:
+        return []
+    prof = B.body_profile(levels, hab)
+    shoulder = th[1].centre
+    elbow = lum[min(1, len(lum) - 1)].centre
+    wrist = levels[-1].to_world([0, 40, -120])
+    shapes: list[Shape] = []
+    r_arm = float(rng.uniform(38, 52) * hab["size"])
+    fat = float(rng.uniform(4, 15))
+    for s in (1.0, -1.0):
+        pts = []
+        for p in (shoulder, elbow, wrist):
+            cx, cy, a, b = [float(v[0]) for v in prof.at(np.array([p[2]], F32))]
+            pts.append([cx + s * (a + r_arm + rng.uniform(3, 25)), cy - 0.2 * b, p[2]])
+        pts = np.array(pts)
+        radii = np.array([r_arm, r_arm * 0.85, r_arm * 0.65])
+        shapes.append(A.tube_through(pts, radii, hu["fat"]))
+        shapes.append(A.tube_through(pts, radii - fat, hu["muscle"]))
+        bone_r = np.array([11.0, 9.0, 8.0]) * hab["size"]
+        shapes.append(A.tube_through(pts + np.array([0, 3.0, 0]), bone_r, 0.0,
+                                     material=bone.material(cortex_mm=3.0, trab=bone.trabecular - 150)))
     return shapes
 
 

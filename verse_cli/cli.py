@@ -356,6 +356,7 @@ def train_segment(
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
     batch: Annotated[int, typer.Option(help="Cases per step (each gives 16 slabs).")] = 2,
+    crop: Annotated[Optional[int], typer.Option(help="Train on CROP x CROP windows (cheaper CPU steps).")] = None,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -365,7 +366,7 @@ def train_segment(
     from .nets.train_segment import train
 
     train(data_dir, out=out, minutes=minutes, epochs=epochs, device=device, seed=seed, resume=resume,
-          workers=workers, batch=batch)
+          workers=workers, batch=batch, crop=crop)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -44,14 +44,16 @@ BONE_HU = 200.0
 HEAD_NECK_MAX_WIDTH_MM = 230.0
 MIN_ZONE_MM = 30.0
 MIDLINE_HALF_WIDTH_MM = 25.0
-CHIN_MIN_PROTRUSION_MM = 65.0
+CHIN_MIN_PROTRUSION_MM = 40.0
 CHIN_EXTRA_OVER_NECK_MM = 25.0
 CHIN_MIN_RUN_MM = 15.0
 CHIN_EXTEND_MM = 12.0  # start the cut below the level where the chin is first detected
-CLEARANCE_MM = 12.0  # cut this far in front of the spine's anterior surface
+CLEARANCE_MM = 7.0  # cut this far in front of the spine's anterior surface (the shell guards it)
 PROTECT_MM = 10.0  # shell around the tracked spine that is never removed
-TILT_DEG = 35.0
-TILT_START_MM = 15.0  # above the top of the tracked spine
+CHIN_BELOW_C1_MM = 50.0  # chin level when no protrusion is seen (face cut by the field of view)
+MIN_FACE_CM3 = 20.0
+HEAD_RADIUS_MM = (50.0, 130.0)
+HEAD_MAX_SLOPE = 1.0
 
 
 @dataclass
@@ -116,38 +118,131 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- detection
-SPINE_JUMP_MM = 10.0  # a forward jump of the spine front between neighbouring slices: not spine
-SPINE_EXTRAPOLATE_MM = 30.0
+SPINE_MAX_SLOPE = 0.7  # mm forward per mm up that the spine front may move (35 degrees)
+SPINE_SHELL_LAG_MM = 15.0
 
 
-def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
-    """Anterior surface (y, mm) of the tracked spine for every axial slice.
+def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> tuple[np.ndarray, float]:
+    """Anterior surface (y, mm) of the tracked spine for every axial slice, and the top (z, mm)
+    of the slices where it was measured on the column itself.
 
-    Per slice, the most anterior spine voxel, followed up from the neck until it jumps
-    forward by more than ``SPINE_JUMP_MM`` between neighbouring slices: there bone
-    that touches the column (skull base, jaw) joins the track. Above that level the
-    front is extrapolated along a robust (Theil-Sen) line through the slices below for
-    ``SPINE_EXTRAPOLATE_MM``, then held. Going up, the front never retreats, so nothing
-    behind the column (brainstem, occiput) is ever cut.
+    Per slice the most anterior spine voxel, followed up from the lowest slices (their
+    median) with the forward step limited to ``SPINE_MAX_SLOPE`` per mm: bone that
+    touches the column (skull base, jaw) may not drag the front forward faster than the
+    cervical lordosis does. Going up the front never retreats, so nothing behind the
+    column (brainstem, occiput) is ever cut.
     """
-    from scipy.stats import theilslopes
-
     _, y_max = _extent(spine.any(axis=0), ys)
     known = np.flatnonzero(~np.isnan(y_max))
     raw = y_max[known]
-    jumps = np.flatnonzero(np.diff(raw) > SPINE_JUMP_MM)
-    upto = int(jumps[0]) + 1 if jumps.size else len(raw)
-    known, raw = known[:upto], raw[:upto]
+    limited = raw.copy()
+    limited[0] = np.median(raw[:5])
+    rises = SPINE_MAX_SLOPE * np.diff(zs[known])
+    for i in range(1, len(raw)):  # a few dozen coarse slices
+        limited[i] = min(raw[i], limited[i - 1] + rises[i - 1])
+    y_front = np.maximum.accumulate(np.interp(np.arange(len(zs)), known, limited))
     z_last = zs[known[-1]]
-    if known.size >= 3:
-        slope, intercept, _, _ = theilslopes(raw, zs[known])
+    on_column = known[raw >= y_front[known] - SPINE_SHELL_LAG_MM]
+    return y_front, float(zs[on_column[-1]] if on_column.size else z_last)
+
+
+def tallest_column(bone: np.ndarray, lower: slice, step: float) -> np.ndarray | None:
+    """The bone structure that spans the most axial slices within ``lower`` (the neck).
+
+    Discs split the column into vertebrae, so gaps of up to ~12 mm along z are bridged
+    before labelling. The bottom slices alone may hold clavicles or scapulae; the
+    column is what runs the whole height.
+    """
+    from scipy import ndimage
+
+    bridge = np.ones((1, 1, 2 * max(1, round(6.0 / step)) + 1), bool)
+    labels, n = ndimage.label(ndimage.binary_closing(bone, structure=bridge) | bone)
+    if n == 0:
+        return None
+    part = labels[:, :, lower]
+    hits = np.zeros((n + 1, part.shape[2]), bool)
+    slice_index = np.broadcast_to(np.arange(part.shape[2]), part.shape)
+    hits[part.ravel(), slice_index.ravel()] = True
+    height = hits[1:].sum(axis=1)
+    if height.max() == 0:
+        return None
+    return labels == int(height.argmax()) + 1
+
+
+SKULL_BASE_SPIKE = 1.35  # cross-section jump where the skull base meets C1
+C1_SLICES_MM = 9.0  # keep this much of the track above the jump (C1 itself)
+
+
+def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.ndarray, bool, int]:
+    """Drop what the spine track picked up above C1; also say whether a skull base was seen
+    and below which slice the track is free of it (for measuring the spine's front).
+
+    Within the midline band the cervical column has a steady cross-section. Where the
+    skull base sits on C1 the band suddenly holds much more bone (a jump above
+    ``SKULL_BASE_SPIKE`` times the typical cross-section); above it lies only the skull
+    shell. Without a jump, the column ends where two consecutive slices hold less than
+    half the typical cross-section (the scan reaches above C1 without a skull base in
+    the band), or at the top of the track.
+    """
+    counts = spine.sum(axis=(0, 1))
+    present = np.flatnonzero(counts > 0)
+    if present.size < 6:
+        return spine, False, spine.shape[2]
+    lower = present[2: max(5, present.size // 2)]
+    typical = float(np.median(counts[lower]))
+    start = int(lower[-1]) + 1
+    spikes = np.flatnonzero(counts[start:] > SKULL_BASE_SPIKE * typical) + start
+    thin = counts < 0.5 * typical
+    drops = np.flatnonzero(thin[start:-1] & thin[start + 1:]) + start
+    if spikes.size and (not drops.size or spikes[0] < drops[0]):
+        end, skull, clean = int(spikes[0]) + max(1, round(C1_SLICES_MM / step)), True, int(spikes[0])
+    elif drops.size:
+        end, skull, clean = int(drops[0]), False, int(drops[0])
     else:
-        slope, intercept = 0.0, float(raw.max()) if raw.size else 0.0
-    above = zs > z_last
-    z_ext = np.minimum(zs, z_last + SPINE_EXTRAPOLATE_MM)
-    y_front = np.interp(np.arange(len(zs)), known, raw)  # held constant below the first slice
-    y_front[above] = np.maximum(raw[-1], intercept + slope * z_ext[above])
-    return np.maximum.accumulate(y_front)
+        return spine, False, spine.shape[2]
+    spine = spine.copy()
+    spine[:, :, end:] = False
+    return spine, skull, clean
+
+
+def column_midline(column: np.ndarray, xs: np.ndarray, zs: np.ndarray) -> np.ndarray:
+    """x (mm) of the column's middle for every slice: a Theil-Sen line through per-slice medians."""
+    from scipy.stats import theilslopes
+
+    counts = column.sum(axis=1)  # (x, z)
+    has = counts.sum(axis=0) > 0
+    cumulative = np.cumsum(counts, axis=0)
+    median_index = (cumulative >= cumulative[-1] / 2).argmax(axis=0)
+    x_med = xs[median_index][has]
+    if has.sum() >= 3:
+        slope, intercept, _, _ = theilslopes(x_med, zs[has])
+        return intercept + slope * zs
+    return np.full(len(zs), float(np.median(x_med)))
+
+
+def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray, z_c1: float,
+              y_front: np.ndarray) -> float | None:
+    """Forward tilt (dy/dz) of the line from C1 to the centre of the skull, or None.
+
+    The skull shell (bone above C1) is fitted with a sphere by linear least squares,
+    which copes with a vault cut by the field of view. Implausible fits give None.
+    """
+    above = bone & body & (zs[None, None, :] > z_c1 + 10.0)
+    pts = np.argwhere(above)
+    if len(pts) < 200:
+        return None
+    step = float(ys[1] - ys[0])
+    xyz = pts * step
+    a = np.c_[2 * xyz, np.ones(len(xyz))]
+    b = (xyz ** 2).sum(axis=1)
+    sol, *_ = np.linalg.lstsq(a, b, rcond=None)
+    centre = sol[:3]
+    radius = float(np.sqrt(max(sol[3] + centre @ centre, 0.0)))
+    if not HEAD_RADIUS_MM[0] <= radius <= HEAD_RADIUS_MM[1] or centre[2] <= z_c1 + 20.0:
+        return None
+    y_c1 = float(np.interp(z_c1, zs, y_front))
+    slope = (centre[1] - y_c1) / (centre[2] - z_c1)
+    return float(np.clip(slope, -HEAD_MAX_SLOPE, HEAD_MAX_SLOPE))
 
 
 def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.0) -> tuple[np.ndarray | None, FaceReport]:
@@ -185,63 +280,68 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
         return None, FaceReport(False, f"only {zone_mm:.0f} mm of neck at the top of the scan: no face",
                                 {"zone_mm": zone_mm})
 
-    # 2. the cervical spine: midline bone seeded in the lowest zone slices, tracked upward
-    counts = body.sum(axis=(0, 1)).clip(min=1)
-    xc = (body.sum(axis=1) * xs[:, None]).sum(axis=0) / counts  # body centre x per slice
-    y_back, y_body_front = _extent(body.any(axis=0), ys)
-    midline = np.abs(xs[:, None] - xc[None, :]) < MIDLINE_HALF_WIDTH_MM  # (x, z)
-    y_mid = (y_back + y_body_front) / 2
-    posterior = ys[None, :, None] < (y_back + 0.67 * (y_body_front - y_back))[None, None, :]
+    # 2. the cervical spine: the bone column that spans most of the neck, then its midline band
     zone = np.zeros(nz, bool)
     zone[zone_lo:] = True  # up to the top edge: the head may be cut by the field of view
-    candidate = (coarse > BONE_HU) & body & midline[:, None, :] & posterior & zone[None, None, :]
-    # Discs break the column into separate vertebrae: bridge gaps of up to ~12 mm along z first.
-    bridge = np.ones((1, 1, 2 * max(1, round(6.0 / step)) + 1), bool)
-    labels, _ = ndimage.label(ndimage.binary_closing(candidate, structure=bridge) | candidate)
-    seed_hi = min(top, zone_lo + max(1, round(12.0 / step)))
-    seeds = np.unique(labels[:, :, zone_lo:seed_hi + 1])
-    seeds = seeds[seeds > 0]
-    if seeds.size == 0:
-        return None, FaceReport(False, "no midline bone (cervical spine) at the bottom of the head-and-neck "
-                                "zone: no face", {"zone_mm": zone_mm})
-    spine = np.isin(labels, seeds)
-    area = spine.sum(axis=(0, 1)) * step * step
-    lower = area[zone_lo:top + 1]
-    typical = float(np.median(lower[lower > 0])) if np.any(lower > 0) else 0.0
-    spreads = np.flatnonzero((area > 2.5 * typical) & zone)
-    spine_top = int(spreads[0]) - 1 if spreads.size else int(np.flatnonzero(area > 0)[-1])
-    spine[:, :, spine_top + 1:] = False
+    bone = (coarse > BONE_HU) & body & zone[None, None, :]
+    lower = slice(zone_lo, zone_lo + max(2, int((top - zone_lo) * 0.6)) + 1)
+    column = tallest_column(bone, lower, step)
+    if column is None:
+        return None, FaceReport(False, "no bone column (cervical spine) in the neck: no face", {"zone_mm": zone_mm})
+    x_spine = column_midline(column, xs, zs)
+    midline = np.abs(xs[:, None] - x_spine[None, :]) < MIDLINE_HALF_WIDTH_MM  # (x, z)
+    spine = tallest_column(bone & midline[:, None, :], lower, step)
+    if spine is None:
+        return None, FaceReport(False, "cervical spine not found: no face", {"zone_mm": zone_mm})
+    spine, skull_base, clean = cut_at_skull_base(spine, zone_lo, step)
     has_spine = spine.any(axis=(0, 1))
-    if not has_spine.any():
-        return None, FaceReport(False, "cervical spine not found: no face")
-    y_front = spine_front(spine, ys, zs)
-    # Bone that merely touches the column (jaw, skull base) is not spine: trim it before the shell.
-    spine &= ys[None, :, None] <= (y_front + step)[None, None, :]
+    measured = spine.copy()
+    measured[:, :, clean:] = False  # the skull base touching C1 would drag the front forward
+    y_front, spine_top = spine_front(measured if measured.any() else spine, ys, zs)
+    spine_top = max(spine_top, float(zs[np.flatnonzero(has_spine)[-1]]))
+    # Bone that merely touches the column (jaw, skull base) is not spine: trim it before the shell,
+    # generously, so that a front lagging behind a steep lordosis still protects the vertebrae.
+    spine &= ys[None, :, None] <= (y_front + SPINE_SHELL_LAG_MM)[None, None, :]
 
     # 3. the chin: the body reaches clearly further forward than the neck does
     _, y_mid_front = _extent((body & midline[:, None, :]).any(axis=0), ys)
     protrusion = np.nan_to_num(y_mid_front - y_front, nan=0.0)
-    neck_hi = min(top, zone_lo + max(1, round(30.0 / step)))
-    neck = float(np.median(protrusion[zone_lo:neck_hi + 1]))
+    # The neck is where the body is shallowest in front of the spine (below it: chest; above: face).
+    smooth = ndimage.uniform_filter1d(protrusion, size=3, mode="nearest")
+    in_zone = np.flatnonzero(zone & has_spine & (zs <= spine_top))
+    neck_level = int(in_zone[np.argmin(smooth[in_zone])])
+    neck = float(smooth[neck_level])
     threshold = max(neck + CHIN_EXTRA_OVER_NECK_MM, CHIN_MIN_PROTRUSION_MM)
-    runs = [(a, b) for a, b in _runs((protrusion > threshold) & zone) if (b - a + 1) * step >= CHIN_MIN_RUN_MM]
-    details = {"zone_mm": zone_mm, "neck_protrusion_mm": round(neck, 1), "threshold_mm": round(threshold, 1),
+    above_neck = zone & (np.arange(nz) > neck_level)
+    runs = [(a, b) for a, b in _runs((protrusion > threshold) & above_neck) if (b - a + 1) * step >= CHIN_MIN_RUN_MM]
+    details = {"zone_mm": zone_mm, "neck_protrusion_mm": round(neck, 1), "neck_z_mm": float(zs[neck_level]), "threshold_mm": round(threshold, 1),
                "max_protrusion_mm": round(float(protrusion[zone].max()), 1),
-               "spine_top_z_mm": round(float(zs[spine_top]), 1)}
-    if not runs:
+               "spine_top_z_mm": round(float(spine_top), 1), "skull_base_seen": skull_base}
+    # A skull above C1 gives the head's orientation (the face turns with it).
+    axis = head_axis(coarse > BONE_HU, body, ys, zs, spine_top, y_front) if skull_base else None
+    if not runs and axis is None:
         return None, FaceReport(False, "nothing protrudes in front of the spine like a face: no face", details)
-    chin = runs[0][0]
-    z_chin = zs[chin] - CHIN_EXTEND_MM - margin_mm
+    z_c1 = spine_top
+    y_c1 = float(np.interp(z_c1, zs, y_front))
+    z_chin = zs[runs[0][0]] if runs else z_c1 - CHIN_BELOW_C1_MM
+    z_chin -= CHIN_EXTEND_MM + margin_mm
 
     # 4. the cut surface and the protected shell around the spine
     clearance = CLEARANCE_MM  # the margin grows the cut downward only: the spine side stays fixed
-    z_tilt = zs[spine_top] + TILT_START_MM
-    y_cut = y_front + clearance + np.tan(np.radians(TILT_DEG)) * np.clip(zs - z_tilt, 0, None)
+    y_cut = y_front + clearance
+    if axis is not None:  # above C1 the cut runs parallel to the head's axis
+        above = zs > z_c1
+        y_cut[above] = y_c1 + clearance + axis * (zs[above] - z_c1)
     protect = ndimage.distance_transform_edt(~spine, sampling=step) <= PROTECT_MM
     face = (ys[None, :, None] > y_cut[None, None, :]) & (zs[None, None, :] >= z_chin) & zone[None, None, :]
     face = np.broadcast_to(face, coarse.shape) & ~protect
-    details.update({"chin_z_mm": round(float(zs[chin]), 1), "cut_clearance_mm": clearance,
-                    "y_mid_mm": float(np.nanmedian(y_mid[zone]))})
+    in_front = int((face & body).sum()) * step ** 3 / 1000.0  # cm3 of tissue in front of the cut
+    details.update({"chin_z_mm": round(float(z_chin), 1), "cut_clearance_mm": clearance,
+                    "head_axis_slope": None if axis is None else round(axis, 3),
+                    "tissue_in_front_cm3": round(in_front, 1)})
+    if in_front < MIN_FACE_CM3:
+        return None, FaceReport(False, "no tissue in front of the spine above the chin: the face is outside "
+                                "the field of view", details)
     return face, FaceReport(True, "face found", details)
 
 

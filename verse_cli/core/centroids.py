@@ -442,26 +442,35 @@ def _anterior_direction(grid, silhouette, canal_centre, coords, ndimage, hint2d=
     deepest bone (largest inscribed sphere within a 3 mm strip along the midline), since
     laminae and spinous processes are thin and lateral masses lie off the midline.
     """
-    best, best_angle = -1.0, 0.0
-    total = float(silhouette.sum())
-    for angle in np.radians(np.arange(0.0, 180.0, 3.0)):
-        u = np.array([np.cos(angle), np.sin(angle)])
-        mirror = 2.0 * np.outer(u, u) - np.eye(2)  # reflection about the line along u
-        offset = canal_centre - mirror @ canal_centre
-        reflected = ndimage.affine_transform(silhouette.view(np.uint8), mirror, offset=offset, order=0)
-        score = float(np.count_nonzero(silhouette & (reflected > 0))) / total
-        if score > best:
-            best, best_angle = score, angle
+    # coarse to fine: 10 degree steps, then 2 degree steps around the best
+    best_angle = _best_mirror(silhouette, canal_centre, np.arange(0.0, 180.0, 10.0), ndimage)
+    best_angle = _best_mirror(silhouette, canal_centre, best_angle + np.arange(-8.0, 9.0, 2.0), ndimage)
+    best_angle = np.radians(best_angle)
     u = np.array([np.cos(best_angle), np.sin(best_angle)])
     if hint2d is not None and abs(u @ hint2d) > 0.3 * np.linalg.norm(hint2d):
         return u if u @ hint2d > 0 else -u
     rel = coords - canal_centre
     t = rel @ u
     strip = np.abs(rel @ np.array([-u[1], u[0]])) <= 3.0 / FRAME_STEP_MM
-    depth = ndimage.distance_transform_edt(grid).max(axis=0)
+    # depth (inscribed-sphere radius) on a grid of half the resolution: 8x cheaper, ample here
+    half = ndimage.distance_transform_edt(grid[::2, ::2, ::2], sampling=2.0 * FRAME_STEP_MM).max(axis=0)
+    depth = np.repeat(np.repeat(half, 2, axis=0), 2, axis=1)[: silhouette.shape[0], : silhouette.shape[1]]
     front = float(depth[strip & (t > 0)].max(initial=0.0))
     back = float(depth[strip & (t < 0)].max(initial=0.0))
     return u if front >= back else -u
+
+
+def _best_mirror(silhouette: np.ndarray, centre: np.ndarray, angles_deg, ndimage) -> float:
+    """The angle (degrees) of the line through ``centre`` about which ``silhouette`` is most symmetric."""
+    total = float(silhouette.sum())
+    scores = []
+    for angle in np.radians(np.asarray(angles_deg, dtype=np.float64)):
+        u = np.array([np.cos(angle), np.sin(angle)])
+        mirror = 2.0 * np.outer(u, u) - np.eye(2)  # reflection about the line along u
+        reflected = ndimage.affine_transform(silhouette.view(np.uint8), mirror, offset=centre - mirror @ centre,
+                                             order=0)
+        scores.append(float(np.count_nonzero(silhouette & (reflected > 0))) / total)
+    return float(np.asarray(angles_deg)[int(np.argmax(scores))])
 
 
 def _trim_processes(region: np.ndarray, ndimage, origin: np.ndarray, direction: np.ndarray) -> np.ndarray | None:

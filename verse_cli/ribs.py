@@ -76,6 +76,7 @@ class Rib:
     joint_mm: list[float] = field(default_factory=list)
     tip_mm: list[float] = field(default_factory=list)
     other_components: int = 0
+    tip_gap_mm: float = float("inf")  # distance of the tip from the nearest vertebra label
 
     def evidence(self) -> dict:
         return {
@@ -88,6 +89,7 @@ class Rib:
             "joint_ras_mm": [round(v, 1) for v in self.joint_mm],
             "tip_ras_mm": [round(v, 1) for v in self.tip_mm],
             "other_components": int(self.other_components),
+            "tip_to_vertebra_mm": round(self.tip_gap_mm, 1) if np.isfinite(self.tip_gap_mm) else None,
         }
 
 
@@ -454,11 +456,12 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     joint_radius = _radius_at(local, nodes[joint], sp)
     joint_gap = max(gap - joint_radius - 1.0, 0.0) if np.isfinite(gap) else 0.0
     tip_radius = 0.0 if (cut or trimmed) else _radius_at(local, nodes[tip], sp)
+    tip_gap = float(joint_distance(nodes[[tip]] + base)[0])
     length = centreline + joint_gap + tip_radius
     n_pts = sum(len(u) for u in used)
     return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_radius,
                ((nodes[joint] + base) * sp).tolist(), ((nodes[tip] + base) * sp).tolist(),
-               len(used) - 1)
+               len(used) - 1, tip_gap)
 
 
 def _trim_at_osseous_tip(path, nodes, base, sp, ct, thr, run_mm: float = 4.0):

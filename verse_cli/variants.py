@@ -51,6 +51,7 @@ TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
 TP_LATERAL = 0.6  # transverse process: lateral of this fraction of the vertebra's half width
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
+TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
 RIB_BEARING = [7, *range(8, 20), 28, 20, 21]  # C7, T1-T12, T13, L1, L2
 THORACOLUMBAR = {17, 18, 19, 28, 20, 21}  # T10-T13, L1, L2: where the rib rule moves the boundary
 
@@ -358,6 +359,11 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.length_mm < MIN_RIB_MM:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
+            elif rib.length_mm < stump_mm and rib.tip_gap_mm <= TRUNCATED_TIP_MM:
+                # a short piece that ends back on the vertebra is a rib head and neck
+                # whose shaft was lost, not a stump rib
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
+                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             else:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = round(rib.length_mm, 1), "present"
         out[lab] = entry
@@ -577,7 +583,7 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     else:
         # the sacrum cut by the field of view carries no label: find it below the last
         # lumbar vertebra, and label it here (evidence says so)
-        sacrum_pts, found_ev = find_unlabelled_sacrum(grid, bone, fr, last)
+        sacrum_pts, found_ev = find_unlabelled_sacrum(grid, bone, frames, lumbar)
         evidence["unlabelled_sacrum"] = found_ev
         if sacrum_pts is None:
             return None, {**evidence, "note": "sacrum neither labelled nor found below the last lumbar vertebra"}
@@ -614,7 +620,11 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     body_ml = float((in_last & (axis_r < 20)).sum() * np.prod(sp) / 1000)
     evidence.update({"last_lumbar_label": L.name(last), "axial_gap_mm": round(t_last_bottom - t_sac_top, 1),
                      "unlabelled_bone_between_ml": round(between_ml, 1), "last_body_core_ml": round(body_ml, 1)})
-    fused_vertebra = between_ml >= max(0.35 * body_ml, 3.0)
+    if "unlabelled_sacrum" in evidence:
+        # the walk down the spine already told a transitional body from the sacrum
+        fused_vertebra = bool(evidence["unlabelled_sacrum"].get("transitional_vertebra"))
+    else:
+        fused_vertebra = between_ml >= max(0.35 * body_ml, 3.0)
     if fused_vertebra:
         comps, _ = ndimage.label(b & (m == 0) & (t > t_sac_top - 40), structure=np.ones((3, 3, 3), bool))
         ids = np.unique(comps[between])
@@ -653,35 +663,39 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     return result, evidence
 
 
-def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, fr: Frame, last: int, step_mm: float = 2.0):
+def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: list[int], step_mm: float = 2.0):
     """Voxels of an unlabelled sacrum below the last lumbar vertebra, or ``None``.
 
-    Walks down the spinal axis from the last lumbar body in ``step_mm`` slabs and
-    measures how much of a 15 mm column around the axis is bone: vertebral bodies are
-    full, discs empty. The first body longer than 45 mm (or running out of the image)
-    is the sacrum; a shorter one is an unlabelled transitional vertebra, and the sacrum
-    starts at the next body. The sacrum is the unlabelled bone below its top that is
-    connected to that column.
+    A 15 mm disc of the spine's cross-section walks down from the last lumbar body in
+    ``step_mm`` steps, re-centred on the unlabelled bone it meets so that it follows
+    the lordosis into the tilted sacrum. Vertebral bodies fill the disc, discs leave
+    it empty. After the last label: a body, a disc and another body mean an
+    unlabelled transitional vertebra (Castellvi III/IV, unlabelled as in VerSe) above
+    the sacrum; a single body is the sacrum. The sacrum is the unlabelled bone
+    connected to the column at its level, below its top.
     """
+    fr = frames[lumbar[-1]]
+    free = bone & (grid.mask == 0)
     sp = grid.sp
     down = -fr.superior
-    last_mm = grid.points(last) * sp - fr.body
-    t_last = last_mm @ down
-    radial = np.linalg.norm(last_mm - np.outer(t_last, down), axis=1)
-    start = float(t_last[radial < 15].max()) if (radial < 15).any() else float(t_last.max())
-    length = 160.0
-    region, box = _tube(grid, fr.body, down, start, start + length, 15.0)
-    base = np.array([s.start for s in box]) * sp
-    free = bone[box] & (grid.mask[box] == 0) & region
-    idx = np.argwhere(region)
-    t_all = (idx * sp + base - fr.body) @ down - start
-    bins = (t_all // step_mm).astype(int)
-    n_bins = int(length // step_mm) + 1
-    total = np.bincount(bins, minlength=n_bins)[:n_bins]
-    full = np.bincount(bins, weights=free[tuple(idx.T)], minlength=n_bins)[:n_bins]
-    frac = np.where(total > 0, full / np.maximum(total, 1), np.nan)
-    solid = np.nan_to_num(frac, nan=0.0) >= 0.3
-    # bodies: runs of bone at least 8 mm long, bridging holes of under 4 mm
+    centre = fr.body.copy()
+    last_pts = grid.points(lumbar[-1]) * sp
+    centre = centre + down * float(((last_pts - fr.body) @ down).max())
+    profile, centres = [], []
+    for _ in range(int(120 / step_mm)):
+        centre = centre + down * step_mm
+        region, box = _tube(grid, centre, down, -step_mm / 2, step_mm / 2, 15.0)
+        hit = free[box] & region
+        n = int(region.sum())
+        frac = float(hit.sum()) / n if n else 0.0
+        profile.append(frac)
+        centres.append(centre.copy())
+        if n == 0:
+            break
+        if frac > 0.2:
+            shift = (np.argwhere(hit) + np.array([sl.start for sl in box])).mean(axis=0) * sp - centre
+            centre = centre + 0.5 * (shift - (shift @ down) * down)
+    solid = np.array(profile) >= 0.3
     runs = []
     for a, b in _runs(solid):
         if runs and (a - runs[-1][1]) * step_mm < 4.0:
@@ -689,36 +703,47 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, fr: Frame, last: int, s
         else:
             runs.append((a, b))
     runs = [(a, b) for a, b in runs if (b - a) * step_mm >= 8.0]
-    evidence = {"bodies_below_mm": [[round(a * step_mm, 1), round(b * step_mm, 1)] for a, b in runs]}
+    evidence = {"bodies_below_mm": [[a * step_mm, b * step_mm] for a, b in runs]}
     if not runs:
         return None, evidence
-    valid = np.flatnonzero(total > 0)
-    data_end = int(valid.max()) + 1 if len(valid) else 0
-    a0, b0 = runs[0]
-    # a transitional vertebra's body is followed by a disc and the sacrum; the sacrum
-    # by nothing for a long way (the column leaves it through its tilted back)
-    lstv = (len(runs) > 1 and (b0 - a0) * step_mm <= 45.0 and (runs[1][0] - b0) * step_mm <= 20.0
-            and b0 < data_end - 1)
-    top = runs[1][0] if lstv else a0
-    if lstv:
-        evidence["transitional_body_mm"] = [round(a0 * step_mm, 1), round(b0 * step_mm, 1)]
-    top_t = start + top * step_mm
-    # the sacrum: unlabelled bone below its top, connected to the axial column there
-    sac_region, sbox = _tube(grid, fr.body, down, top_t - 3.0, top_t + length, 80.0)
-    cand = bone[sbox] & (grid.mask[sbox] == 0) & sac_region
+    lstv = len(runs) > 1 and (runs[0][1] - runs[0][0]) * step_mm <= 45.0 and (runs[1][0] - runs[0][1]) * step_mm <= 20
+    evidence["transitional_vertebra"] = bool(lstv)
+    k = runs[1][0] if lstv else runs[0][0]
+    top_point, seed_point = centres[max(k - 1, 0)], centres[min(k + 3, len(centres) - 1)]
+    region, box = _tube(grid, top_point, down, -3.0, 200.0, 80.0)
+    cand = free[box] & region
     comps, _ = ndimage.label(cand)
-    sbase = np.array([s.start for s in sbox])
-    col_idx = np.argwhere(free) + np.array([s.start for s in box]) - sbase
-    inside = np.all((col_idx >= 0) & (col_idx < np.asarray(cand.shape)), axis=1)
-    col_idx = col_idx[inside]
-    col_t = (col_idx * sp + sbase * sp - fr.body) @ down
-    seeds = comps[tuple(col_idx[col_t >= top_t].T)]
-    ids = np.unique(seeds[seeds > 0])
+    seed = np.rint(seed_point / sp).astype(int) - np.array([sl.start for sl in box])
+    r = np.ceil(6.0 / sp).astype(int)
+    lo, hi = np.maximum(seed - r, 0), np.minimum(seed + r + 1, cand.shape)
+    ids = np.unique(comps[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    ids = ids[ids > 0]
     if len(ids) == 0:
         return None, evidence
-    pts = np.argwhere(np.isin(comps, ids)) + sbase
-    evidence.update({"top_below_last_lumbar_mm": round(top * step_mm, 1), "voxels": len(pts)})
+    pts = np.argwhere(np.isin(comps, ids)) + np.array([sl.start for sl in box])
+    evidence["voxels"] = int(len(pts))
     return pts, evidence
+
+
+def _extrapolate(cs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Next centre after ``cs`` (head to foot): the last step, bent as the one before."""
+    step = cs[-1] - cs[-2]
+    if len(cs) >= 3:
+        prev = cs[-2] - cs[-3]
+        a, b = _unit(prev), _unit(step)
+        axis = np.cross(a, b)
+        sin, cos = float(np.linalg.norm(axis)), float(a @ b)
+        if sin > 1e-6:
+            k = axis / sin
+            step = step * cos + np.cross(k, step) * sin + k * (k @ step) * (1 - cos)
+    return cs[-1] + step, step
+
+
+def _column_fraction(grid: Grid, free: np.ndarray, centre: np.ndarray, axis: np.ndarray, half: float) -> float:
+    """Fraction of unlabelled bone in a 12 mm column around ``centre`` along ``axis``."""
+    region, box = _tube(grid, centre, axis, -half, half, 12.0)
+    n = int(region.sum())
+    return float((free[box] & region).sum()) / n if n else 0.0
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -758,14 +783,23 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords) -> dict:
     vox_extent = float(np.linalg.norm(direction * sp)) if centre_gap > 0 else 0.0
     # gap between the surfaces ~ centre distance minus one voxel along the line
     gap = max(0.0, centre_gap - float(np.abs(direction * sp).max()))
-    n = max(int(np.ceil(centre_gap / 0.25)), 2)
-    line = p[None, :] + np.linspace(0, 1, n)[:, None] * (q - p)[None, :]
+    # the HU profile along the line, reaching 3 voxels into the process and the ala:
+    # a pseudarthrosis shows two cortices with a valley between them, even where the
+    # cleft is thinner than a voxel; fused bone runs on without a valley
+    u = (q - p) / max(float(np.linalg.norm(q - p)), 1e-6)
+    a_pt, b_pt = p - 3 * u, q + 3 * u
+    n = max(int(np.ceil(np.linalg.norm((b_pt - a_pt) * sp) / 0.25)), 8)
+    frac = np.linspace(0, 1, n)
+    line = a_pt[None, :] + frac[:, None] * (b_pt - a_pt)[None, :]
     hu = ndimage.map_coordinates(ct, line.T, order=1, mode="nearest")
-    # a cleft: HU along the line dips below the bone threshold, or well below both
-    # ends (two distinct cortices with soft tissue between them)
-    floor = min(thr, 0.6 * float(min(hu[0], hu[-1])))
-    cleft_mm = float((hu < floor).mean() * centre_gap)
-    fused = gap <= 0.5 and cleft_mm == 0.0
+    span = float(np.linalg.norm((b_pt - a_pt) * sp))
+    pos = frac * span
+    p_at, q_at = 3 * float(np.linalg.norm(u * sp)), span - 3 * float(np.linalg.norm(u * sp))
+    mid = (pos >= p_at - 1e-6) & (pos <= q_at + 1e-6)
+    peak = min(float(hu[pos <= p_at + 1e-6].max()), float(hu[pos >= q_at - 1e-6].max()))
+    valley = float(hu[mid].min()) if mid.any() else peak
+    cleft_mm = float(((hu < min(thr, 0.75 * peak)) & mid).mean() * span)
+    fused = gap <= 0.5 and valley >= 0.75 * peak
     if fused:
         grade = 3
     elif gap <= PSEUDARTHROSIS_MM + 0.5:
@@ -776,7 +810,7 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords) -> dict:
         grade = 0
     return {"grade": grade, "transverse_process_height_mm": round(tp_height, 1),
             "transverse_process_voxels": int(tp.sum()), "gap_to_sacrum_mm": round(gap, 1),
-            "cleft_mm": round(cleft_mm, 1), "min_hu_on_gap_line": round(float(hu.min()), 0),
+            "cleft_mm": round(cleft_mm, 1), "valley_hu": round(valley, 0), "cortex_peak_hu": round(peak, 0),
             "closest_point_ras_mm": [round(float(v), 1) for v in coords[tuple(p)]],
             "sacrum_point_ras_mm": [round(float(v), 1) for v in coords[tuple(q)]],
             "voxel_extent_mm": round(vox_extent, 2)}

@@ -48,7 +48,7 @@ CHIN_MIN_PROTRUSION_MM = 40.0
 CHIN_EXTRA_OVER_NECK_MM = 25.0
 CHIN_MIN_RUN_MM = 15.0
 CHIN_EXTEND_MM = 12.0  # start the cut below the level where the chin is first detected
-CLEARANCE_MM = 7.0  # cut this far in front of the spine's anterior surface (the shell guards it)
+CLEARANCE_MM = 9.0  # cut this far in front of the spine's anterior surface (the shell guards it)
 PROTECT_MM = 10.0  # shell around the tracked spine that is never removed
 CHIN_BELOW_C1_MM = 50.0  # chin level when no protrusion is seen (face cut by the field of view)
 MIN_FACE_CM3 = 20.0
@@ -170,7 +170,7 @@ def tallest_column(bone: np.ndarray, lower: slice, step: float) -> np.ndarray | 
 
 
 SKULL_BASE_SPIKE = 1.35  # cross-section jump where the skull base meets C1
-C1_SLICES_MM = 9.0  # keep this much of the track above the jump (C1 itself)
+C1_SLICES_MM = 21.0  # keep this much of the track above the jump (all of C1 and the dens)
 
 
 def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.ndarray, bool, int]:

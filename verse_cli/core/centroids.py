@@ -251,6 +251,8 @@ def body_centroids(mask: np.ndarray, affine: np.ndarray, labels: Iterable[int] |
        centres of mass of the anatomical neighbours present in the mask (one
        neighbour: the line from it to this vertebra). Without neighbours, the
        vertebra's axis of least spread (vertebrae are flattest cranio-caudally).
+       Once a body is found (step 5), the axis is replaced by the body's own axis of
+       least spread when the body is clearly flat, and steps 2-5 are run again.
     2. **Own grid.** The vertebra is resampled (nearest neighbour) onto a
        ``FRAME_STEP_MM`` isotropic grid whose first axis is that direction.
     3. **Spinal canal.** The vertebra is projected along the cranio-caudal axis; the
@@ -260,17 +262,25 @@ def body_centroids(mask: np.ndarray, affine: np.ndarray, labels: Iterable[int] |
        (the reflection of the silhouette that overlaps it most), towards the end
        holding the deepest bone on the midline (largest inscribed sphere: the body;
        laminae and spinous processes are thin, lateral masses lie off the midline);
-       refined once towards the body found in step 5.
-    5. **Body.** The voxels anterior of the canal's anterior edge (the posterior
+       refined once towards the body found in step 5 unless that turns it by more
+       than 25 degrees.
+    5. **Body.** The voxels anterior of the canal's anterior edge (the
+       ``CANAL_WALL_PERCENTILE`` of the canal along the anterior axis: the posterior
        wall of the body), less narrow process stubs (a 2D opening of that part of the
-       silhouette with a disc of 55 % of its inscribed radius removes the transverse
-       processes that reach as far forward as the canal); the centroid is their
-       centre of mass. For C1, which has
-       no body, the voxels anterior of the canal's centre (anterior arch and
-       lateral masses) are used, and its front is the side C2's body lies on.
+       silhouette with a disc of ``TRIM_FRACTION`` of its inscribed radius removes the
+       transverse processes that reach as far forward as the canal; of the pieces
+       left, the one nearest the midline is kept); the centroid is their centre of
+       mass. For C1, which has no body, all the voxels anterior of the canal's
+       centre (anterior arch and both lateral masses) are used, and its front is
+       the side C2's body lies on.
     6. **Consistency.** Neighbouring vertebrae face the same way: a vertebra whose
        anterior direction opposes those of most of its neighbours (two levels up
        and down) is redone with their mean direction deciding which end is anterior.
+
+    Checked against the published VerSe centroids of verse004 and verse014 (all
+    within 2 mm, also on grids tilted by 25-40 degrees) and against the body centres
+    of synthetic whole spines (C3-L5 within 1.5 mm; C1 and C2, whose "body" includes
+    the lateral masses or the dens, within 7 mm).
 
     When no canal is found (a vertebra cut by the field of view, an open arch),
     the fallback is a morphological opening with a ball of 60 % of the largest

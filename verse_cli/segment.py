@@ -152,7 +152,7 @@ def predict_patches(model, extended: list[np.ndarray], cfg: dict, device="cpu") 
     offsets = slab_offsets(cfg)
     x = np.concatenate([network_input(slabs_of(e, cfg), offsets, cfg) for e in extended])
     with torch.inference_mode():
-        logits = model(torch.from_numpy(x).to(device))
+        logits = model(torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last))
         prob = torch.sigmoid(logits.float()).cpu().numpy()
     n_slabs = len(offsets)
     out = []

@@ -296,10 +296,16 @@ def figure_png(fig) -> bytes:
 
 
 def _subject_title(ct_path: Path) -> str:
+    """``sub-X`` for VerSe/BIDS names (``sub-X_desc-defaced_ct.nii.gz``), else the file's stem."""
+    import re
+
     name = ct_path.name
+    match = re.match(r"(sub-[A-Za-z0-9]+)_", name)
+    if match:
+        return match.group(1)
     for suffix in (".nii.gz", ".nii"):
         name = name.removesuffix(suffix)
-    return name.removesuffix("_ct")
+    return name
 
 
 def write_snapshot(ct: str | os.PathLike, mask: str | os.PathLike | None, ctd: str | os.PathLike | None,

@@ -44,13 +44,18 @@ def load_case(case, cache: bool = True):
     meta_path = stem.with_suffix(".json")
     if not meta_path.exists():
         ct, mask, aff, world = _read_case(case)
-        folder.mkdir(exist_ok=True)
         from ..core.io import atomic_path, write_json
 
-        for suffix, arr in (("_ct.npy", np.clip(np.rint(ct), -32768, 32767).astype(np.int16)), ("_msk.npy", mask)):
-            with atomic_path(str(stem) + suffix) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, arr)
-        write_json({"affine": aff.tolist(), "world": {str(k): v.tolist() for k, v in world.items()}}, meta_path)
+        try:
+            folder.mkdir(exist_ok=True)
+            for suffix, arr in (("_ct.npy", np.clip(np.rint(ct), -32768, 32767).astype(np.int16)),
+                                ("_msk.npy", mask)):
+                with atomic_path(str(stem) + suffix) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, arr)
+            write_json({"affine": aff.tolist(), "world": {str(k): v.tolist() for k, v in world.items()}},
+                       meta_path)
+        except OSError:  # a read-only dataset: train without the cache
+            return ct, mask, aff, world
     from ..core.io import read_json
 
     meta = read_json(meta_path)

@@ -55,7 +55,7 @@ def parse_bbox(obj: Any, source=None) -> tuple[np.ndarray, np.ndarray]:
         raise DataError("bounding-box JSON must be an object", source)
     pts = None
     for lo, hi in (("world_min", "world_max"), ("ras_min", "ras_max"), ("min_mm", "max_mm"),
-                   ("min_ras", "max_ras"), ("world_min_mm", "world_max_mm")):
+                   ("min_ras", "max_ras"), ("world_min_mm", "world_max_mm"), ("ras_min_mm", "ras_max_mm")):
         if lo in obj and hi in obj:
             pts = [obj[lo], obj[hi]]
             break
@@ -69,7 +69,7 @@ def parse_bbox(obj: Any, source=None) -> tuple[np.ndarray, np.ndarray]:
                 pts = val
                 break
     if pts is None:
-        for key in ("corners", "world_corners", "corners_ras", "corners_world", "ras_corners"):
+        for key in ("corners", "world_corners", "corners_ras", "corners_world", "ras_corners", "corners_ras_mm"):
             if isinstance(obj.get(key), list):
                 pts = obj[key]
                 break

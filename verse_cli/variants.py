@@ -359,9 +359,9 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.length_mm < MIN_RIB_MM:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
-            elif rib.length_mm < stump_mm and rib.tip_gap_mm <= TRUNCATED_TIP_MM:
-                # a short piece that ends back on the vertebra is a rib head and neck
-                # whose shaft was lost, not a stump rib
+            elif rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, 0.3 * rib.length_mm):
+                # a piece that ends back on the spine is a rib head and neck whose shaft
+                # was lost, or bone running along the vertebrae, not a rib
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             else:

@@ -10,7 +10,7 @@ How a CT is turned into a box
 1. **Coarse, world-aligned grid.** The CT is block-averaged in its own voxel grid by
    whole factors (cheap, anti-aliased; :func:`block_mean`) to about 2/3 of the coarse
    voxel size, then linearly resampled onto a grid whose axes are the RAS world axes,
-   with isotropic voxels of ``spacing_mm`` (6 mm for the bundled model) covering the
+   with isotropic voxels of ``spacing_mm`` (8 mm for the bundled model) covering the
    scan's world bounding box (:func:`coarse_grid`). Any acquisition orientation,
    sagittal or axial, tilted or oblique, therefore reaches the network the same way.
 2. **Heatmap.** The 3D CNN (:mod:`verse_cli.nets.detect_net`) maps clipped, scaled HU
@@ -242,7 +242,7 @@ def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm:
     """
     from .core.io import fresh_image
     from .nets.detect_net import load_model, predict_heatmap
-    from .nets.train import pick_device
+    from .nets.train import cpu_threads, pick_device
 
     source = source or "CT"
     data = np.asanyarray(ct_img.dataobj)  # applies any header scaling; float32 from load_ct as is
@@ -250,6 +250,10 @@ def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm:
         raise DataError(f"expected a 3D numeric image, got {data.dtype} {data.shape}", source)
     check_ct_intensities(data, source)
     dev = pick_device(device)
+    if dev.type == "cpu":
+        import torch
+
+        torch.set_num_threads(cpu_threads())
     net, info = model if isinstance(model, tuple) else load_model(model or DEFAULT_MODEL, dev)
     spacing_mm = float(net.config["spacing_mm"])
     coarse, grid_affine = to_coarse(data, ct_img.affine, spacing_mm)

@@ -1,23 +1,23 @@
-"""The spine detector of ``verse detect``: a small 3D U-Net on a 6 mm world-aligned grid.
+"""The spine detector of ``verse detect``: a small 3D U-Net on an 8 mm world-aligned grid.
 
-Why 3D at 6 mm and not 2D projections
+Why 3D at 8 mm and not 2D projections
 -------------------------------------
-A whole CT (up to ~450 mm per side) on a 6 mm grid is at most ~75^3 voxels: small
-enough for a 3D network to run in well under a second on two CPU cores, so the usual
-reason for 2D maximum-intensity projections (speed) does not apply. In 3D the box in
-all three directions comes from one volume, and ribs, pelvis or the table -- which
-overlap the spine in every projection -- stay apart from it. The network keeps most of
-its channels at the coarser levels: the full-resolution level has only 8 channels, and
-the decoder joins skips by addition rather than concatenation, to keep the forward pass
-around 5 GFLOP (see ``models/detect.md`` for measured accuracy and time).
+A whole CT (up to ~450 mm per side) on an 8 mm grid is at most ~56^3 voxels: small
+enough for a 3D network to run in about a second of CPU time, so the usual reason for
+2D projections (speed) does not apply at inference. In 3D the box in all three
+directions comes from one volume, and ribs, pelvis or the table -- which overlap the
+spine in every projection -- stay apart from it. The full-resolution level has few
+channels and the decoder joins skips by addition rather than concatenation, to keep
+the forward pass cheap. The price is training cost on a CPU: a 3D step is ~10x a 2D
+step (see ``models/detect.md`` for measured accuracy and time).
 
 Training data
 -------------
 Each case (CT + vertebra mask, from disk or from :func:`verse_cli.synth.generate_case`)
-is block-averaged once to ~4 mm in its own voxel grid and kept in memory as int16 HU,
+is block-averaged once to ~5 mm in its own voxel grid and kept in memory as int16 HU,
 uint8 mask occupancy and a uint8 "ignore" map (bone near the scan's edges that the
 mask does not label: vertebrae cut by the field of view, unlabelled in VerSe-style
-masks). Every training sample is then drawn on the fly: a 48^3 crop of a randomly
+masks). Every training sample is then drawn on the fly: a cubic crop of a randomly
 rotated (+/-20 deg about L-R, +/-10 deg otherwise), rescaled (x0.8-1.25) grid, with a
 random field-of-view cut (thin slabs like a 20-slice series), bone-density, contrast,
 offset, noise and blur changes of the HU values. The target is the mask's coarse
@@ -83,6 +83,7 @@ class SpineNet3D(nn.Module):
         self.lateral = nn.ModuleList(nn.Conv3d(channels[i + 1], channels[i], 1) for i in range(len(channels) - 1))
         self.up = nn.ModuleList(_conv(channels[i], channels[i]) for i in range(len(channels) - 1))
         self.head = nn.Conv3d(channels[0], 1, 1)
+        nn.init.constant_(self.head.bias, -3.0)  # start at the prior (~5 % spine), not at 0.5 everywhere
 
     @property
     def multiple(self) -> int:
@@ -210,6 +211,14 @@ def synth_case(seed: int, spacing_mm: float = 4.0) -> CoarseCase:
     return prepare_case(case.ct, case.mask, case.affine, f"syn{seed:04d}")
 
 
+def _default_signals() -> None:
+    """Pool workers die quietly on SIGTERM (the CLI's own handler is for the main process)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _safe(fn, item):
     try:
         return fn(item)
@@ -226,7 +235,7 @@ def prepare_cases(items, fn, workers: int = 0, description: str = "preparing cas
     if workers > 1 and len(items) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(min(workers, len(items))) as pool:
+        with mp.get_context("fork").Pool(min(workers, len(items)), initializer=_default_signals) as pool:
             results = list(track(pool.imap(job, items), description, total=len(items)))
     else:
         results = [job(item) for item in track(items, description, total=len(items))]
@@ -410,12 +419,15 @@ def val_step(model, batch, device) -> dict[str, float]:
 def train_detect(data_dir=None, out="models/detect.pt", minutes: float | None = 10.0, epochs: int | None = None,
                  device="auto", seed: int = 0, resume: bool = False, workers: int = 2, synth: int = 0,
                  synth_seed: int = 10000, batch: int = 2, lr: float = 2e-3, val_fraction: float = 0.15,
-                 spacing_mm: float = 8.0, crop: int = 40, channels=(8, 16, 32, 64), samples_per_case: int = 4) -> dict:
+                 spacing_mm: float = 8.0, crop: int = 40, channels=(8, 16, 32, 64), samples_per_case: int = 1,
+                 max_val: int = 8) -> dict:
     """``verse train detect``: cache the cases, then :func:`~verse_cli.nets.train.fit` the detector.
 
-    Cases come from ``data_dir`` (:func:`~verse_cli.nets.train.discover_cases`, those
-    with a vertebra mask) and/or ``synth`` synthetic cases generated on the fly with
-    seeds ``synth_seed ...`` at 3 mm. The best weights (lowest validation box score)
+    Cases come from ``data_dir`` (a folder or a list of folders, read with
+    :func:`~verse_cli.nets.train.discover_cases`; cases with a vertebra mask) and/or
+    ``synth`` synthetic cases generated on the fly with seeds ``synth_seed ...`` at 4 mm.
+    At most ``max_val`` cases are held out for validation, which runs after every epoch
+    (an epoch is ``samples_per_case`` random crops per training case). The best weights (lowest validation box score)
     go to ``out``; log and checkpoint beside it.
     """
     import time
@@ -431,19 +443,21 @@ def train_detect(data_dir=None, out="models/detect.pt", minutes: float | None = 
     started = time.monotonic()
     cases: list[CoarseCase] = []
     sources = []
-    if data_dir is not None:
-        found = [c for c in discover_cases(data_dir) if c.mask is not None]
+    for folder in [] if data_dir is None else data_dir if isinstance(data_dir, (list, tuple)) else [data_dir]:
+        found = [c for c in discover_cases(folder) if c.mask is not None]
         if not found:
-            raise DataError("no case has a vertebra mask (sub-X_seg-vert_msk.nii.gz)", data_dir)
+            raise DataError("no case has a vertebra mask (sub-X_seg-vert_msk.nii.gz)", folder)
         cases += prepare_cases(found, load_case_files, workers, "loading cases")
-        sources.append(f"{len(found)} cases from {data_dir}")
+        sources.append(f"{len(found)} cases from {folder}")
     if synth:
         cases += prepare_cases(range(synth_seed, synth_seed + synth), synth_case, workers, "generating synth cases")
-        sources.append(f"{synth} synth cases, seeds {synth_seed}-{synth_seed + synth - 1}, 3 mm")
+        sources.append(f"{synth} synth cases, seeds {synth_seed}-{synth_seed + synth - 1}, 4 mm")
     if len(cases) < 2:
         raise DataError(f"need at least 2 usable cases to train and validate, got {len(cases)}", data_dir)
     prep_s = time.monotonic() - started
     train_cases, val_cases = split_cases(cases, val_fraction, seed)
+    train_cases += val_cases[max_val:]  # validation runs every epoch: a few cases suffice
+    val_cases = val_cases[:max_val]
     info(f"{len(train_cases)} training and {len(val_cases)} validation cases ready in {prep_s:.0f} s; "
          f"training on {dev}")
     train_ds = DetectSamples(train_cases, spacing_mm, crop, train=True, samples_per_case=samples_per_case, seed=seed)

@@ -1,0 +1,108 @@
+"""Acceptance check of ``verse detect``: does the box hold every labelled voxel, and how loosely?
+
+For every case with a CT and a vertebra mask under the given folders (VerSe layout or
+flat, see ``discover_cases``) it runs :func:`verse_cli.detect.detect` and reports
+
+* ``contained``: every labelled voxel lies inside the box's voxel ranges;
+* ``excess``: how far the box reaches past the labelled extent, per side in mm (world
+  RAS axes; the labelled extent is the world box of the mask voxels' corners), averaged
+  over the six sides, and the largest single side;
+* ``miss``: the largest distance a labelled voxel lies outside the box (0 if contained).
+
+With ``--dicom-nifti CT --dicom-ref SEG`` it also reports the share of the reference
+segmentation's T11/T12 voxels (TotalSegmentator ids 32, 33) inside the box.
+
+Run: ``.venv/bin/python bench/eval_detect.py work/detect_eval ../shared/data/real/verse014``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def labelled_extent(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World (RAS) box of the corners of all labelled voxels."""
+    from verse_cli.core.geometry import vox2world
+
+    ijk = np.argwhere(mask > 0)
+    xyz = vox2world(affine, ijk)
+    half = np.abs(np.asarray(affine)[:3, :3]) @ np.full(3, 0.5)
+    return xyz.min(axis=0) - half, xyz.max(axis=0) + half
+
+
+def evaluate_case(ct_path: Path, mask_path: Path, model) -> dict:
+    from verse_cli.core.io import load_ct, load_mask
+    from verse_cli.detect import detect
+
+    img = load_ct(ct_path)
+    mask = np.asarray(load_mask(mask_path).dataobj)
+    t = time.perf_counter()
+    try:
+        _, box = detect(img, model=model, device="cpu", source=ct_path)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        return {"case": ct_path.name, "error": str(exc)}
+    seconds = time.perf_counter() - t
+    sl = tuple(slice(a, b) for a, b in box["voxel_ranges"])
+    contained = int((mask[sl] > 0).sum()) == int((mask > 0).sum())
+    gt_lo, gt_hi = labelled_extent(mask, img.affine)
+    lo, hi = np.array(box["ras_min_mm"]), np.array(box["ras_max_mm"])
+    excess = np.concatenate([gt_lo - lo, hi - gt_hi])
+    return {"case": ct_path.name, "contained": contained, "excess_mean_mm": float(np.maximum(excess, 0).mean()),
+            "excess_max_mm": float(excess.max()), "miss_mm": float(max(0.0, -excess.min())),
+            "score": box["score"], "seconds": round(seconds, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", type=Path)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--dicom-nifti", type=Path, default=None)
+    parser.add_argument("--dicom-ref", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the per-case results here")
+    args = parser.parse_args()
+
+    from verse_cli.detect import DEFAULT_MODEL
+    from verse_cli.nets.detect_net import load_model
+    from verse_cli.nets.train import discover_cases
+
+    model = load_model(args.model or DEFAULT_MODEL, "cpu")
+    print(f"model {model[1]['name']} {model[1]['hash']}")
+    results = []
+    for folder in args.folders:
+        for case in discover_cases(folder):
+            if case.mask is None:
+                continue
+            r = evaluate_case(case.ct, case.mask, model)
+            results.append(r)
+            print(json.dumps(r))
+    ok = [r for r in results if "error" not in r]
+    if results:
+        print(f"cases {len(results)}, errors {len(results) - len(ok)}, "
+              f"contained {sum(r['contained'] for r in ok)}/{len(ok)}, "
+              f"mean excess per side {np.mean([r['excess_mean_mm'] for r in ok]):.1f} mm "
+              f"(worst case mean {max(r['excess_mean_mm'] for r in ok):.1f}), "
+              f"max miss {max(r['miss_mm'] for r in ok):.1f} mm")
+    if args.dicom_nifti and args.dicom_ref:
+        from verse_cli.core.io import load_ct, load_mask
+        from verse_cli.detect import detect
+
+        img = load_ct(args.dicom_nifti)
+        ref = np.asarray(load_mask(args.dicom_ref).dataobj)
+        _, box = detect(img, model=model, device="cpu", source=args.dicom_nifti)
+        sl = tuple(slice(a, b) for a, b in box["voxel_ranges"])
+        for lab, name in ((33, "T11"), (32, "T12")):
+            total = int((ref == lab).sum())
+            inside = int((ref[sl] == lab).sum())
+            print(f"DICOM fixture {name}: {inside}/{total} voxels inside the box "
+                  f"({100 * inside / max(total, 1):.1f} %); box ranges {box['voxel_ranges']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

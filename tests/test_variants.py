@@ -45,7 +45,7 @@ def phantom(labels=(17, 18, 19, 20, 21), ribs=None, sacrum=True, sp=SPACING, wid
     sp = np.asarray(sp, float)
     order = list(labels) + ([26] if sacrum else [])
     zlen = 30 * len(order) + 20
-    shape = tuple(int(round(v / s)) for v, s in zip((width_mm, 140, zlen), sp))
+    shape = tuple(round(float(v / s)) for v, s in zip((width_mm, 140, zlen), sp))
     g = np.indices(shape).transpose(1, 2, 3, 0) * sp
     ct = np.full(shape, -1000.0, np.float32)
     cx, cy = width_mm / 2, 70.0
@@ -99,7 +99,7 @@ def rib_case():
 
 
 def test_rib_lengths_sides_and_stumps(rib_case, rib_rating):
-    (ct, mask, aff), ribs = rib_case
+    _, ribs = rib_case
     r = rib_rating
     for lab, name in ((18, "T11"), (19, "T12"), (20, "L1")):
         for side, length in zip(("left", "right"), ribs[lab]):

@@ -721,7 +721,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     if len(ids) == 0:
         return None, evidence
     pts = np.argwhere(np.isin(comps, ids)) + np.array([sl.start for sl in box])
-    evidence["voxels"] = int(len(pts))
+    evidence["voxels"] = len(pts)
     return pts, evidence
 
 

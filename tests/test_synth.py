@@ -21,11 +21,19 @@ SMALL = 400_000
 SEEDS = list(range(1000, 1000 + int(os.environ.get("SYNTH_TEST_SEEDS", "52"))))
 
 
-@pytest.fixture(scope="module")
-def cases():
+def _small_case(seed):
     from verse_cli.synth import generate_case
 
-    return {s: generate_case(s, max_voxels=SMALL) for s in SEEDS}
+    return generate_case(seed, max_voxels=SMALL)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """52 random small cases, rendered on both cores."""
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(2) as pool:
+        return dict(zip(SEEDS, pool.map(_small_case, SEEDS)))
 
 
 def _labels(mask):
@@ -33,12 +41,20 @@ def _labels(mask):
 
 
 def test_masks_and_centroids_agree(cases):
-    for seed, c in cases.items():
-        again = body_centroids(c.mask, c.affine)
-        assert again.labels == c.centroids.labels, seed
-        if len(again):
-            assert np.abs(again.coords - c.centroids.coords).max() <= 1.0, seed
+    """Every case: one centroid per labelled vertebra, inside its own vertebra's bounding
+    box. Every fourth case: recomputed from the mask (as ``verse centroids`` does)
+    they fall within 1 voxel of the JSON."""
+    for i, (seed, c) in enumerate(cases.items()):
+        assert c.centroids.labels == _labels(c.mask), seed
         assert c.centroids.axcodes == geometry.axcodes(c.affine), seed
+        for lab, xyz in zip(c.centroids.labels, c.centroids.coords):
+            idx = np.argwhere(c.mask == lab)
+            assert np.all(xyz >= idx.min(0) - 0.5) and np.all(xyz <= idx.max(0) + 0.5), (seed, lab)
+        if i % 4 == 0:
+            again = body_centroids(c.mask, c.affine)
+            assert again.labels == c.centroids.labels, seed
+            if len(again):
+                assert np.abs(again.coords - c.centroids.coords).max() <= 1.0, seed
 
 
 def test_no_label_touches_the_edge(cases):
@@ -189,6 +205,26 @@ def test_castellvi_fused_vertebra_is_not_labelled():
     cv = c.variants["castellvi"]
     assert cv["grade"] == "3b" and cv["left"] == cv["right"] == 3
     assert L.label_id(cv["vertebra"]) not in _labels(c.mask)
+    assert all(g < 0 for g in c.meta["castellvi_gap_mm"].values())  # bony fusion: the solids overlap
+
+
+@pytest.mark.parametrize("variant", ["castellvi_2a", "castellvi_4"])
+def test_castellvi_pseudarthrosis_gap(variant):
+    """Grade 2: the enlarged transverse process stops <= 2 mm from the ala (measured on
+    the distance fields); grade 3 sides overlap it; the vertebra stays labelled unless fused."""
+    from verse_cli.synth import generate_case
+
+    c = generate_case(12, region="lumbar", variant=variant, max_voxels=SMALL)
+    cv = c.variants["castellvi"]
+    for side in ("left", "right"):
+        gap = c.meta["castellvi_gap_mm"].get(side)
+        if cv[side] == 2:
+            assert 0.2 <= gap <= 2.0
+        if cv[side] == 3:
+            assert gap < 0
+    fused = variant == "castellvi_4"
+    assert (L.label_id(cv["vertebra"]) in _labels(c.mask)) != fused or cv["vertebra"] in c.variants[
+        "field_of_view"]["cut"]
 
 
 def test_deterministic_by_seed():

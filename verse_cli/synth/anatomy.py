@@ -296,7 +296,7 @@ def _transverse(q, g, region, s, tp, px1, y1, zp):
     # lumbar: thin antero-posteriorly, taller craniocaudally; Castellvi enlarges it
     height = tp.get("height", 9.0)
     a = (s * (px1 - 1.0), y1 + 3.0, zp)
-    b = (s * span, y1 + 2.0, zp - tp.get("drop", 2.0))
+    b = (s * span, y1 + 2.0 + tp.get("forward", 0.0), zp - tp.get("drop", 2.0))
     return capsule(q, a, b, 3.0 * tp.get("thick", 1.0), scale=(1.0, 1.0, 6.0 / height))
 
 
@@ -485,7 +485,7 @@ def sacrum_sdf_factory(lv: Level, rng, fused: dict):
         q = warp(q)
         m = _mirror(q)
         body = body_sdf(q - np.array([0, 0, -H / 2], F32), W, D, H, waist=0.03, conc=0.8)
-        ala = ellipsoid(m, (W / 2 + 4, -6.0, -H / 2 + 2), (g["ala"] - W / 2 - 2, 15.0, 14.0))
+        ala = ellipsoid(m, (W / 2 + 4, -9.0, -H / 2 + 2), (g["ala"] - W / 2 - 2, 18.0, 14.0))
         d = smin(body, ala, 6.0)
         for (cx, cy, cz, rx, ry, rz) in ((0, -6, -42, 40, 12, 14), (0, -15, -62, 30, 10, 12),
                                          (0, -25, -80, 20, 8, 10), (0, -35, -94, 13, 7, 8)):

@@ -238,14 +238,15 @@ def _castellvi(levels, spec):
             continue
         g = last.dims
         # the ala's upper surface just lateral of the S1 body, in the last lumbar frame
-        ala_top = sac.to_world([s * (sac.dims["W"] / 2 + 14), -6.0, -sac.dims["H"] / 2 + 16.0])
+        ala_top = sac.to_world([s * (sac.dims["W"] / 2 + 14), -9.0, -sac.dims["H"] / 2 + 16.0])
         q = (ala_top - last.centre) @ last.R
         height = 24.0
         zp = 0.12 * g["H"]
         gap = 1.2 if grade == 2 else -4.0
-        # capsule: half-height in z is 3 * height / 6; bottom = zp - drop - height/2
-        drop = zp - height / 2 - (q[2] + gap)
-        sides[side] = {"height": height, "thick": 1.6, "drop": float(drop), "scale": 1.0}
+        # capsule half-height in z is thick * height / 2; bottom = zp - drop - that (refined later)
+        drop = zp - 1.6 * height / 2 - (q[2] + gap)
+        sides[side] = {"height": height, "thick": 1.6, "drop": float(drop), "scale": 1.0, "gap": gap, "forward": 12.0,
+                       "contact": ala_top}
     last.extra["tp_sides"] = sides
     fused = max(cv["left"], cv["right"]) >= 3
     if fused:
@@ -347,6 +348,8 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
         if not lv.labelled:
             sh.channel, sh.label = "vert", _FUSED
         shapes.append(sh)
+        if lv.extra.get("tp_sides"):
+            meta["castellvi_gap_mm"] = _calibrate_castellvi(lv, sh, sac_shape, rng)
         if "schmorl" in lv.extra:
             shapes.append(_schmorl(lv, hu["disc"]))
     for rib in ribs:
@@ -388,6 +391,36 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
                      "points": (r.points @ offset[:3, :3].T + offset[:3, 3]).round(3).tolist()} for r in ribs]
     return Case(ct=ct, mask=vert.astype(np.uint8), affine=affine, centroids=ctd, variants=gt,
                 face_mask=face_mask if face_mask.any() else None, rib_mask=rib_mask, meta=meta)
+
+
+def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
+    """Move each enlarged transverse process until its measured gap to the sacral ala is
+    the target: 1.2 mm (grade 2, pseudarthrosis <= 2 mm) or -4 mm (grade 3, fused).
+
+    For distance fields the gap between two solids is twice the minimum over points of
+    max(d1, d2) (reached midway between them; negative when they overlap); it is
+    measured on a dense point cloud around the contact.
+    """
+    out = {}
+    for side, tp in lv.extra["tp_sides"].items():
+        if "gap" not in tp:
+            continue
+        s = 1.0 if side == "right" else -1.0
+        c = np.asarray(tp["contact"], dtype=float)
+        pts = (c + rng.uniform(-18, 18, (40000, 3))).astype(F32)
+        local = lv.local(pts)
+        pts = pts[local[:, 0] * s > lv.dims["W"] / 2 + 6]  # lateral of the body and facet joints
+        gap = None
+        for _ in range(6):
+            d = np.maximum(vshape.sdf(pts), sshape.sdf(pts))
+            gap = 2.0 * float(d.min())
+            err = gap - tp["gap"]
+
+            if abs(err) < 0.15:
+                break
+            tp["drop"] = float(tp["drop"] + err)
+        out[side] = round(gap, 2) if gap is not None else None
+    return out
 
 
 def _fov_states(vert: np.ndarray, levels) -> dict:

@@ -50,7 +50,7 @@ CHIN_MIN_RUN_MM = 15.0
 CHIN_EXTEND_MM = 12.0  # start the cut below the level where the chin is first detected
 CLEARANCE_MM = 9.0  # cut this far in front of the spine's anterior surface (the shell guards it)
 PROTECT_MM = 10.0  # shell around the tracked spine that is never removed
-CHIN_BELOW_C1_MM = 50.0  # chin level when no protrusion is seen (face cut by the field of view)
+CHIN_BELOW_C1_MM = 55.0  # chin below the top of C1, along the head axis (or straight down)
 MIN_FACE_CM3 = 20.0
 HEAD_RADIUS_MM = (50.0, 130.0)
 HEAD_MAX_SLOPE = 1.0
@@ -92,6 +92,17 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(sizes.argmax())
+
+
+def body_mask(tissue: np.ndarray) -> np.ndarray:
+    """The patient: the largest component once thin plates (the table, blankets) are opened away."""
+    from scipy import ndimage
+
+    ball = ndimage.generate_binary_structure(3, 1)
+    core = _largest_component(ndimage.binary_opening(tissue, structure=ball, iterations=2))
+    if not core.any():
+        return _largest_component(tissue)
+    return tissue & ndimage.binary_dilation(core, structure=ball, iterations=3)
 
 
 def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:
@@ -259,7 +270,7 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
 
     nx, ny, nz = coarse.shape
     xs, ys, zs = (np.arange(n) * step for n in (nx, ny, nz))
-    body = _fill_axial_holes(_largest_component(coarse > BODY_HU))
+    body = _fill_axial_holes(body_mask(coarse > BODY_HU))
     present = body.any(axis=(0, 1))
     if not present.any():
         return None, FaceReport(False, "no body in the scan")
@@ -323,8 +334,7 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
         return None, FaceReport(False, "nothing protrudes in front of the spine like a face: no face", details)
     z_c1 = spine_top
     y_c1 = float(np.interp(z_c1, zs, y_front))
-    z_chin = zs[runs[0][0]] if runs else z_c1 - CHIN_BELOW_C1_MM
-    z_chin -= CHIN_EXTEND_MM + margin_mm
+    z_chin = (zs[runs[0][0]] if runs else z_c1 - CHIN_BELOW_C1_MM) - CHIN_EXTEND_MM - margin_mm
 
     # 4. the cut surface and the protected shell around the spine
     clearance = CLEARANCE_MM  # the margin grows the cut downward only: the spine side stays fixed
@@ -333,7 +343,12 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
         above = zs > z_c1
         y_cut[above] = y_c1 + clearance + axis * (zs[above] - z_c1)
     protect = ndimage.distance_transform_edt(~spine, sampling=step) <= PROTECT_MM
-    face = (ys[None, :, None] > y_cut[None, None, :]) & (zs[None, None, :] >= z_chin) & zone[None, None, :]
+    above_chin = np.broadcast_to(zs[None, :] >= z_chin, (ny, nz))
+    if axis is not None:  # a tilted head carries its chin with it: a chin plane across the head's axis
+        u_y, u_z = np.array([axis, 1.0]) / np.hypot(axis, 1.0)
+        along = (ys[:, None] - y_c1) * u_y + (zs[None, :] - z_c1) * u_z
+        above_chin = above_chin | (along >= -(CHIN_BELOW_C1_MM + CHIN_EXTEND_MM + margin_mm))
+    face = (ys[None, :, None] > y_cut[None, None, :]) & above_chin[None, :, :] & zone[None, None, :]
     face = np.broadcast_to(face, coarse.shape) & ~protect
     in_front = int((face & body).sum()) * step ** 3 / 1000.0  # cm3 of tissue in front of the cut
     details.update({"chin_z_mm": round(float(z_chin), 1), "cut_clearance_mm": clearance,

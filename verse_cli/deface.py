@@ -6,20 +6,25 @@ mask, dilated by ``margin_mm``, become ``fill`` (air).
 Automatic defacing works on an axis-aligned RAS+ copy of the scan at 3 mm, so that
 "anterior" and "superior" come from the affine, whatever the voxel order:
 
-1. **Is there a face?** The body (largest component above -400 HU) is followed down
-   from the top of the scan while its axial slices stay narrower than a head or neck
-   (230 mm). Without such a head-and-neck zone there is no face: nothing changes.
-2. **The cervical spine** is the midline bone of the lowest zone slices, followed
-   upward through 3D connectivity until the bone spreads out into the skull base.
-   Its anterior surface gives, per slice, ``y_front``.
-3. **The face** starts at the chin: the lowest slice from which the body reaches
-   clearly further in front of the spine than the neck does (protrusion above
-   ``max(neck + 25 mm, 65 mm)`` over at least 15 mm). No such slice: no face.
-4. **The cut** is the surface ``y = y_front + 12 mm`` from below the chin up to the
-   skull base, tilted forward by 35 degrees above it (through the orbits), so that the
-   nose, lips, eyes, chin and jaw lie in front of it and the brain mostly behind.
-   Everything in front of the cut and above the chin goes, except a 10 mm shell
-   around the tracked spine, which is never touched.
+1. **Is there a head?** The body (largest component above -400 HU once thin plates
+   such as the table are opened away) is followed down from the top of the scan while
+   its axial slices stay narrower than a head or neck (230 mm). No such zone: no face.
+2. **The cervical spine** is the bony column that spans most of the neck; its midline
+   band is tracked upward to the skull base, recognised by the jump in midline bone
+   where the skull meets C1. Its anterior surface ``y_front`` is measured below that
+   jump, may drift forward by at most 35 degrees (so bone touching the column cannot
+   drag it), and never retreats going up.
+3. **The head's axis** runs from the top of C1 to the centre of a sphere fitted to the
+   skull vault (least squares, so a vault cut by the field of view still works).
+4. **The chin** is where the body reaches at least 25 mm further in front of the spine
+   than at the shallowest neck level; with a skull found, also everything above a
+   plane across the head's axis 55 mm below the top of C1 (tilted heads carry their
+   chin with them). Neither: no face.
+5. **The cut** is ``y_front + 9 mm`` below C1 and a line parallel to the head's axis
+   above it. Everything in front of the cut and above the chin goes (nose, lips,
+   eyes, chin, jaw, and the front of the skull), except a 10 mm shell around the
+   tracked spine, which is never touched. Less than 20 cm3 of tissue in front of the
+   cut means the face lies outside the field of view: nothing changes.
 
 The result is mapped back to the scan's own grid (nearest neighbour) and the voxel
 data are otherwise copied unchanged, so a scan without a face is bit-identical.

@@ -259,12 +259,20 @@ def small_case(tmp_path_factory):
 
 
 def test_cli_writes_centroids_and_markers(verse, small_case, tmp_path):
-    d, _, aff = small_case
+    # Every vertebra is fixed by the user, so the result does not depend on the weights:
+    # this checks the command's plumbing (fix in, markers and JSON out, input grid).
+    d, pts, aff = small_case
+    fix = Centroids.from_world(LUMBAR, pts, aff)
+    write_centroids(fix, tmp_path / "fix.json")
     out, mk = tmp_path / "ctd.json", tmp_path / "m.nii.gz"
-    proc = verse("label", d / "ct.nii.gz", "--bbox", d / "bbox.json", "-o", out, "--markers", mk, "--device", "cpu")
+    proc = verse("label", d / "ct.nii.gz", "--bbox", d / "bbox.json", "--fix", tmp_path / "fix.json", "-o", out,
+                 "--markers", mk, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     ctd = read_centroids(out)
     assert ctd.axcodes == geometry.axcodes(aff)
+    got = world_of(ctd, aff)
+    for lab, p in zip(LUMBAR, pts):
+        assert np.linalg.norm(got[lab] - p) < 0.05
     entries = json.loads(out.read_text())[1:]
     assert all("confidence" in e for e in entries)
     img = nib.load(mk)
@@ -283,18 +291,17 @@ def test_cli_from_markers_round_trip(verse, small_case, tmp_path):
     assert np.abs(back.coords - ctd.coords).max() < 0.5
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"world_min": [900, 900, 900],
-                                                               "world_max": [990, 990, 990]})])
-def test_cli_bad_box_fails_cleanly(verse, small_case, tmp_path, content):
+def test_cli_bad_box_fails_cleanly(verse, small_case, tmp_path):
     d, _, _ = small_case
-    bad = tmp_path / "bad.json"
-    bad.write_text(content)
-    out = tmp_path / "ctd.json"
-    proc = verse("label", d / "ct.nii.gz", "--bbox", bad, "-o", out, "--device", "cpu")
-    assert proc.returncode == 1
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
-    assert len(lines) == 1 and "bad.json" in lines[0]
-    assert not out.exists()
+    for content in ("{not json", json.dumps({"world_min": [900, 900, 900], "world_max": [990, 990, 990]})):
+        bad = tmp_path / "bad.json"
+        bad.write_text(content)
+        out = tmp_path / "ctd.json"
+        proc = verse("label", d / "ct.nii.gz", "--bbox", bad, "-o", out, "--device", "cpu")
+        assert proc.returncode == 1
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
+        assert len(lines) == 1 and "bad.json" in lines[0]
+        assert not out.exists()
 
 
 def test_cli_needs_a_ct_and_a_box(verse, tmp_path):

@@ -319,3 +319,29 @@ def test_cli_a_bad_fix_names_the_file(verse, small_case, tmp_path):
     assert proc.returncode == 1
     assert "fix.json" in proc.stderr and "direction" in proc.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+# --------------------------------------------------------------------------- training data
+def test_training_targets_sit_on_the_projected_centroids():
+    from verse_cli.nets import btrfly as B
+
+    pts = spine_points()
+    ct, aff = phantom(pts)
+    mask = (ct > 200).astype(np.uint8) * 20  # any non-empty mask gives the box
+    item = B.prepare_arrays(ct, aff, mask, LUMBAR, pts, None, "phantom", seed=0)
+    assert item["points"].shape == (len(LUMBAR), 5)
+    ds = B.HeatmapDataset([item], augment=False, height=256)
+    sag, cor, ts, tc = ds[0]
+    assert sag.shape == (2, 256, 128) and ts.shape == (len(CHANNELS), 128, 64)
+    for (i, a, r, ch, th), lab in zip(item["points"], LUMBAR):
+        y, x = np.unravel_index(int(ts[int(ch)].argmax()), ts.shape[1:])
+        # rows were centred in the window: compare with the shifted point
+        top = (item["sag"].shape[1] - 256) // 2 if item["sag"].shape[1] > 256 else 0
+        assert abs(y - (i - top - 0.5) / 2) <= 0.6 and abs(x - (a - 0.5) / 2) <= 0.6
+        assert bool(ts[1].max() > 0.9) == any(lb in P.THORACIC for lb in LUMBAR)
+        assert (th > 0.5) == (lab in P.THORACIC)
+    # one optimisation step runs and gives a finite loss
+    net = B.BtrflyNet()
+    loss = B.step_fn(net, [x[None] for x in (sag, cor, ts, tc)], "cpu")
+    loss.backward()
+    assert torch.isfinite(loss)

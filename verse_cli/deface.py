@@ -22,7 +22,7 @@ Automatic defacing works on an axis-aligned RAS+ copy of the scan at 3 mm, so th
    chin with them). Neither: no face.
 5. **The cut** is ``y_front + 9 mm`` below C1 and a line parallel to the head's axis
    above it. Everything in front of the cut and above the chin goes (nose, lips,
-   eyes, chin, jaw, and the front of the skull), except a 10 mm shell around the
+   eyes, chin, jaw, and the front of the skull), except a 12 mm shell around the
    tracked spine, which is never touched. Less than 20 cm3 of tissue in front of the
    cut means the face lies outside the field of view: nothing changes.
 

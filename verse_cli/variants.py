@@ -505,8 +505,8 @@ def spine_sequence(grid: Grid, present, effective, frames, spine_info, castellvi
     else:
         bottom = spine_info.get("bottom")
         if spine and bottom and bottom["present"]:
-            fused = castellvi and castellvi.get("unlabelled_vertebra")
-            nxt = "S1" if fused else _neighbour_name(spine[-1], +1)
+            # a Castellvi rating means the sacrum was found below the last lumbar label
+            nxt = "S1" if castellvi else _neighbour_name(spine[-1], +1)
             if nxt:
                 items.append({"name": nxt, "region": "S" if nxt == "S1" else nxt[0], "status": "cut"})
     return items, notes
@@ -695,7 +695,9 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         if frac > 0.2:
             shift = (np.argwhere(hit) + np.array([sl.start for sl in box])).mean(axis=0) * sp - centre
             centre = centre + 0.5 * (shift - (shift @ down) * down)
-    solid = np.array(profile) >= 0.3
+    # cancellous bone is partly below the threshold, so a body fills only 10-60 % of
+    # the disc while an intervertebral disc leaves it empty
+    solid = np.array(profile) >= 0.08
     runs = []
     for a, b in _runs(solid):
         if runs and (a - runs[-1][1]) * step_mm < 4.0:
@@ -703,7 +705,8 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         else:
             runs.append((a, b))
     runs = [(a, b) for a, b in runs if (b - a) * step_mm >= 8.0]
-    evidence = {"bodies_below_mm": [[a * step_mm, b * step_mm] for a, b in runs]}
+    evidence = {"bodies_below_mm": [[a * step_mm, b * step_mm] for a, b in runs],
+                "profile": [round(f, 2) for f in profile]}
     if not runs:
         return None, evidence
     lstv = len(runs) > 1 and (runs[0][1] - runs[0][0]) * step_mm <= 45.0 and (runs[1][0] - runs[0][1]) * step_mm <= 20

@@ -207,6 +207,9 @@ def form_image(hu: np.ndarray, grid: Grid, scanner: Scanner, rng: np.random.Gene
     if scanner.sharpen > 0:
         wide = ndimage.gaussian_filter(img, sigma=1.2 / sp, mode="nearest", truncate=2.5)
         img = img + np.float32(scanner.sharpen) * (img - wide)
+    # scanner calibration differs a little: water offset and a slight gain around air
+    gain = np.float32(rng.uniform(0.97, 1.03))
+    img = (img + np.float32(1000)) * gain + np.float32(rng.uniform(-12, 12) - 1000)
     noise = rng.standard_normal(img.shape, dtype=np.float32)
     ns = scanner.noise_corr_mm / sp
     ns[grid.slice_axis] = 0.0

@@ -29,6 +29,7 @@ class Profile:
     cy: np.ndarray
     a: np.ndarray
     b: np.ndarray
+    z_cap: float | None = None
 
     def at(self, z):
         return (np.interp(z, self.z, self.cx).astype(F32), np.interp(z, self.z, self.cy).astype(F32),
@@ -70,11 +71,14 @@ def body_profile(levels: list[Level], hab: dict) -> Profile:
     # extend below the sacrum (pelvis, thighs) and above the top level
     z = np.concatenate([[zs[0] - 400], zs, [zs[-1] + 400]])
     ext = lambda v: np.concatenate([[v[0]], v, [v[-1]]])
-    return Profile(z, ext(np.array(cxs)), ext(np.array(cys)), ext(np.array(as_)), ext(np.array(bs)))
+    c1 = next((lv for lv in levels if lv.name == "C1"), None)
+    cap = None if c1 is None else float(c1.centre[2] + 30.0)
+    return Profile(z, ext(np.array(cxs)), ext(np.array(cys)), ext(np.array(as_)), ext(np.array(bs)), cap)
 
 
 def outline_sdf(prof: Profile, shrink: float = 0.0):
     sh = F32(shrink)
+    cap = None if prof.z_cap is None else F32(prof.z_cap)
 
     def sdf(p):
         cx, cy, a, b = prof.at(p[:, 2])
@@ -82,7 +86,10 @@ def outline_sdf(prof: Profile, shrink: float = 0.0):
         y = p[:, 1] - cy
         bb = np.where(y > 0, b, b * F32(0.92))
         d = ellipse2d(x, y, np.maximum(a - sh, 5), np.maximum(bb - sh, 5))
-        return np.maximum(d, -(y + bb * F32(0.9)) + sh)
+        d = np.maximum(d, -(y + bb * F32(0.9)) + sh)
+        if cap is not None:  # the neck ends where the head (its own shape) begins
+            d = np.maximum(d, p[:, 2] - cap)
+        return d
 
     return sdf
 
@@ -315,10 +322,10 @@ def _head(levels, by_name, hab, hu, rng):
     c1 = by_name["C1"]
     s = hab["size"]
     shapes = []
-    hc = c1.to_world([0, 15, 75])
+    hc = c1.to_world([0, 15, 92])
     hr = np.array([72, 92, 88]) * s
     shapes.append(Shape(sdf=lambda p: ellipsoid(p, hc, hr), lo=hc - hr - 4, hi=hc + hr + 4, value=hu["muscle"]))
-    fc = c1.to_world([0, 70, 5])
+    fc = c1.to_world([0, 70, 25])
     fr = np.array([55, 40, 65]) * s
     shapes.append(Shape(sdf=lambda p: ellipsoid(p, fc, fr), lo=fc - fr - 4, hi=fc + fr + 4, value=hu["muscle"] - 10))
     # brain inside the skull

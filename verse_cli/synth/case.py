@@ -273,9 +273,10 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     orientation : str or None
         Axis codes of the array (e.g. "PIR", "RAS"); None draws one.
     scale : float
-        Resolution factor: 0.5 gives voxels twice as large (8x fewer), for fast cases.
+        Size factor for fast cases: the grid is capped at 40 M x scale^3 voxels.
     max_voxels : int or None
-        Cap on the grid size; the spacing grows to fit (default 40 M x scale^3).
+        Explicit cap on the grid size. When the field of view needs more voxels, the
+        finest axes are coarsened first (an explicit ``spacing`` is always honoured).
     """
     region = acq.check_region(region)
     spacing = acq.check_spacing(spacing)
@@ -562,9 +563,9 @@ def _skull(levels, bone, hu, size) -> list[Shape]:
     c1 = next((lv for lv in levels if lv.name == "C1"), None)
     if c1 is None:
         return []
-    hc = c1.to_world([0, 15, 75]).astype(F32)
+    hc = c1.to_world([0, 15, 92]).astype(F32)
     hr = (np.array([72, 92, 88]) * size - 4).astype(F32)
-    fm = c1.to_world([0, -12, 20]).astype(F32)
+    fm = c1.to_world([0, -10, 12]).astype(F32)
     axis = c1.R[:, 2].astype(F32)
 
     def skull(p):
@@ -587,9 +588,9 @@ def _face_label(levels, size) -> Shape | None:
     c1 = next((lv for lv in levels if lv.name == "C1"), None)
     if c1 is None:
         return None
-    hc = c1.to_world([0, 15, 75]).astype(F32)
+    hc = c1.to_world([0, 15, 92]).astype(F32)
     hr = (np.array([72, 92, 88]) * size).astype(F32)
-    fc = c1.to_world([0, 70, 5]).astype(F32)
+    fc = c1.to_world([0, 70, 25]).astype(F32)
     fr = (np.array([55, 40, 65]) * size).astype(F32)
     plane_pt = c1.to_world([0, 38, 0]).astype(F32)
     n = c1.R[:, 1].astype(F32)

@@ -487,8 +487,9 @@ def _chest_wall(levels, ribs, bone, size, rng) -> list[Shape]:
     mat = bone.material(cortex_mm=1.2, trab=bone.trabecular - 20)
     if len(mids) >= 3:
         mids = np.array(mids)
-        top = mids[0] + (mids[0] - mids[1]) * 0.8
-        bottom = mids[-1] + (mids[-1] - mids[-2]) * 1.2
+        unit = lambda v: v / max(np.linalg.norm(v), 1e-6)
+        top = mids[0] + unit(mids[0] - mids[1]) * 25 * size  # manubrium above the first cartilages
+        bottom = mids[-1] + unit(mids[-1] - mids[-2]) * 40 * size  # xiphoid
         line = np.concatenate([top[None], mids, bottom[None]])
         lateral = np.array([1.0, 0.0, 0.0])
         for off in (-7.0, 7.0):

@@ -58,6 +58,11 @@ def body_profile(levels: list[Level], hab: dict) -> Profile:
             a = hab["chest_a"] * (0.8 + 0.2 * min(k, 6) / 6) + (40 if k <= 2 else 0) * hab["shoulders"]
             b = hab["chest_b"] * (0.85 + 0.15 * min(k, 6) / 6)
             back = 78.0 + 0.9 * fat
+            cage = lv.extra.get("cage")
+            if cage is not None:  # the chest wall covers the ribs: >= 12 mm of soft tissue
+                _, ca, cb, cyc, _ = cage
+                a = max(a, ca + 12.0)  # the outline adds ``fat`` to ``a`` below
+                b = max(b, (cyc + cb + 12.0 + fat - p[1] + back) / (1.0 + _BACK))
         elif r == "L":
             a, b, back = hab["abd_a"], hab["abd_b"], 88.0 + 0.9 * fat
         else:

@@ -43,7 +43,16 @@ from scipy import ndimage
 from .core import geometry
 from .core import labels as L
 from .core.errors import DataError
-from .ribs import SIDES, UNLABELLED, Frame, bone_threshold, measure_rib, segment_ribs, smooth_ct
+from .ribs import (
+    HEAD_REACH_MM,
+    SIDES,
+    UNLABELLED,
+    Frame,
+    bone_threshold,
+    measure_rib,
+    segment_ribs,
+    smooth_ct,
+)
 
 RAS = ("R", "A", "S")
 STUMP_MM = 38.0
@@ -52,8 +61,8 @@ PSEUDARTHROSIS_MM = 2.0  # Castellvi II
 TP_LATERAL = 0.6  # transverse process: lateral of this fraction of the vertebra's half width
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
-RIB_BEARING = [7, *range(8, 20), 28, 20, 21]  # C7, T1-T12, T13, L1, L2
-THORACOLUMBAR = {17, 18, 19, 28, 20, 21}  # T10-T13, L1, L2: where the rib rule moves the boundary
+RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
+THORACOLUMBAR = {17, 18, 19, 28, 20}  # T10-T13, L1: where the rib rule moves the boundary
 
 
 @dataclass
@@ -359,6 +368,11 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.length_mm < MIN_RIB_MM:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
+            elif L.region(lab) != "T" and not _joint_at_body(rib, frames[lab]):
+                # a rib of C7 or L1 must start at the body: a lower rib running past
+                # the transverse process is not one
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
+                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, 0.3 * rib.length_mm):
                 # a piece that ends back on the spine is a rib head and neck whose shaft
                 # was lost, or bone running along the vertebrae, not a rib
@@ -368,6 +382,12 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_mm"], entry[f"{side}_status"] = round(rib.length_mm, 1), "present"
         out[lab] = entry
     return out, evidence
+
+
+def _joint_at_body(rib, frame: Frame) -> bool:
+    """True when the rib's joint end lies beside the vertebral body (a rib head)."""
+    lateral = abs(float((np.asarray(rib.joint_mm) - frame.centre) @ frame.right))
+    return lateral <= frame.half_width + HEAD_REACH_MM + 5.0
 
 
 def rib_class(entry: dict, side: str, stump_mm: float) -> str:

@@ -293,3 +293,17 @@ def test_from_masks_renders_real_shapes(verse, tmp_path, real_data):
     assert float(np.median(hu[mask == 0])) < 80
     ctd = read_centroids(out / "sub-synm0004_seg-subreg_ctd.json")
     assert ctd.labels == _labels(mask)
+
+
+def test_face_mask_when_the_head_is_in_view(tmp_path):
+    from verse_cli.synth import generate_case, write_case
+
+    c = generate_case(13, region="cervical", max_voxels=SMALL)
+    assert c.face_mask is not None and c.face_mask.sum() > 100
+    face = geometry.vox2world(c.affine, np.argwhere(c.face_mask > 0)).mean(0)
+    spine = geometry.vox2world(c.affine, np.argwhere(c.mask > 0)).mean(0)
+    assert face[1] > spine[1] + 40  # the face lies in front of the cervical spine
+    paths = write_case(c, tmp_path, subject="syn0013", qc=False)
+    assert paths["face"].is_file()
+    lumbar = generate_case(14, region="lumbar", max_voxels=SMALL)
+    assert lumbar.face_mask is None

@@ -335,7 +335,7 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
                "spine_top_z_mm": round(float(spine_top), 1), "skull_base_seen": skull_base}
     # A skull above C1 gives the head's orientation (the face turns with it).
     axis = head_axis(coarse > BONE_HU, body, ys, zs, spine_top, y_front) if skull_base else None
-    if not runs and not skull_base:
+    if not runs and axis is None:
         return None, FaceReport(False, "nothing protrudes in front of the spine like a face: no face", details)
     z_c1 = spine_top
     y_c1 = float(np.interp(z_c1, zs, y_front))

@@ -250,7 +250,7 @@ def synth(
                                                        "stump_rib, castellvi[_1|_2a|_2b|_3a|_3b|_4].")] = None,
     spacing: Annotated[Optional[str], typer.Option(help="Voxel size in mm along the array axes: 'S' or 'SX,SY,SZ'.")] = None,
     orientation: Annotated[Optional[str], typer.Option(help="Axis codes of the array, e.g. PIR, RAS, LPS.")] = None,
-    scale: Annotated[float, typer.Option(help="Resolution factor; 0.5 = voxels twice as large (fast cases).")] = 1.0,
+    scale: Annotated[float, typer.Option(help="Size factor: the grid is capped at 40 M x scale^3 voxels (fast cases).")] = 1.0,
     size: Annotated[Optional[float], typer.Option("--size", help="Largest grid in megavoxels (default 40 x scale^3).")] = None,
     from_masks: Annotated[Optional[Path], typer.Option("--from-masks", help="Render CTs from the vertebra masks in this folder.")] = None,
     dicom: Annotated[bool, typer.Option("--dicom", help="Also write each CT as a DICOM series.")] = False,

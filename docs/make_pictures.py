@@ -54,9 +54,9 @@ def report_picture(demo: Path) -> Path:
         shot = Path(tmp) / "shot.png"
         url = (demo / "derivatives" / "report.html").resolve().as_uri()
         subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,900",
-                        "--virtual-time-budget=3000", f"--screenshot={shot}", url], check=True,
+                        "--virtual-time-budget=10000", f"--screenshot={shot}", url], check=True,
                        capture_output=True)
-        out.write_bytes(small_png(shot.read_bytes(), colours=64))
+        out.write_bytes(small_png(shot.read_bytes(), colours=160))
     return out
 
 

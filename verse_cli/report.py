@@ -262,7 +262,7 @@ def _subject_section(subj: Subject, base: Path, embed: bool) -> str:
     if subj.snapshot is not None:
         src = _image_src(subj.snapshot, base, embed)
         parts.append(f'<a href="{html.escape(src)}"><img class="snap" src="{html.escape(src)}" '
-                     f'alt="QC snapshot of {html.escape(subj.name)}" loading="lazy"></a>')
+                     f'alt="QC snapshot of {html.escape(subj.name)}"></a>')
     else:
         parts.append('<p class="missing">no snapshot (run <code>verse snapshot</code>)</p>')
     if subj.evaluation:

@@ -301,16 +301,27 @@ def unlabelled_spine(bone: np.ndarray, grid: Grid, frames: dict[int, Frame], pre
         radial = np.linalg.norm(pts - np.outer(t, d), axis=1)
         reach, height = float(t.max()), float(t.max() - t.min())
         r_tube = float(np.percentile(radial, 98))
-        length = reach + 1.2 * height
+        spine_pos = spine.index(lab)
+        nb = spine[spine_pos + 1] if end == "top" and len(spine) > 1 else (
+            spine[spine_pos - 1] if len(spine) > 1 else None)
+        level = float(np.linalg.norm(frames[nb].centre - fr.centre)) if nb is not None else 0.8 * height
+        length = reach + 2.0 * level
         region, box = _tube(grid, fr.centre, d, reach + 1.0, length, r_tube)
         sel = bone[box] & region & (grid.mask[box] == 0)
         # bone just outside the end vertebra's own label is that vertebra, not a neighbour
         near = ndimage.distance_transform_edt(grid.mask[box] == 0, sampling=grid.sp) <= 2.5
         found = sel & ~near
-        fraction = float(found.sum()) / max(fr.voxels, 1)
+        # split what was found into the next level and the one beyond it
+        idx = np.argwhere(found)
+        t_found = (idx * grid.sp + np.array([sl.start for sl in box]) * grid.sp - fr.centre) @ d
+        first = int((t_found <= reach + level).sum())
+        second = int((t_found > reach + level).sum())
+        fraction = first / max(fr.voxels, 1)
         out[box] |= sel
         info[end] = {"next_to": L.name(lab), "voxels": int(found.sum()), "ml": round(found.sum() * vox_ml, 1),
                      "fraction_of_neighbour": round(fraction, 2), "present": fraction >= 0.15,
+                     "second_level_fraction": round(second / max(fr.voxels, 1), 2),
+                     "second_present": fraction >= 0.15 and second / max(fr.voxels, 1) >= 0.15,
                      "touches_field_of_view_edge": bool(_touches_edge(found, box, bone.shape))}
     return out, info
 
@@ -488,6 +499,10 @@ def spine_sequence(grid: Grid, present, effective, frames, spine_info, castellvi
     top = spine_info.get("top")
     if spine and top and top["present"]:
         prev = _neighbour_name(spine[0], -1)
+        if prev and top.get("second_present"):
+            before = _neighbour_name(L.label_id(prev), -1)
+            if before:
+                items.append({"name": before, "region": before[0], "status": "cut"})
         if prev:
             items.append({"name": prev, "region": prev[0], "status": "cut"})
     dists = [float(np.linalg.norm(frames[a].centre - frames[b].centre)) for a, b in itertools.pairwise(spine)]

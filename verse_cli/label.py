@@ -138,41 +138,43 @@ class SpineView:
     shape: tuple[int, int, int]
 
 
-def spine_grid(lo, hi, multiple: int = 32) -> tuple[tuple[int, int, int], np.ndarray]:
-    """A world-aligned grid (axes R, A, I) of :data:`SPACING` mm around a box.
+def spine_grid(lo, hi, multiple: int = 32, spacing: float = SPACING, width: int = WIDTH
+               ) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A world-aligned grid (axes R, A, I) of ``spacing`` mm around a box.
 
-    Left-right and anterior-posterior: :data:`WIDTH` pixels centred on the box;
+    Left-right and anterior-posterior: ``width`` pixels centred on the box;
     superior-inferior: the box plus :data:`MARGIN_MM`, rounded up to ``multiple``.
     """
     lo, hi = np.asarray(lo, float), np.asarray(hi, float)
     centre = (lo + hi) / 2
     height = (hi[2] - lo[2]) + 2 * MARGIN_MM
-    n_i = int(np.ceil(height / SPACING / multiple) * multiple)
-    affine = np.diag([SPACING, SPACING, -SPACING, 1.0])
-    affine[0, 3] = centre[0] - SPACING * (WIDTH - 1) / 2
-    affine[1, 3] = centre[1] - SPACING * (WIDTH - 1) / 2
-    affine[2, 3] = centre[2] + SPACING * (n_i - 1) / 2
-    return (WIDTH, WIDTH, n_i), affine
+    n_i = int(np.ceil(height / spacing / multiple) * multiple)
+    affine = np.diag([spacing, spacing, -spacing, 1.0])
+    affine[0, 3] = centre[0] - spacing * (width - 1) / 2
+    affine[1, 3] = centre[1] - spacing * (width - 1) / 2
+    affine[2, 3] = centre[2] + spacing * (n_i - 1) / 2
+    return (width, width, n_i), affine
 
 
-def slab_masks(lo, hi, affine) -> tuple[np.ndarray, np.ndarray]:
+def slab_masks(lo, hi, affine, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Which grid columns the sagittal (R) and coronal (A) projections take, from the box."""
     lo, hi = np.asarray(lo, float), np.asarray(hi, float)
     centre = (lo + hi) / 2
     half = np.maximum((hi - lo) / 2 + SLAB_MARGIN_MM, MIN_HALF_SLAB_MM)
-    r = affine[0, 3] + SPACING * np.arange(WIDTH)
-    a = affine[1, 3] + SPACING * np.arange(WIDTH)
+    r = affine[0, 3] + affine[0, 0] * np.arange(width)
+    a = affine[1, 3] + affine[1, 1] * np.arange(width)
     return np.abs(r - centre[0]) <= half[0], np.abs(a - centre[1]) <= half[1]
 
 
-def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi) -> SpineView:
+def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = SPACING,
+                width: int = WIDTH) -> SpineView:
     """Resample the box onto the spine grid and project it both ways."""
-    shape, affine = spine_grid(lo, hi)
+    shape, affine = spine_grid(lo, hi, spacing=spacing, width=width)
     vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=-1024.0)
     np.clip(vol, HU_LOW, HU_HIGH, out=vol)
     vol -= HU_LOW
     vol /= HU_HIGH - HU_LOW
-    keep_r, keep_a = slab_masks(lo, hi, affine)
+    keep_r, keep_a = slab_masks(lo, hi, affine, width)
     sag_slab, cor_slab = vol[keep_r], vol[:, keep_a]
     sag = np.stack([sag_slab.max(axis=0), sag_slab.mean(axis=0)]).transpose(0, 2, 1)  # (2, I, A)
     cor = np.stack([cor_slab.max(axis=1), cor_slab.mean(axis=1)]).transpose(0, 2, 1)  # (2, I, R)
@@ -266,7 +268,8 @@ def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float
     from .nets.btrfly import N_FIXED
 
     any_s, any_c = hs[0], hc[0]
-    peaks = local_maxima(any_s, threshold)
+    pixel_mm = abs(view.affine[0, 0]) * STRIDE
+    peaks = local_maxima(any_s, threshold, size=2 * int(7.5 // pixel_mm) + 1)  # 15 mm: the closest levels
     pts, logp, exist, rib, sac = [], [], [], [], []
     k_s1 = N_FIXED + P.PRIOR_LABELS.index(P.SACRUM)
     for r, c in peaks:
@@ -280,7 +283,8 @@ def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float
         v = np.sqrt(np.clip(vs * vc, 0, None))
         lab = v[N_FIXED:] + 1e-3
         logp.append(np.log(lab / lab.sum()))
-        exist.append(float(np.clip(np.sqrt(vs[0] * max(vc[0], 0.05)), 0.02, 0.98)))
+        # peak heights are not calibrated: a peak above the threshold is probably real
+        exist.append(float(np.clip(0.55 + 0.8 * np.sqrt(vs[0] * max(vc[0], 0.05)), 0.6, 0.97)))
         rib.append(float(np.clip(v[1] / max(v[0], 1e-3), 0.0, 1.0)))
         sac.append(float(np.clip(v[k_s1] / max(v[0], 1e-3), 0.0, 1.0)))
         # heatmap pixel k covers input pixels 2k and 2k + 1
@@ -440,7 +444,8 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
         net, dev = model
     else:
         net, dev = load_model(model, device)
-    view = projections(ct, affine, lo, hi)
+    view = projections(ct, affine, lo, hi, spacing=getattr(net, "spacing", SPACING),
+                       width=getattr(net, "width", WIDTH))
     hs, hc = heatmaps(net, view, dev)
     cands = candidates(hs, hc, view)
     debug(f"{len(cands.world)} candidates")

@@ -157,14 +157,14 @@ def rib_log_evidence(rib_prob: np.ndarray) -> np.ndarray:
     """(N, K) log-likelihoods from per-candidate probabilities of bearing a rib >= 38 mm."""
     r = np.clip(np.asarray(rib_prob, dtype=np.float64), 0.02, 0.98)[:, None]
     thoracic = np.array([lab in THORACIC for lab in PRIOR_LABELS])[None, :]
-    return np.where(thoracic, np.log(r), np.log1p(-r))
+    return np.where(thoracic, np.log(2 * r), np.log(2 * (1 - r)))  # ratio to an undecided 0.5
 
 
 def sacrum_log_evidence(sacrum_prob: np.ndarray) -> np.ndarray:
     """(N, K) log-likelihoods from per-candidate probabilities of being the sacrum (S1)."""
     s = np.clip(np.asarray(sacrum_prob, dtype=np.float64), 0.02, 0.98)[:, None]
     is_s1 = (np.array(PRIOR_LABELS) == SACRUM)[None, :]
-    return np.where(is_s1, np.log(s), np.log1p(-s))
+    return np.where(is_s1, np.log(2 * s), np.log(2 * (1 - s)))
 
 
 def _transition(paths: _Paths, dist_mm: float, scale: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +227,12 @@ def label_chain(
     params = params or PriorParams()
     pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
     N, K = len(pos), len(PRIOR_LABELS)
-    emis = np.asarray(label_logp, dtype=np.float64).reshape(N, K) * params.emission_weight
+    # Every evidence term is a likelihood ratio against "no information", so that a used
+    # candidate and a candidate declared false are scored on the same footing.
+    logp = np.asarray(label_logp, dtype=np.float64).reshape(N, K)
+    if N:
+        logp = logp - _logsumexp(logp, axis=1)[:, None] + np.log(K)
+    emis = logp * params.emission_weight
     if rib_prob is not None:
         emis = emis + params.rib_weight * rib_log_evidence(rib_prob)
     if sacrum_prob is not None:
@@ -236,7 +241,8 @@ def label_chain(
     p_real = np.clip(p_real, 1e-6, 1 - 1e-6)
     use, skip = np.log(p_real), np.log1p(-p_real)
     if sacrum_prob is not None:  # a false detection is not the sacrum either
-        skip = skip + params.sacrum_weight * np.log1p(-np.clip(np.asarray(sacrum_prob, dtype=np.float64), 0.02, 0.98))
+        skip = skip + params.sacrum_weight * np.log(
+            2 * (1 - np.clip(np.asarray(sacrum_prob, dtype=np.float64), 0.02, 0.98)))
     fixed = dict(fixed or {})
     for i, lab in fixed.items():
         if int(lab) not in _INDEX:

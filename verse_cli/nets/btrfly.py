@@ -65,10 +65,11 @@ class BtrflyNet(nn.Module):
     arch = "btrfly"
 
     def __init__(self, in_channels: int = 2, out_channels: int = len(CHANNELS),
-                 widths=(16, 32, 64, 96, 128), decoder=(96, 64, 32, 24)):
+                 widths=(16, 32, 64, 96, 128), decoder=(96, 64, 32, 24), spacing: float = 1.5, width: int = 128):
         super().__init__()
         self.config = {"in_channels": in_channels, "out_channels": out_channels,
-                       "widths": list(widths), "decoder": list(decoder)}
+                       "widths": list(widths), "decoder": list(decoder), "spacing": spacing, "width": width}
+        self.spacing, self.width = float(spacing), int(width)  # the projection grid this net reads
         self.sag_arm = Arm(in_channels, widths)
         self.cor_arm = Arm(in_channels, widths)
         deep = widths[-1]
@@ -96,12 +97,12 @@ def build(config: dict) -> BtrflyNet:
 
 
 # --------------------------------------------------------------------------- training data
-SIGMA_PX = 1.2  # Gaussian width of the targets, in heatmap pixels (3 mm each)
-TRAIN_HEIGHT = 256  # rows of a training window (384 mm)
+SIGMA_MM = 3.6  # Gaussian width of the targets
+TRAIN_HEIGHT_MM = 384.0  # length of a training window along the spine
 
 
 def prepare_case(case, seed: int = 0) -> dict:
-    """Projections and target points of one training case on disk (a ``CaseFiles``)."""
+    """Projections and target points of one training case on disk (a ``CaseFiles``) on the default grid."""
     import numpy as np
 
     from ..core.centroids import read_centroids
@@ -122,7 +123,8 @@ def prepare_case(case, seed: int = 0) -> dict:
                           ctd.to_world(img.affine), variants, case.subject, seed)
 
 
-def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed: int = 0) -> dict:
+def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed: int = 0,
+                   spacing: float = 1.5, width: int = 128) -> dict:
     """Projections and target points of one case from arrays.
 
     The box is the ground-truth mask's world box, enlarged at random by up to 15 mm
@@ -150,7 +152,7 @@ def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed
         lo, hi = world.min(axis=0) - 20, world.max(axis=0) + 20
     lo = lo - rng.uniform(0, 15, 3)
     hi = hi + rng.uniform(0, 15, 3)
-    view = lab_mod.projections(ct, affine, lo, hi)
+    view = lab_mod.projections(ct, affine, lo, hi, spacing=spacing, width=width)
     grid = geometry.world2vox(view.affine, world)
     rows = []
     for lab, (r, a, i) in zip(labels, grid):
@@ -187,12 +189,13 @@ def _sacrum_point(mask, affine, labels, world, variants):
 class HeatmapDataset:
     """Random windows of prepared cases with Gaussian heatmap targets (torch Dataset)."""
 
-    def __init__(self, prepared: list[dict], seed: int = 0, augment: bool = True, height: int = TRAIN_HEIGHT,
-                 repeats: int = 1):
+    def __init__(self, prepared: list[dict], seed: int = 0, augment: bool = True, height: int | None = None,
+                 repeats: int = 1, spacing: float = 1.5):
         self.cases = prepared
         self.seed = seed
         self.augment = augment
-        self.height = height
+        self.height = height or int(round(TRAIN_HEIGHT_MM / spacing / DOWNSAMPLE) * DOWNSAMPLE)
+        self.sigma_px = SIGMA_MM / (spacing * OUTPUT_STRIDE)
         self.repeats = repeats
         self.epoch = 0
 
@@ -223,8 +226,8 @@ class HeatmapDataset:
             sag, cor = np.pad(sag, pad), np.pad(cor, pad)
         if self.augment:
             sag, cor, pts = _augment(sag, cor, pts, rng)
-        ts = _targets(pts[:, [0, 1]], pts[:, 3], pts[:, 4], h, W)
-        tc = _targets(pts[:, [0, 2]], pts[:, 3], pts[:, 4], h, W)
+        ts = _targets(pts[:, [0, 1]], pts[:, 3], pts[:, 4], h, W, self.sigma_px)
+        tc = _targets(pts[:, [0, 2]], pts[:, 3], pts[:, 4], h, W, self.sigma_px)
         return (torch.from_numpy(np.ascontiguousarray(sag)), torch.from_numpy(np.ascontiguousarray(cor)),
                 torch.from_numpy(ts), torch.from_numpy(tc))
 
@@ -253,7 +256,7 @@ def _augment(sag, cor, pts, rng):
     return sag, cor, pts
 
 
-def _targets(rc, channel, thoracic, h, w):
+def _targets(rc, channel, thoracic, h, w, sigma_px: float = 1.2):
     """(C, h/2, w/2) Gaussian targets for points at input pixel ``rc``."""
     import numpy as np
 
@@ -267,7 +270,7 @@ def _targets(rc, channel, thoracic, h, w):
         y, x = (r - 0.5) / OUTPUT_STRIDE, (c - 0.5) / OUTPUT_STRIDE
         if not (-3 <= y <= H + 2 and -3 <= x <= Wd + 2):
             continue
-        g = np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * SIGMA_PX ** 2))
+        g = np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma_px ** 2))
         targets = [0, int(ch)] + ([1] if th > 0.5 else [])
         for t in targets:
             np.maximum(out[t], g, out=out[t])

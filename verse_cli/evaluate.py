@@ -438,7 +438,7 @@ def render_table(report: dict[str, Any], to_stderr: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=to_stderr, highlight=False)
+    console = Console(stderr=to_stderr, highlight=False, soft_wrap=True)
     if report["mode"] == "case":
         case = report["case"]
         table = Table(title=f"{case['subject']}: per vertebra")

@@ -28,7 +28,7 @@ def verbosity() -> int:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)  # never break a message line in pipes
 
 
 def info(message: str) -> None:

@@ -740,6 +740,8 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         else:
             runs.append((a, b))
     runs = [(a, b) for a, b in runs if (b - a) * step_mm >= 8.0]
+    if runs and runs[0][0] == 0 and len(runs) > 1:
+        runs = runs[1:]  # bone right at the start is the last labelled vertebra's own
     evidence = {"bodies_below_mm": [[a * step_mm, b * step_mm] for a, b in runs],
                 "profile": [round(f, 2) for f in profile]}
     if not runs:

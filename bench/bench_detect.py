@@ -55,7 +55,6 @@ def make_ct(path: Path, shape=(512, 512, 400)) -> None:
 
 def measure(ct_path: Path, model_path: Path) -> None:
     """The timed part, in a fresh process so that peak RSS is the detector's own."""
-    import torch
     from scipy import ndimage
 
     from verse_cli.core.errors import DataError
@@ -69,8 +68,10 @@ def measure(ct_path: Path, model_path: Path) -> None:
     spacing = float(model[0].config["spacing_mm"])
     img, t_load, _ = _timed(load_ct, ct_path)
     data = np.asarray(img.dataobj)
+    from verse_cli.nets.train import cpu_threads
+
     print(f"CT {data.shape} {data.dtype}, {data.nbytes / 2**20:.0f} MiB in memory; torch threads "
-          f"{torch.get_num_threads()}; coarse grid {spacing:g} mm")
+          f"{cpu_threads()} (1 when the machine is loaded); coarse grid {spacing:g} mm")
     print(f"load        {t_load:6.2f} s (not in the budget)")
     runs = []
     for _ in range(3):
@@ -103,9 +104,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="weights (default: bundled, else random)")
     parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--make", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         measure(args.measure, args.model)
+        return
+    if args.make:
+        make_ct(args.make)
         return
 
     from verse_cli.detect import DEFAULT_MODEL
@@ -120,7 +125,8 @@ def main() -> None:
             save_bundle(model_path, net.arch, net.config, net.state_dict(), {"note": "random weights"})
             print("(no trained model: timing random weights)")
         ct_path = Path(tmp) / "ct.nii"
-        make_ct(ct_path)
+        # each step in its own process: the peak RSS of a child counts from its parent's
+        subprocess.run([sys.executable, __file__, "--make", str(ct_path)], check=True)
         subprocess.run([sys.executable, __file__, "--measure", str(ct_path), "--model", str(model_path)],
                        check=True)
 

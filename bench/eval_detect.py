@@ -35,26 +35,44 @@ def labelled_extent(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, n
     return xyz.min(axis=0) - half, xyz.max(axis=0) + half
 
 
-def evaluate_case(ct_path: Path, mask_path: Path, model) -> dict:
+LOW = None  # hysteresis level (--low)
+
+
+def evaluate_case(ct_path: Path, mask_path: Path, model, margins=(10.0,), thresholds=(0.5,)) -> list[dict]:
+    """One result per (threshold, margin); the heatmap is computed once."""
     from verse_cli.core.io import load_ct, load_mask
-    from verse_cli.detect import detect
+    from verse_cli.detect import box_voxel_ranges, detect, heatmap_box, world_bounds
 
     img = load_ct(ct_path)
     mask = np.asarray(load_mask(mask_path).dataobj)
     t = time.perf_counter()
     try:
-        _, box = detect(img, model=model, device="cpu", source=ct_path)
+        heat_img, _ = detect(img, model=model, device="cpu", source=ct_path, threshold=min(thresholds))
     except Exception as exc:  # noqa: BLE001 - report and go on
-        return {"case": ct_path.name, "error": str(exc)}
+        return [{"case": ct_path.name, "margin_mm": m, "threshold": th, "error": str(exc)}
+                for th in thresholds for m in margins]
     seconds = time.perf_counter() - t
-    sl = tuple(slice(a, b) for a, b in box["voxel_ranges"])
-    contained = int((mask[sl] > 0).sum()) == int((mask > 0).sum())
+    heat = np.asarray(heat_img.dataobj)
+    fov = world_bounds(img.shape, img.affine)
     gt_lo, gt_hi = labelled_extent(mask, img.affine)
-    lo, hi = np.array(box["ras_min_mm"]), np.array(box["ras_max_mm"])
-    excess = np.concatenate([gt_lo - lo, hi - gt_hi])
-    return {"case": ct_path.name, "contained": contained, "excess_mean_mm": float(np.maximum(excess, 0).mean()),
-            "excess_max_mm": float(excess.max()), "miss_mm": float(max(0.0, -excess.min())),
-            "score": box["score"], "seconds": round(seconds, 2)}
+    results = []
+    for threshold in thresholds:
+        box = heatmap_box(heat, heat_img.affine, threshold=threshold, margin_mm=0.0, clip_to=fov, low=LOW)
+        for margin in margins:
+            row = {"case": ct_path.name, "margin_mm": margin, "threshold": threshold}
+            if box is None:
+                results.append({**row, "error": "empty heatmap"})
+                continue
+            lo = np.maximum(box.ras_min - margin, fov[0])
+            hi = np.minimum(box.ras_max + margin, fov[1])
+            sl = tuple(slice(a, b) for a, b in box_voxel_ranges(lo, hi, img.shape, img.affine))
+            contained = int((mask[sl] > 0).sum()) == int((mask > 0).sum())
+            excess = np.concatenate([gt_lo - lo, hi - gt_hi])
+            results.append({**row, "contained": contained,
+                            "excess_mean_mm": float(np.maximum(excess, 0).mean()),
+                            "excess_max_mm": float(excess.max()), "miss_mm": float(max(0.0, -excess.min())),
+                            "score": round(box.score, 4), "seconds": round(seconds, 2)})
+    return results
 
 
 def main() -> None:
@@ -63,8 +81,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--dicom-nifti", type=Path, default=None)
     parser.add_argument("--dicom-ref", type=Path, default=None)
+    parser.add_argument("--margins", default="10", help="comma-separated box margins in mm to compare")
+    parser.add_argument("--thresholds", default="0.5", help="comma-separated heatmap thresholds to compare")
+    parser.add_argument("--low", type=float, default=None, help="hysteresis level of the box region")
     parser.add_argument("--json", type=Path, default=None, help="write the per-case results here")
     args = parser.parse_args()
+    global LOW
+    LOW = args.low
 
     from verse_cli.detect import DEFAULT_MODEL
     from verse_cli.nets.detect_net import load_model
@@ -72,33 +95,37 @@ def main() -> None:
 
     model = load_model(args.model or DEFAULT_MODEL, "cpu")
     print(f"model {model[1]['name']} {model[1]['hash']}")
+    margins = [float(m) for m in args.margins.split(",")]
+    thresholds = [float(t) for t in args.thresholds.split(",")]
     results = []
     for folder in args.folders:
         for case in discover_cases(folder):
             if case.mask is None:
                 continue
-            r = evaluate_case(case.ct, case.mask, model)
-            results.append(r)
-            print(json.dumps(r))
-    ok = [r for r in results if "error" not in r]
-    if results:
-        print(f"cases {len(results)}, errors {len(results) - len(ok)}, "
-              f"contained {sum(r['contained'] for r in ok)}/{len(ok)}, "
-              f"mean excess per side {np.mean([r['excess_mean_mm'] for r in ok]):.1f} mm "
-              f"(worst case mean {max(r['excess_mean_mm'] for r in ok):.1f}), "
-              f"max miss {max(r['miss_mm'] for r in ok):.1f} mm")
+            for r in evaluate_case(case.ct, case.mask, model, margins, thresholds):
+                results.append(r)
+                print(json.dumps(r))
+    for threshold, margin in [(t, m) for t in thresholds for m in margins]:
+        rows = [r for r in results if r["margin_mm"] == margin and r["threshold"] == threshold]
+        ok = [r for r in rows if "error" not in r]
+        if ok:
+            print(f"threshold {threshold:g}, margin {margin:g} mm: cases {len(rows)}, errors {len(rows) - len(ok)}, "
+                  f"contained {sum(r['contained'] for r in ok)}/{len(ok)}, "
+                  f"mean excess per side {np.mean([r['excess_mean_mm'] for r in ok]):.1f} mm "
+                  f"(worst case {max(r['excess_mean_mm'] for r in ok):.1f}), "
+                  f"max miss {max(r['miss_mm'] for r in ok):.1f} mm")
     if args.dicom_nifti and args.dicom_ref:
         from verse_cli.core.io import load_ct, load_mask
         from verse_cli.detect import detect
 
         img = load_ct(args.dicom_nifti)
         ref = np.asarray(load_mask(args.dicom_ref).dataobj)
-        _, box = detect(img, model=model, device="cpu", source=args.dicom_nifti)
+        _, box = detect(img, model=model, device="cpu", source=args.dicom_nifti, margin_mm=margins[-1], threshold=thresholds[-1])
         sl = tuple(slice(a, b) for a, b in box["voxel_ranges"])
         for lab, name in ((33, "T11"), (32, "T12")):
             total = int((ref == lab).sum())
             inside = int((ref[sl] == lab).sum())
-            print(f"DICOM fixture {name}: {inside}/{total} voxels inside the box "
+            print(f"DICOM fixture (threshold {thresholds[-1]:g}, margin {margins[-1]:g} mm) {name}: {inside}/{total} voxels inside the box "
                   f"({100 * inside / max(total, 1):.1f} %); box ranges {box['voxel_ranges']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -83,6 +83,11 @@ def test_heatmap_box_keeps_the_spine_and_drops_spurious_blobs():
     clipped = heatmap_box(heat, affine, clip_to=(np.full(3, -1e9), np.full(3, 0.0)))
     assert np.all(clipped.ras_max <= 0)
     assert heatmap_box(np.zeros_like(heat), affine) is None
+    heat[10:14, 8:12, 10:20] = 0.3  # weak posterior elements attached to the spine
+    heat[0:2, 0:2, 20:24] = 0.3  # weak and detached
+    grown = heatmap_box(heat, affine, threshold=0.5, margin_mm=0.0, low=0.25)
+    assert np.allclose(grown.ras_min, vox2world(affine, [10, 8, 5]) - 4)
+    assert np.isclose(grown.score, heatmap_box(heat, affine, threshold=0.5).score)
 
 
 def test_box_voxel_ranges_follow_the_affine():
@@ -201,6 +206,19 @@ def test_detect_verse014_cli(verse, tmp_path, real_data):
           check=True)
     assert (tmp_path / "h.nii.gz").read_bytes() == (tmp_path / "h2.nii.gz").read_bytes()
     assert (tmp_path / "b.json").read_text() == (tmp_path / "b2.json").read_text()
+
+
+@needs_model
+def test_detect_covers_t11_t12_of_the_dicom_fixture(verse, tmp_path, real_data):
+    verse("anonymize", real_data / "ct-dicom-siemens", tmp_path / "ct.nii.gz", "--subject", "dcm", check=True)
+    verse("detect", tmp_path / "ct.nii.gz", "--heatmap", tmp_path / "h.nii.gz", "--bbox", tmp_path / "b.json",
+          "--device", "cpu", check=True)
+    box = json.loads((tmp_path / "b.json").read_text())
+    ref = np.asarray(load_mask(real_data / "ct-dicom-siemens_reference-seg.nii.gz").dataobj)
+    assert ref.shape == tuple(box["image_shape"])
+    sl = tuple(slice(a, b) for a, b in box["voxel_ranges"])
+    for label in (32, 33):  # TotalSegmentator T12, T11
+        assert (ref[sl] == label).sum() == (ref == label).sum()
 
 
 @needs_model

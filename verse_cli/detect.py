@@ -19,8 +19,9 @@ How a CT is turned into a box
 3. **Box.** Voxels above ``threshold`` are grouped in 26-connected components; the
    component with most heat is the spine, and other strong components close to it are
    kept (a spine broken at a cut or a weak disc level), isolated ones dropped as
-   spurious (:func:`heatmap_box`). The kept voxels' extent, padded by ``margin_mm``
-   and clipped to the scan, is the box.
+   spurious (:func:`heatmap_box`); the kept region then grows into connected heat
+   above a lower level (hysteresis, for thin posterior elements). Its extent, padded
+   by ``margin_mm`` and clipped to the scan, is the box.
 
 Intensity checks refuse images that are not CT-like: a constant image or a label mask
 is an error, an image without negative HU (MR-like, or a CT stored without its HU
@@ -152,7 +153,7 @@ class SpineBox:
 
 def heatmap_box(heat: np.ndarray, affine: np.ndarray, threshold: float = 0.5, margin_mm: float = 10.0,
                 clip_to: tuple[np.ndarray, np.ndarray] | None = None, keep_fraction: float = 0.02,
-                join_mm: float = 25.0) -> SpineBox | None:
+                join_mm: float = 25.0, low: float | None = None) -> SpineBox | None:
     """The padded box of the spine's heatmap components, or ``None`` if nothing exceeds ``threshold``.
 
     ``affine`` must be RAS-aligned with positive diagonal (as :func:`coarse_grid` makes).
@@ -185,12 +186,16 @@ def heatmap_box(heat: np.ndarray, affine: np.ndarray, threshold: float = 0.5, ma
                 candidates.remove(lab)
                 n_kept += 1
                 grew = True
+    score = float(heat[kept].mean() * heat[kept].sum() / heat[above].sum())
+    if low is not None and low < threshold:
+        # hysteresis: grow into weaker heat (thin posterior elements) connected to the kept spine
+        weak, _ = ndimage.label(heat >= low, structure=np.ones((3, 3, 3), bool))
+        kept = np.isin(weak, np.unique(weak[kept]))
     ijk = np.argwhere(kept)
     lo = vox2world(affine, ijk.min(axis=0)) - spacing / 2 - margin_mm
     hi = vox2world(affine, ijk.max(axis=0)) + spacing / 2 + margin_mm
     if clip_to is not None:
         lo, hi = np.maximum(lo, clip_to[0]), np.minimum(hi, clip_to[1])
-    score = float(heat[kept].mean() * heat[kept].sum() / heat[above].sum())
     return SpineBox(lo, hi, score, n_kept, n - n_kept, kept)
 
 
@@ -210,8 +215,8 @@ def box_corners(ras_min: np.ndarray, ras_max: np.ndarray) -> list[list[float]]:
 
 
 # --------------------------------------------------------------------------- the stage
-def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm: float = 10.0,
-           source: object = None):
+def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm: float = 15.0,
+           low: float | None = 0.25, source: object = None):
     """Spine heatmap and bounding box of a CT.
 
     Parameters
@@ -223,8 +228,11 @@ def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm:
         ``(net, info)`` pair from :func:`verse_cli.nets.detect_net.load_model`.
     device
         ``auto``, ``cpu`` or ``cuda``.
-    threshold, margin_mm
-        Heatmap level that counts as spine, and padding of the box in mm.
+    threshold, low, margin_mm
+        Heatmap level that counts as spine; weaker level the box grows into where it is
+        connected to the spine (thin posterior elements; ``None``: no growing); padding
+        of the box in mm. The defaults were chosen on held-out synthetic cases and the
+        real fixtures (``models/detect.md``).
     source
         Name used in messages (the CT path).
 
@@ -260,7 +268,7 @@ def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm:
     heat = predict_heatmap(net, coarse, dev)
     heatmap_img = fresh_image(heat.astype(np.float32), grid_affine)
     fov = world_bounds(data.shape, ct_img.affine)
-    box = heatmap_box(heat, grid_affine, threshold=threshold, margin_mm=margin_mm, clip_to=fov)
+    box = heatmap_box(heat, grid_affine, threshold=threshold, margin_mm=margin_mm, clip_to=fov, low=low)
     if box is None:
         raise DataError(f"no spine found: the heatmap never reaches {threshold} (max {heat.max():.2f})", source)
     debug(f"spine box: {box.components_kept} component(s) kept, {box.components_dropped} dropped, "
@@ -276,6 +284,7 @@ def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm:
         "image_axcodes": list(axcodes(ct_img.affine)),
         "margin_mm": float(margin_mm),
         "threshold": float(threshold),
+        "low_threshold": None if low is None else float(low),
         "score": round(box.score, 4),
         "components": {"kept": box.components_kept, "dropped": box.components_dropped},
         "heatmap_spacing_mm": spacing_mm,

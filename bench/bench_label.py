@@ -4,7 +4,8 @@ A synthetic thoracolumbar case is rendered, resampled onto a 512 x 512 x 400 gri
 (about 0.8 x 0.8 x 1.2 mm, the size of a clinical scan) and written to a temporary
 NIfTI. The timed run is what a user waits for: read the CT, crop, project, run the net,
 label, refine and write the JSON. The baseline, timed in the same process, is reading
-the same NIfTI alone (``core.io.load_ct``). Target: <= 10 s on CPU.
+the same NIfTI alone (``core.io.load_ct``, which also converts all of it to float32;
+``verse label`` converts only the part under the spine grid). Target: <= 10 s on CPU.
 
 Usage: ``python bench/bench_label.py [--seed 7] [--repeat 2] [--model models/label.pt]``
 """
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--workdir", default=None, help="Keep the rendered scan here and reuse it.")
     args = ap.parse_args()
 
     import torch
@@ -60,9 +62,13 @@ def main() -> None:
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = Path(args.workdir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        ct_path, bbox = make_scan(args.seed, folder)
+        if (folder / "sub-bench_ct.nii.gz").exists() and (folder / "sub-bench_bbox.json").exists():
+            ct_path, bbox = folder / "sub-bench_ct.nii.gz", folder / "sub-bench_bbox.json"
+        else:
+            ct_path, bbox = make_scan(args.seed, folder)
         print(f"scan rendered in {time.perf_counter() - t0:.1f} s: {ct_path.name}")
         base, runs = [], []
         for _ in range(args.repeat):

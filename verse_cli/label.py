@@ -181,6 +181,27 @@ def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = 
     return SpineView(np.ascontiguousarray(sag, np.float32), np.ascontiguousarray(cor, np.float32), affine, shape)
 
 
+def crop_to_grid(ct: np.ndarray, affine: np.ndarray, lo, hi, spacing: float = SPACING, width: int = WIDTH,
+                 margin_mm: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+    """The part of the CT under the spine grid (plus ``margin_mm``) as float32, and its affine.
+
+    A 512 x 512 x 400 scan is mostly outside the spine box: converting and checking only
+    this part keeps the stage fast. Raises DataError on non-finite values in it.
+    """
+    shape, grid_affine = spine_grid(lo, hi, spacing=spacing, width=width)
+    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    vox = geometry.world2vox(affine, geometry.vox2world(grid_affine, corners))
+    pad = margin_mm / geometry.spacing(affine)
+    start = np.clip(np.floor(vox.min(axis=0) - pad), 0, np.asarray(ct.shape) - 1).astype(int)
+    stop = np.clip(np.ceil(vox.max(axis=0) + pad) + 1, start + 1, np.asarray(ct.shape)).astype(int)
+    sub = np.asarray(ct[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]], dtype=np.float32)
+    if not np.all(np.isfinite(sub)):
+        raise DataError("the CT contains NaN or infinite values")
+    new_affine = np.array(affine, dtype=np.float64)
+    new_affine[:3, 3] = geometry.vox2world(affine, start.astype(float))
+    return sub, new_affine
+
+
 # --------------------------------------------------------------------------- the network
 def load_model(path=None, device: str = "auto"):
     """The Btrfly Net from a bundle (default: the bundled ``models/label.pt``)."""
@@ -431,7 +452,7 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
         On the CT's voxel grid, with ``extras[label]["confidence"]`` (posterior
         probability of the label). With ``details=True`` a :class:`LabelResult`.
     """
-    ct = np.asarray(ct_img.dataobj, dtype=np.float32) if not isinstance(ct_img, tuple) else ct_img[0]
+    ct = np.asanyarray(ct_img.dataobj) if not isinstance(ct_img, tuple) else ct_img[0]
     affine = ct_img.affine if not isinstance(ct_img, tuple) else ct_img[1]
     if isinstance(bbox, (str, Path)):
         lo, hi = read_bbox(bbox, ct.shape, affine)
@@ -444,8 +465,10 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
         net, dev = model
     else:
         net, dev = load_model(model, device)
-    view = projections(ct, affine, lo, hi, spacing=getattr(net, "spacing", SPACING),
-                       width=getattr(net, "width", WIDTH))
+    spacing, width = getattr(net, "spacing", SPACING), getattr(net, "width", WIDTH)
+    full_affine = affine
+    ct, affine = crop_to_grid(ct, affine, lo, hi, spacing, width)  # only the part the stage reads
+    view = projections(ct, affine, lo, hi, spacing=spacing, width=width)
     hs, hc = heatmaps(net, view, dev)
     cands = candidates(hs, hc, view)
     debug(f"{len(cands.world)} candidates")
@@ -454,7 +477,7 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     if isinstance(fix, dict):
         fixes = {int(k): np.asarray(v, float) for k, v in fix.items()}
     elif fix is not None or fix_markers is not None:
-        fixes = read_fixes(fix, fix_markers, affine)
+        fixes = read_fixes(fix, fix_markers, full_affine)
     fixed_idx: dict[int, int] = {}
     if fixes:
         cands, fixed_idx = apply_fixes(cands, fixes)
@@ -472,7 +495,7 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
         world = np.where(is_fixed[:, None], world, moved)
     labels = [int(chain.labels[i]) for i in keep]
     extras = {lab: {"confidence": round(float(chain.confidence[i]), 3)} for lab, i in zip(labels, keep)}
-    ctd = Centroids.from_world(labels, world, affine, extras).sorted()
+    ctd = Centroids.from_world(labels, world, full_affine, extras).sorted()
     if chain.variants:
         info(f"numbering variants: {', '.join(chain.variants)}")
     if details:
@@ -498,7 +521,7 @@ def run(ct=None, bbox=None, output="-", model=None, markers=None, fix=None, fix_
     """The ``verse label`` command: read, label, write (atomically)."""
     from .core.centroids import marker_mask, write_centroids
     from .core.errors import UsageError
-    from .core.io import load_ct, save_mask
+    from .core.io import load_nifti, save_mask
 
     if from_markers_path is not None:
         if ct is not None or bbox is not None:
@@ -508,8 +531,13 @@ def run(ct=None, bbox=None, output="-", model=None, markers=None, fix=None, fix_
         return ctd
     if ct is None or bbox is None:
         raise UsageError("give a CT and --bbox (or --from-markers M.nii.gz)")
-    img = load_ct(ct)
-    ctd = label(img, bbox, model=model, fix=fix, fix_markers=fix_markers, device=device)
+    img = load_nifti(ct)  # HU after the header scaling; converted to float only where the stage looks
+    try:
+        ctd = label(img, bbox, model=model, fix=fix, fix_markers=fix_markers, device=device)
+    except DataError as exc:
+        if exc.path is None:
+            raise DataError(str(exc), ct) from None
+        raise
     if not len(ctd):
         raise DataError("no vertebra found in the box", ct)
     if markers is not None:

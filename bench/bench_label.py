@@ -79,12 +79,20 @@ def main() -> None:
             t = time.perf_counter()
             ctd = LB.run(ct_path, bbox, folder / "ctd.json", model=args.model, device="cpu")
             runs.append(time.perf_counter() - t)
+        import subprocess
+        import sys
+
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "verse_cli.cli", "label", str(ct_path), "--bbox", str(bbox), "-o",
+                        str(folder / "ctd_cli.json"), "--device", "cpu"], check=True)
+        cli = time.perf_counter() - t
         best, best_base = min(runs), min(base)
         print(f"verse label (read + label + write): best {best:.2f} s of {args.repeat} "
               f"({', '.join(f'{r:.2f}' for r in runs)}); {len(ctd)} vertebrae: "
               f"{' '.join(str(x) for x in ctd.labels)}")
         print(f"baseline load_ct alone: best {best_base:.2f} s")
         print(f"ratio label / load: {best / best_base:.2f}   target <= 10 s: {'PASS' if best <= 10 else 'FAIL'}")
+        print(f"whole CLI call in a fresh process (Python start, torch import included): {cli:.2f} s")
 
 
 if __name__ == "__main__":

@@ -222,7 +222,8 @@ def load_model(path=None, device: str = "auto"):
         raise DataError(f"weights do not fit the net ({str(exc).splitlines()[0][:120]})", path) from None
     net.eval().to(dev)
     if dev.type == "cpu":
-        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+        # two small 2D passes: thread start-up and contention cost more than they save
+        torch.set_num_threads(1)
     return net, dev
 
 

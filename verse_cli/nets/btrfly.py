@@ -5,9 +5,9 @@ of the spine crop (same height: the superior axis; same width: a fixed window).
 Their deepest features are concatenated and fused, and two decoders (one per view,
 each with its own arm's skip connections and the fused bottleneck) give one heatmap
 per output channel in each view. The decoders are segmentation-models-pytorch's
-:class:`UnetDecoder`; the encoder arms are small plain conv stacks built from its
-``Conv2dReLU`` blocks, so the whole net stays under 2 M parameters and runs on a CPU in
-a fraction of a second.
+``UnetDecoder`` and the encoder arms small conv stacks of its ``Conv2dReLU`` blocks (both
+mirrored here with identical state-dict names, see below), so the net stays small and
+runs on a CPU in a fraction of a second.
 
 Output channels (:data:`CHANNELS`): 0 ``any`` (every body centroid, sacrum included),
 1 ``rib`` (vertebrae bearing a rib of at least 38 mm), then one channel per label of
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from segmentation_models_pytorch.base.modules import Conv2dReLU
-from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+import torch.nn.functional as F
 from torch import nn
 
 from ..prior import PRIOR_LABELS, SACRUM, THORACIC
@@ -28,6 +27,56 @@ CHANNELS: tuple[str, ...] = ("any", "rib") + tuple(f"label{lab}" for lab in PRIO
 N_FIXED = 2  # channels before the per-label ones
 DOWNSAMPLE = 32  # input height and width must be multiples of this
 OUTPUT_STRIDE = 2  # heatmaps have half the input resolution
+
+
+# --------------------------------------------------------------------------- smp building blocks
+# Conv2dReLU and UnetDecoder below are segmentation-models-pytorch's (0.6: ``base.modules.Conv2dReLU``,
+# ``decoders.unet.decoder.UnetDecoder`` with batch norm, no attention, no centre block), written out
+# with the same module names so the state dicts are interchangeable. Importing smp itself costs about
+# 10 s (timm, huggingface_hub), which would break the 10 s budget of one ``verse label`` call.
+class Conv2dReLU(nn.Sequential):
+    """3x3 (or k x k) convolution without bias, batch norm, ReLU (smp's block)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, stride: int = 1):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class UnetDecoderBlock(nn.Module):
+    """Upsample to the skip's size, concatenate it, two Conv2dReLU (smp's block)."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = Conv2dReLU(in_channels + skip_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2dReLU(out_channels, out_channels, 3, padding=1)
+
+    def forward(self, x, height: int, width: int, skip=None):
+        x = F.interpolate(x, size=(height, width), mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class UnetDecoder(nn.Module):
+    """smp's U-Net decoder: the first feature only gives the output size."""
+
+    def __init__(self, encoder_channels, decoder_channels, n_blocks: int):
+        super().__init__()
+        enc = list(encoder_channels)[1:][::-1]
+        ins = [enc[0]] + list(decoder_channels[:-1])
+        skips = list(enc[1:]) + [0]
+        self.center = nn.Identity()
+        self.blocks = nn.ModuleList(UnetDecoderBlock(i, k, o) for i, k, o in zip(ins, skips, decoder_channels))
+
+    def forward(self, features):
+        shapes = [f.shape[2:] for f in features][::-1]
+        feats = features[1:][::-1]
+        x = self.center(feats[0])
+        skips = feats[1:]
+        for i, block in enumerate(self.blocks):
+            h, w = shapes[i + 1]
+            x = block(x, h, w, skips[i] if i < len(skips) else None)
+        return x
 
 
 class Arm(nn.Module):

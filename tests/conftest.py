@@ -24,7 +24,7 @@ def real_data() -> Path:
 def run_verse(*args, check: bool = False, input: str | None = None, cwd=None) -> subprocess.CompletedProcess:
     """Run the ``verse`` console entry point in a subprocess, as a user would."""
     cmd = [sys.executable, "-m", "verse_cli.cli", *[str(a) for a in args]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, cwd=cwd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, cwd=cwd, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"verse {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
 from . import __version__
-from .core.errors import NotImplementedYet, UsageError, VerseError
+from .core.errors import UsageError, VerseError
 
 app = typer.Typer(
     name="verse",
@@ -51,7 +50,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version_callback, is_eager=True,
                                                     help="Show the version and exit.")] = None,
 ) -> None:
     """Turn raw spine CT scans into an annotated, VerSe-style dataset."""
@@ -62,11 +61,11 @@ def _root(
 def anonymize(
     input: Annotated[Path, typer.Argument(help="DICOM folder (searched recursively), DICOM file or NIfTI.")],
     output: Annotated[Path, typer.Argument(help="Output NIfTI (.nii.gz).")],
-    sidecar: Annotated[Optional[Path], typer.Option(help="Sidecar JSON of non-identifying metadata.")] = None,
-    subject: Annotated[Optional[str], typer.Option(help="Subject pseudonym (generated if absent).")] = None,
-    keymap: Annotated[Optional[Path], typer.Option(help="CSV that maps PatientID to pseudonym.")] = None,
-    date_shift_days: Annotated[Optional[int], typer.Option(help="Shift dates by N days instead of removing.")] = None,
-    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID or SeriesNumber to convert.")] = None,
+    sidecar: Annotated[Path | None, typer.Option(help="Sidecar JSON of non-identifying metadata.")] = None,
+    subject: Annotated[str | None, typer.Option(help="Subject pseudonym (generated if absent).")] = None,
+    keymap: Annotated[Path | None, typer.Option(help="CSV that maps PatientID to pseudonym.")] = None,
+    date_shift_days: Annotated[int | None, typer.Option(help="Shift dates by N days instead of removing.")] = None,
+    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID or SeriesNumber to convert.")] = None,
     keep_demographics: Annotated[bool, typer.Option(help="Keep patient age and sex.")] = False,
     resample_uneven: Annotated[bool, typer.Option(help="Resample uneven slice spacing.")] = False,
     correct_tilt: Annotated[bool, typer.Option(help="Resample gantry-tilted series.")] = False,
@@ -86,12 +85,12 @@ def anonymize(
 def deface(
     ct: Annotated[Path, typer.Argument(help="Input CT NIfTI.")],
     out: Annotated[Path, typer.Argument(help="Defaced CT NIfTI.")],
-    mask: Annotated[Optional[Path], typer.Option(help="Hand-drawn face mask.")] = None,
+    mask: Annotated[Path | None, typer.Option(help="Hand-drawn face mask.")] = None,
     auto: Annotated[bool, typer.Option("--auto", help="Find the face automatically.")] = False,
     fill: Annotated[float, typer.Option(help="HU written into the face.")] = -1024,
     margin_mm: Annotated[float, typer.Option(help="Dilation of the face mask in mm.")] = 5.0,
-    save_mask: Annotated[Optional[Path], typer.Option(help="Write the face mask used.")] = None,
-    sidecar: Annotated[Optional[Path], typer.Option(help="Sidecar JSON to record the defacing in.")] = None,
+    save_mask: Annotated[Path | None, typer.Option(help="Write the face mask used.")] = None,
+    sidecar: Annotated[Path | None, typer.Option(help="Sidecar JSON to record the defacing in.")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -108,7 +107,7 @@ def detect(
     ct: Annotated[Path, typer.Argument(help="Input CT NIfTI.")],
     heatmap: Annotated[Path, typer.Option(help="Output spine heatmap NIfTI (coarse grid).")],
     bbox: Annotated[Path, typer.Option(help="Output bounding-box JSON ('-' for stdout).")],
-    model: Annotated[Optional[Path], typer.Option(help="Model weights (default: bundled).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model weights (default: bundled).")] = None,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -122,14 +121,14 @@ def detect(
 
 @app.command()
 def label(
-    ct: Annotated[Optional[Path], typer.Argument(help="Input CT NIfTI.")] = None,
-    bbox: Annotated[Optional[Path], typer.Option(help="Bounding-box JSON from 'verse detect'.")] = None,
+    ct: Annotated[Path | None, typer.Argument(help="Input CT NIfTI.")] = None,
+    bbox: Annotated[Path | None, typer.Option(help="Bounding-box JSON from 'verse detect'.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output centroid JSON ('-' for stdout).")] = Path("-"),
-    model: Annotated[Optional[Path], typer.Option(help="Model weights (default: bundled).")] = None,
-    markers: Annotated[Optional[Path], typer.Option(help="Also write a marker NIfTI for ITK-SNAP.")] = None,
-    fix: Annotated[Optional[Path], typer.Option(help="User-corrected centroid JSON (hard constraints).")] = None,
-    fix_markers: Annotated[Optional[Path], typer.Option(help="User-corrected marker NIfTI.")] = None,
-    from_markers: Annotated[Optional[Path], typer.Option(help="Convert an edited marker NIfTI to JSON.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model weights (default: bundled).")] = None,
+    markers: Annotated[Path | None, typer.Option(help="Also write a marker NIfTI for ITK-SNAP.")] = None,
+    fix: Annotated[Path | None, typer.Option(help="User-corrected centroid JSON (hard constraints).")] = None,
+    fix_markers: Annotated[Path | None, typer.Option(help="User-corrected marker NIfTI.")] = None,
+    from_markers: Annotated[Path | None, typer.Option(help="Convert an edited marker NIfTI to JSON.")] = None,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -148,8 +147,8 @@ def segment(
     ct: Annotated[Path, typer.Argument(help="Input CT NIfTI.")],
     ctd: Annotated[Path, typer.Option(help="Centroid JSON.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output patch folder.")],
-    model: Annotated[Optional[Path], typer.Option(help="Model weights (default: bundled).")] = None,
-    only: Annotated[Optional[str], typer.Option(help="Comma-separated vertebrae to (re)run, e.g. L3,L4.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model weights (default: bundled).")] = None,
+    only: Annotated[str | None, typer.Option(help="Comma-separated vertebrae to (re)run, e.g. L3,L4.")] = None,
     batch: Annotated[int, typer.Option(help="Patches per forward pass.")] = 4,
     device: Device = "auto",
     quiet: Quiet = False,
@@ -167,7 +166,7 @@ def merge(
     ct: Annotated[Path, typer.Argument(help="The CT whose grid the mask takes.")],
     patch_dir: Annotated[Path, typer.Argument(help="Patch folder from 'verse segment'.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output multi-label mask NIfTI.")],
-    itksnap_labels: Annotated[Optional[Path], typer.Option(help="Also write an ITK-SNAP label file.")] = None,
+    itksnap_labels: Annotated[Path | None, typer.Option(help="Also write an ITK-SNAP label file.")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -184,7 +183,7 @@ def centroids(
     mask: Annotated[Path, typer.Argument(help="Vertebra mask NIfTI (VerSe ids).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output centroid JSON ('-' for stdout).")] = Path("-"),
     whole: Annotated[bool, typer.Option("--whole", help="Whole-vertebra centres of mass, not body centroids.")] = False,
-    markers: Annotated[Optional[Path], typer.Option(help="Also write a marker NIfTI for ITK-SNAP.")] = None,
+    markers: Annotated[Path | None, typer.Option(help="Also write a marker NIfTI for ITK-SNAP.")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -197,14 +196,14 @@ def centroids(
 
 @app.command()
 def evaluate(
-    pred: Annotated[Optional[Path], typer.Argument(help="Predicted mask.")] = None,
-    gt: Annotated[Optional[Path], typer.Argument(help="Ground-truth mask.")] = None,
-    pred_ctd: Annotated[Optional[Path], typer.Option(help="Predicted centroid JSON.")] = None,
-    gt_ctd: Annotated[Optional[Path], typer.Option(help="Ground-truth centroid JSON.")] = None,
-    pred_dir: Annotated[Optional[Path], typer.Option(help="Dataset mode: folder of predictions.")] = None,
-    gt_dir: Annotated[Optional[Path], typer.Option(help="Dataset mode: folder of ground truth.")] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="JSON report ('-' for stdout).")] = None,
-    csv: Annotated[Optional[Path], typer.Option(help="Per-vertebra CSV ('-' for stdout).")] = None,
+    pred: Annotated[Path | None, typer.Argument(help="Predicted mask.")] = None,
+    gt: Annotated[Path | None, typer.Argument(help="Ground-truth mask.")] = None,
+    pred_ctd: Annotated[Path | None, typer.Option(help="Predicted centroid JSON.")] = None,
+    gt_ctd: Annotated[Path | None, typer.Option(help="Ground-truth centroid JSON.")] = None,
+    pred_dir: Annotated[Path | None, typer.Option(help="Dataset mode: folder of predictions.")] = None,
+    gt_dir: Annotated[Path | None, typer.Option(help="Dataset mode: folder of ground truth.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="JSON report ('-' for stdout).")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Per-vertebra CSV ('-' for stdout).")] = None,
     resample_pred: Annotated[bool, typer.Option(help="Resample the prediction onto the GT grid.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -220,14 +219,14 @@ def evaluate(
 @app.command("rate-variants")
 def rate_variants(
     ct: Annotated[Path, typer.Argument(help="CT NIfTI, or a dataset folder in dataset mode.")],
-    mask: Annotated[Optional[Path], typer.Argument(help="Vertebra mask NIfTI.")] = None,
-    ctd: Annotated[Optional[Path], typer.Option(help="Centroid JSON.")] = None,
+    mask: Annotated[Path | None, typer.Argument(help="Vertebra mask NIfTI.")] = None,
+    ctd: Annotated[Path | None, typer.Option(help="Centroid JSON.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output JSON ('-' for stdout); in dataset "
                                          "mode the summary CSV.")] = Path("-"),
     stump_mm: Annotated[float, typer.Option(help="Ribs shorter than this are stump ribs (mm).")] = 38.0,
     no_ct: Annotated[bool, typer.Option("--no-ct", help="Rate a mask alone (CT argument is the mask): "
                                         "enumeration only.")] = False,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Dataset mode: also write sub-X_variants.json "
+    out_dir: Annotated[Path | None, typer.Option(help="Dataset mode: also write sub-X_variants.json "
                                                     "here.")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -246,13 +245,13 @@ def synth(
     n: Annotated[int, typer.Option("--n", help="Number of cases.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first case.")] = 0,
     region: Annotated[str, typer.Option(help="cervical, thoracic, lumbar, thoracolumbar, whole or random.")] = "random",
-    variant: Annotated[Optional[str], typer.Option(help="Force a variant: none, T11, T13, L4, L6, cervical_rib, "
+    variant: Annotated[str | None, typer.Option(help="Force a variant: none, T11, T13, L4, L6, cervical_rib, "
                                                        "stump_rib, castellvi[_1|_2a|_2b|_3a|_3b|_4].")] = None,
-    spacing: Annotated[Optional[str], typer.Option(help="Voxel size in mm along the array axes: 'S' or 'SX,SY,SZ'.")] = None,
-    orientation: Annotated[Optional[str], typer.Option(help="Axis codes of the array, e.g. PIR, RAS, LPS.")] = None,
+    spacing: Annotated[str | None, typer.Option(help="Voxel size in mm along the array axes: 'S' or 'SX,SY,SZ'.")] = None,
+    orientation: Annotated[str | None, typer.Option(help="Axis codes of the array, e.g. PIR, RAS, LPS.")] = None,
     scale: Annotated[float, typer.Option(help="Size factor: the grid is capped at 40 M x scale^3 voxels (fast cases).")] = 1.0,
-    size: Annotated[Optional[float], typer.Option("--size", help="Largest grid in megavoxels (default 40 x scale^3).")] = None,
-    from_masks: Annotated[Optional[Path], typer.Option("--from-masks", help="Render CTs from the vertebra masks in this folder.")] = None,
+    size: Annotated[float | None, typer.Option("--size", help="Largest grid in megavoxels (default 40 x scale^3).")] = None,
+    from_masks: Annotated[Path | None, typer.Option("--from-masks", help="Render CTs from the vertebra masks in this folder.")] = None,
     dicom: Annotated[bool, typer.Option("--dicom", help="Also write each CT as a DICOM series.")] = False,
     qc: Annotated[bool, typer.Option("--qc/--no-qc", help="Write a QC PNG per case.")] = True,
     ribs: Annotated[bool, typer.Option("--ribs", help="Also write the rib mask (_seg-rib_msk.nii.gz).")] = False,
@@ -271,8 +270,8 @@ def synth(
 @app.command()
 def snapshot(
     ct: Annotated[Path, typer.Argument(help="CT NIfTI.")],
-    mask: Annotated[Optional[Path], typer.Argument(help="Vertebra mask NIfTI.")] = None,
-    ctd: Annotated[Optional[Path], typer.Option(help="Centroid JSON.")] = None,
+    mask: Annotated[Path | None, typer.Argument(help="Vertebra mask NIfTI.")] = None,
+    ctd: Annotated[Path | None, typer.Option(help="Centroid JSON.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output PNG.")] = Path("snapshot.png"),
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -302,10 +301,10 @@ def report(
 # --------------------------------------------------------------------------- train
 @train_app.command("detect")
 def train_detect(
-    data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
+    data_dir: Annotated[Path | None, typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
     out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/detect.pt"),
-    minutes: Annotated[Optional[float], typer.Option(help="Time budget in minutes (data preparation included).")] = 10.0,
-    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Time budget in minutes (data preparation included).")] = 10.0,
+    epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (split, augmentation, initial weights).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader / data preparation worker processes.")] = 2,
@@ -325,14 +324,14 @@ def train_detect(
 
 @train_app.command("label")
 def train_label(
-    data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
+    data_dir: Annotated[Path | None, typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
     out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/label.pt"),
-    minutes: Annotated[Optional[float], typer.Option(help="Training time budget in minutes.")] = 15.0,
-    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Training time budget in minutes.")] = 15.0,
+    epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
-    batch: Annotated[Optional[int], typer.Option(help="Projection pairs per step (default 32 on CUDA, 8 on CPU).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Projection pairs per step (default 32 on CUDA, 8 on CPU).")] = None,
     n_synth: Annotated[int, typer.Option(help="Cases to generate when DATA_DIR is omitted.")] = 200,
     device: Device = "auto",
     quiet: Quiet = False,
@@ -348,15 +347,15 @@ def train_label(
 
 @train_app.command("segment")
 def train_segment(
-    data_dir: Annotated[Optional[Path], typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
+    data_dir: Annotated[Path | None, typer.Argument(help="VerSe-layout dataset (omit for on-the-fly synth).")] = None,
     out: Annotated[Path, typer.Option(help="Output weights.")] = Path("models/segment.pt"),
-    minutes: Annotated[Optional[float], typer.Option(help="Training time budget in minutes.")] = 15.0,
-    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Training time budget in minutes.")] = 15.0,
+    epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
     batch: Annotated[int, typer.Option(help="Cases per step (each gives 16 slabs).")] = 2,
-    crop: Annotated[Optional[int], typer.Option(help="Train on CROP x CROP windows (cheaper CPU steps).")] = None,
+    crop: Annotated[int | None, typer.Option(help="Train on CROP x CROP windows (cheaper CPU steps).")] = None,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -375,7 +374,7 @@ def _terminated(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected errors become one line on stderr."""
     import signal
 

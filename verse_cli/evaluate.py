@@ -281,10 +281,12 @@ def load_case(pred_path: Path | None, gt_path: Path, pred_ctd_path: Path | None 
     notes: list[str] = []
     if pred_path is None:
         pred, pred_affine = np.zeros_like(gt), affine
+        pred_shape = gt.shape
         notes.append("no prediction for this subject: every vertebra counts as missed")
     else:
         pred_img = load_mask(pred_path, allowed_labels=allowed)
         pred, pred_affine = np.asarray(pred_img.dataobj), pred_img.affine
+        pred_shape = pred.shape  # the predicted JSON lives on this grid, also after resampling
         if not geometry.same_grid(pred.shape, pred_affine, gt.shape, affine):
             if not resample_pred:
                 raise DataError(
@@ -293,22 +295,20 @@ def load_case(pred_path: Path | None, gt_path: Path, pred_ctd_path: Path | None 
                     "(pass --resample-pred to resample the prediction onto the ground-truth grid)")
             pred = geometry.resample_to_grid(pred, pred_affine, gt.shape, affine, is_mask=True)
             notes.append("prediction resampled (nearest neighbour) onto the ground-truth grid")
-    source = {}
     gt_stats, pred_stats = label_stats(gt), label_stats(pred)
-    if gt_ctd_path is not None:
-        gt_world = _world(_read_ctd(gt_ctd_path), gt.shape, affine)
-        source["gt"] = "json"
-    else:
-        gt_world = _mask_centroids(gt, affine, gt_stats)
-        source["gt"] = "mask (body centroids)"
-    if pred_ctd_path is not None:
-        pred_world = _world(_read_ctd(pred_ctd_path), pred.shape, pred_affine)
-        source["pred"] = "json"
-    else:
-        pred_world = _mask_centroids(pred, affine, pred_stats)
-        source["pred"] = "mask (body centroids)"
+    gt_world, gt_source = _case_centroids(gt_ctd_path, (gt.shape, affine), gt, affine, gt_stats)
+    pred_world, pred_source = _case_centroids(pred_ctd_path, (pred_shape, pred_affine), pred, affine, pred_stats)
+    source = {"gt": gt_source, "pred": pred_source}
     name = subject or subject_of(gt_path) or Path(gt_path).name
     return CaseInput(name, pred, gt, affine, pred_world, gt_world, source, notes, gt_stats, pred_stats)
+
+
+def _case_centroids(ctd_path, json_grid, mask, mask_affine, stats) -> tuple[dict[int, np.ndarray], str]:
+    """World centroids from the JSON when given (on ``json_grid`` = (shape, affine)), else body centroids of
+    the mask."""
+    if ctd_path is not None:
+        return _world(_read_ctd(ctd_path), *json_grid), "json"
+    return _mask_centroids(mask, mask_affine, stats), "mask (body centroids)"
 
 
 def _read_ctd(path: Path) -> Centroids:

@@ -447,8 +447,10 @@ def _rib_states(ribs, levels, grid) -> dict:
         vox = r.points @ inv[:3, :3].T + inv[:3, 3]
         marg = (r.radius * 1.3) / sp
         inside = np.all((vox >= marg - 0.5) & (vox <= shape - 1 + 0.5 - marg))
+        # a rib wholly outside the image is not in view, not "cut" (no point within its radius)
+        seen = np.any(np.all((vox >= -marg - 0.5) & (vox <= shape - 0.5 + marg), axis=1))
         name = L.name(r.vid)
-        out.setdefault(name, {})[r.side] = (r.length, "present" if inside else "cut")
+        out.setdefault(name, {})[r.side] = (r.length, "present" if inside else ("cut" if seen else "not_in_view"))
     return out
 
 

@@ -2,7 +2,11 @@
 
 * Numbering: 11 or 13 thoracic, 4 or 6 lumbar vertebrae.
 * Cervical ribs (C7), on one side or both.
-* Stump ribs (< 38 mm) at the last thoracic vertebra or at L1.
+* Stump ribs (< 38 mm) at the last thoracic vertebra or at L1. As in the paper, a
+  vertebra whose ribs are both shorter than 38 mm counts as lumbar (a transitional
+  thoracolumbar vertebra): a double stump at the last thoracic vertebra moves the
+  enumeration to one thoracic vertebra fewer and one lumbar more, although the mask
+  keeps the generator's level names.
 * Lumbosacral transitional vertebrae graded after Castellvi 1984, per side:
   0 none, 1 transverse process >= 19 mm craniocaudal, 2 pseudarthrosis with the
   sacral ala (gap <= 2 mm), 3 bony fusion. In grades 3 and 4 the fused vertebra is
@@ -113,11 +117,33 @@ def level_names(counts: dict) -> list[tuple[str, int, str]]:
     return out
 
 
+def rib_centred_regions(order: list[str], ribs: dict, stump_mm: float = STUMP_MAX_MM) -> dict[str, str]:
+    """Region letter per vertebra name under the paper's rib-centred nomenclature.
+
+    The last thoracic vertebrae whose ribs are both shorter than ``stump_mm`` (or
+    absent) are lumbar: transitional thoracolumbar vertebrae (VerSe 2020 data paper,
+    "Anatomical variants"). Every other vertebra keeps the region of its name.
+    """
+    region = {n: n[0] for n in order}
+    for name in reversed([n for n in order if n.startswith("T")]):
+        sides = ribs.get(name, {})
+        lengths = [(sides.get(s) or (None, "absent"))[0] for s in ("left", "right")]
+        if all(x is None or x < stump_mm for x in lengths):
+            region[name] = "L"
+        else:
+            break
+    return region
+
+
 def variants_json(spec: dict, order: list[str], in_fov: dict, ribs: dict, fused: str | None) -> dict:
     """The ground-truth JSON (schema in the brief).
 
     ``order``: vertebra names head to sacrum; ``in_fov``: name -> "visible" | "cut"
-    (absent when out of view); ``ribs``: name -> side -> (length or None, status).
+    (absent when out of view); ``ribs``: name -> side -> (length or None, status),
+    status "present", "cut" (partly outside the image) or "not_in_view" (wholly outside).
+
+    ``counts`` are the generated levels (named as in the mask); the enumeration follows
+    the paper: a last thoracic vertebra with both ribs < 38 mm is counted as lumbar.
     """
     c = spec["counts"]
     seen = [n for n in order if n in in_fov]
@@ -128,25 +154,29 @@ def variants_json(spec: dict, order: list[str], in_fov: dict, ribs: dict, fused:
         need = list(names_region) + [n for n in (before, after) if n]
         return all(n in in_fov for n in need)
 
-    cerv = [n for n in order if n.startswith("C")]
-    thor = [n for n in order if n.startswith("T")]
-    lumb = [n for n in order if n.startswith("L")]
-    enum_c = c["cervical"] if determinable(cerv, None, thor[0] if thor else None) else None
-    enum_t = c["thoracic"] if determinable(thor, cerv[-1], lumb[0] if lumb else "S1") else None
-    enum_l = c["lumbar"] if determinable(lumb, thor[-1] if thor else None, "S1") else None
+    region = rib_centred_regions(order, ribs)
+    cerv = [n for n in order if region[n] == "C"]
+    thor = [n for n in order if region[n] == "T"]
+    lumb = [n for n in order if region[n] == "L"]
+    enum_c = len(cerv) if determinable(cerv, None, thor[0] if thor else None) else None
+    enum_t = len(thor) if determinable(thor, cerv[-1], lumb[0] if lumb else "S1") else None
+    enum_l = len(lumb) if determinable(lumb, thor[-1] if thor else None, "S1") else None
     flags = []
-    if enum_t is not None and c["thoracic"] != 12:
-        flags.append(f"T{c['thoracic']}")
-    if enum_l is not None and c["lumbar"] != 5:
-        flags.append(f"L{c['lumbar']}")
+    if enum_t is not None and enum_t != 12:
+        flags.append(f"T{enum_t}")
+    if enum_l is not None and enum_l != 5:
+        flags.append(f"L{enum_l}")
     cr = spec["cervical_ribs"]
     stumps = []
     for st in spec["stumps"]:
         stumps.append({"vertebra": st["vertebra"], "side": st["side"], "length_mm": round(st["length_mm"], 1)})
     cv = spec["castellvi"]
     last_lumbar = lumb[-1] if lumb else None
+    transitional = [n for n in order if n.startswith("T") and region[n] == "L"]
     return {
         "counts": dict(c),
+        "rib_centred_counts": {"cervical": len(cerv), "thoracic": len(thor), "lumbar": len(lumb)},
+        "transitional_thoracolumbar": transitional,
         "enumeration": {"cervical": enum_c, "thoracic": enum_t, "lumbar": enum_l,
                         "complete": None not in (enum_c, enum_t, enum_l), "flags": flags},
         "field_of_view": {"first": seen[0] if seen else None, "last": seen[-1] if seen else None,

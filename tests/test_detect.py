@@ -307,3 +307,39 @@ def test_train_detect_api_is_seeded(tmp_path):
     train_detect(tmp_path / "data", tmp_path / "b.pt", minutes=None, **kw)
     a, b = load_bundle(tmp_path / "a.pt")[2], load_bundle(tmp_path / "b.pt")[2]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_crops_include_thin_slabs_and_narrow_fovs():
+    """The sampler cuts cases the way short series are acquired: 20-60 mm slabs, cropped FOVs, thick slices."""
+    from verse_cli.nets.detect_net import crop_case, random_fov, validation_slab
+
+    shape = (60, 60, 100)
+    ct = np.full(shape, 30.0)
+    mask = np.zeros(shape, np.uint8)
+    mask[25:35, 25:35, 10:90] = 20
+    ct[mask > 0] = 400
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # cached at 4 mm: 30 x 30 x 50 voxels, S along the third axis
+    case = prepare_case(ct, mask, affine, "t")
+    rng = np.random.default_rng(0)
+    widths, kinds, thick = [], set(), 0
+    for _ in range(300):
+        cut, kind = random_fov(case, rng, case.spine_points[rng.integers(len(case.spine_points))])
+        kinds.add(kind)
+        if kind is None:
+            assert cut is case
+            continue
+        lo, hi = cut.fov
+        assert np.all(lo >= case.fov[0] - 1e-6) and np.all(hi <= case.fov[1] + 1e-6)
+        assert np.all(cut.gt_min >= lo - 1e-6) and np.all(cut.gt_max <= hi + 1e-6)
+        if kind == "slab" and hi[2] - lo[2] < case.fov[1][2] - case.fov[0][2]:
+            widths.append(hi[2] - lo[2])
+        thick += cut.affine[2, 2] > case.affine[2, 2] + 1e-6
+    assert kinds == {None, "slab", "fov"}
+    assert min(widths) <= 24 and np.median(widths) <= 60 and thick > 0
+    # a cut keeps only the labels inside it, on the right world grid
+    cut = crop_case(case, (0, 0, 20), (30, 30, 25))
+    assert cut.ct.shape == (30, 30, 5)
+    assert np.allclose(vox2world(cut.affine, [0, 0, 0]), vox2world(case.affine, [0, 0, 20]))
+    assert np.isclose(cut.gt_max[2] - cut.gt_min[2], 20.0)
+    slab = validation_slab(case)
+    assert np.isclose(slab.fov[1][2] - slab.fov[0][2], 40.0)

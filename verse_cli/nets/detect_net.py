@@ -18,10 +18,14 @@ is block-averaged once to ~5 mm in its own voxel grid and kept in memory as int1
 uint8 mask occupancy and a uint8 "ignore" map (bone near the scan's edges that the
 mask does not label: vertebrae cut by the field of view, unlabelled in VerSe-style
 masks). Every training sample is then drawn on the fly: a cubic crop of a randomly
-rotated (+/-20 deg about L-R, +/-10 deg otherwise), rescaled (x0.8-1.25) grid, with a
-random field-of-view cut (thin slabs like a 20-slice series), bone-density, contrast,
-offset, noise and blur changes of the HU values. The target is the mask's coarse
-footprint (coarse voxels touched by bone of a labelled vertebra), lightly smoothed.
+rotated (+/-20 deg about L-R, +/-10 deg otherwise), rescaled (x0.8-1.25) grid; half of
+the crops first cut the case the way a shorter acquisition would (:func:`random_fov`:
+20-60 mm slabs along the slice axis like a 20-slice series, narrow in-plane FOVs, thick
+slices), in the case's own voxel grid so that the scan's edges look as they do at
+inference; then bone-density, contrast, offset, noise and blur changes of the HU values.
+The target is the mask's coarse footprint (coarse voxels touched by bone of a labelled
+vertebra), lightly smoothed. Validation scores every case whole and as a 40 mm axial
+slab through its spine (:func:`validation_slab`).
 """
 
 from __future__ import annotations
@@ -270,23 +274,115 @@ def _augment_hu(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return hu.astype(np.float32)
 
 
-def _fov_cut(shape, rng: np.random.Generator, centre_vox: np.ndarray) -> np.ndarray | None:
-    """A random field-of-view box (bool mask) around ``centre_vox``, or ``None`` (no cut)."""
-    if rng.random() > 0.4:
-        return None
-    keep = np.ones(shape, bool)
-    for axis, p in enumerate((0.25, 0.25, 0.8)):  # mostly short series along S
-        if rng.random() > p:
-            continue
-        half = rng.uniform(3, 15) if axis == 2 else rng.uniform(5, 20)  # voxels
-        c = centre_vox[axis] + rng.uniform(-half, half)
-        lo, hi = int(max(0, round(c - half))), int(min(shape[axis], round(c + half) + 1))
-        sl = [slice(None)] * 3
-        sl[axis] = slice(0, lo)
-        keep[tuple(sl)] = False
-        sl[axis] = slice(hi, None)
-        keep[tuple(sl)] = False
-    return keep
+def crop_case(case: CoarseCase, lo, hi, pool: tuple[int, int, int] = (1, 1, 1),
+              blur: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> CoarseCase:
+    """``case`` as a scan that only covered pooled voxels ``lo:hi`` (a shorter series, a narrower FOV).
+
+    The arrays are sliced in the case's own voxel grid, so at the new edges the scan ends
+    the way a real one does at inference (air beyond, partial volume from the linear
+    resampling). ``pool`` block-averages the cut further per axis (thick or widely
+    spaced slices: e.g. 2 on a 5 mm cache = 10 mm slices); ``blur`` (Gaussian sigma in
+    cached voxels per axis) widens the slice profile. Labels outside the new field of
+    view are gone from the target, as they would be from the mask of that scan.
+    """
+    from scipy import ndimage
+
+    lo = np.clip(np.asarray(lo, int), 0, np.asarray(case.ct.shape) - 1)
+    hi = np.clip(np.asarray(hi, int), lo + 1, np.asarray(case.ct.shape))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    affine = case.affine @ shift
+    ct, occ, ignore = case.ct[sl].astype(np.float32), case.occ[sl].astype(np.float32), case.ignore[sl].astype(np.float32)
+    if any(b > 0 for b in blur):
+        ct = ndimage.gaussian_filter(ct, sigma=blur, mode="nearest")
+    if any(f > 1 for f in pool):
+        pool = tuple(int(min(f, s)) for f, s in zip(pool, ct.shape))
+        ct, paff = block_mean(ct, affine, pool)
+        occ, _ = block_mean(occ, affine, pool)
+        ignore, _ = block_mean(ignore, affine, pool)
+        affine = paff
+    fov = world_bounds(ct.shape, affine)
+    labelled = np.argwhere(occ > 0)
+    if len(labelled):
+        half = np.abs(affine[:3, :3]) @ np.full(3, 0.5)
+        xyz = vox2world(affine, labelled)
+        gt_min, gt_max = xyz.min(axis=0) - half, xyz.max(axis=0) + half
+    else:
+        gt_min, gt_max = fov[0].copy(), fov[0].copy()
+    inside = np.all((case.spine_points >= fov[0]) & (case.spine_points <= fov[1]), axis=1)
+    points = case.spine_points[inside] if inside.any() else ((fov[0] + fov[1]) / 2)[None].astype(np.float32)
+    return CoarseCase(case.subject, np.rint(ct).astype(np.int16), np.clip(np.rint(occ), 0, 255).astype(np.uint8),
+                      (ignore >= 0.5).astype(np.uint8), affine, points, fov, gt_min, gt_max)
+
+
+def slice_axis(affine: np.ndarray, rng: np.random.Generator | None = None) -> int:
+    """The voxel axis of a cut series: the one nearest world S-I (axial series) or, at random, another one."""
+    direction = np.abs(np.asarray(affine)[:3, :3]) / np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    order = [int(np.argmax(direction[row])) for row in (2, 0, 1)]  # nearest S, then R, then A
+    if rng is None:
+        return order[0]
+    pick = rng.choice(3, p=(0.65, 0.25, 0.1))  # axial slabs, else sagittal or coronal ones
+    return order[pick]
+
+
+def random_fov(case: CoarseCase, rng: np.random.Generator, centre_world: np.ndarray):
+    """A random acquisition of ``case`` around ``centre_world``: ``(crop_case, kind)`` or ``(case, None)``.
+
+    Half of the crops are cut, as real series often are:
+
+    * ``slab`` (60 % of cuts): a short series, 20-60 mm along the slice axis (1 in 4 up to
+      150 mm), like a 20-slice DICOM series, often with a narrow in-plane FOV too;
+    * ``fov`` (40 %): a cropped field of view, 80-250 mm wide on one or two axes, like a
+      narrow sagittal reconstruction around the spine.
+
+    Each cut may also have thick slices (block averaging x2-3 along the slice axis, 25 %)
+    or a wider slice profile (Gaussian, 25 %), and its edges fall anywhere in the cached
+    voxel grid (variable spacing and partial volume come from the resampling).
+    """
+    if rng.random() < 0.5:
+        return case, None
+    spacing = np.sqrt((case.affine[:3, :3] ** 2).sum(axis=0))
+    centre = np.linalg.solve(case.affine[:3, :3], centre_world - case.affine[:3, 3])
+    shape = np.asarray(case.ct.shape)
+    lo, hi = np.zeros(3, int), shape.copy()
+    axis = slice_axis(case.affine, rng)
+
+    def cut(a: int, width_mm: float, jitter: float = 0.5) -> None:
+        width = max(1.0, width_mm / spacing[a])
+        c = centre[a] + rng.uniform(-jitter, jitter) * width
+        lo[a] = int(np.clip(np.floor(c - width / 2), 0, shape[a] - 1))
+        hi[a] = int(np.clip(lo[a] + max(1, round(width)), lo[a] + 1, shape[a]))
+
+    pool, blur = [1, 1, 1], [0.0, 0.0, 0.0]
+    if rng.random() < 0.6:
+        kind = "slab"
+        cut(axis, rng.uniform(20, 60) if rng.random() < 0.75 else rng.uniform(60, 150))
+        for a in (a for a in range(3) if a != axis):
+            if rng.random() < 0.35:
+                cut(a, rng.uniform(120, 300), jitter=0.3)
+    else:
+        kind = "fov"
+        others = [a for a in range(3) if a != axis]
+        for a in others if rng.random() < 0.5 else [others[rng.integers(2)]]:
+            cut(a, rng.uniform(80, 250), jitter=0.3)
+    if rng.random() < 0.25:
+        pool[axis] = int(rng.integers(2, 4))
+    elif rng.random() < 0.33:
+        blur[axis] = float(rng.uniform(0.4, 1.2))
+    return crop_case(case, lo, hi, tuple(pool), tuple(blur)), kind
+
+
+def validation_slab(case: CoarseCase, width_mm: float = 40.0) -> CoarseCase:
+    """A fixed thin axial slab (``width_mm``) through the middle of the labelled spine, for validation."""
+    axis = slice_axis(case.affine)
+    spacing = float(np.sqrt((case.affine[:3, axis] ** 2).sum()))
+    centre = np.linalg.solve(case.affine[:3, :3], (case.gt_min + case.gt_max) / 2 - case.affine[:3, 3])
+    lo, hi = np.zeros(3, int), np.asarray(case.ct.shape)
+    width = max(1, round(width_mm / spacing))
+    lo[axis] = int(np.clip(round(centre[axis] - width / 2), 0, case.ct.shape[axis] - 1))
+    hi[axis] = lo[axis] + width
+    return crop_case(case, lo, hi)
 
 
 def sample_grid(case: CoarseCase, rng: np.random.Generator, spacing_mm: float, size: int,
@@ -330,15 +426,16 @@ class DetectSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, cases: list[CoarseCase], spacing_mm: float = 8.0, size: int = 40, train: bool = True,
-                 samples_per_case: int = 4, seed: int = 0, max_size: int = 96):
+                 samples_per_case: int = 4, seed: int = 0, max_size: int = 96, val_slabs: bool = True):
         self.cases, self.spacing_mm, self.size, self.train = cases, spacing_mm, size, train
+        self.val_slabs = int(bool(val_slabs))
         self.samples_per_case, self.seed, self.max_size, self.epoch = samples_per_case, seed, max_size, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.cases) * (self.samples_per_case if self.train else 1)
+        return len(self.cases) * (self.samples_per_case if self.train else 1 + self.val_slabs)
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index % len(self.cases)]
@@ -346,13 +443,17 @@ class DetectSamples(torch.utils.data.Dataset):
         if self.train:
             shape = (self.size,) * 3
             affine = sample_grid(case, rng, self.spacing_mm, self.size)
+            centre = vox2world(affine, np.full(3, (self.size - 1) / 2))
+            if rng.random() < 0.8:  # cut around the spine in the crop, not somewhere off it
+                dist = np.linalg.norm(case.spine_points - centre, axis=1)
+                centre = case.spine_points[int(np.argmin(dist))] + rng.normal(0, 8, 3)
+            case, _ = random_fov(case, rng, centre)
             hu, target, weight = render(case, shape, affine)
-            keep = _fov_cut(shape, rng, np.full(3, self.size / 2) + rng.normal(0, 4, 3))
-            if keep is not None:
-                hu[~keep], target[~keep], weight[~keep] = HU_AIR, 0.0, 1.0
             hu = _augment_hu(hu, rng)
             item = {}
         else:
+            if index >= len(self.cases):  # the second half of validation: thin slabs
+                case = validation_slab(case)
             shape, affine = coarse_grid_for_case(case, self.spacing_mm, self.max_size)
             hu, target, weight = render(case, shape, affine)
             item = {"affine": affine, "gt_min": case.gt_min, "gt_max": case.gt_max, "fov_min": case.fov[0], "fov_max": case.fov[1]}

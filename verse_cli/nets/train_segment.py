@@ -8,9 +8,15 @@ chosen for generalisation from synthetic to real CT:
 * geometry: centroid jitter (sd 2.5 mm, as from ``verse label``), rotation about the
   patch centre (+-20 degrees sagittal, +-10 degrees about the other axes; covers
   lordosis/kyphosis in the CT-aligned frame), isotropic scale 0.85-1.15;
-* intensity: HU gain 0.9-1.1 and offset +-50, Gaussian blur (sd up to 1.2 mm, and
+* bone density: inside the vertebrae (away from their surface) the HU above soft
+  tissue are scaled by 0.05-1, because real trabecular bone ranges from ~300 HU down to
+  soft-tissue values in osteoporosis, where only the cortical shell stays bright;
+* field of view: sometimes everything beyond a random plane 12-60 mm from the centroid
+  is replaced by the resampling fill (air), as in cropped or small-FOV scans;
+* intensity: a random monotone remapping of the HU axis (scanner and kernel
+  differences), HU gain 0.9-1.1 and offset +-50, Gaussian blur (sd up to 1.2 mm, and
   sometimes up to 2 mm along one axis to mimic thick slices), Gaussian noise (sd up to
-  60 HU), occasional 12-bit clipping of bright values.
+  60 HU) that is sometimes spatially correlated, occasional 12-bit clipping of bright values.
 
 The target is the mask of *this* vertebra: its neighbours are background.
 """
@@ -203,25 +209,86 @@ def sample_slabs(ct, mask, aff, label, centroid_world, cfg, rng, n_slabs: int, a
         ci = np.asarray(cfg["centre_index"], dtype=np.float64) - np.array([first - margin, r0, c0])
         paff[:3, 3] = centre - paff[:3, :3] @ ci
         x = sample_patch(ct, aff, (n_in, ch, cw), paff, order=1, cval=AIR_HU)
-        yaff = paff.copy()
-        yaff[:3, 3] = paff[:3, 3] + paff[:3, 0] * margin
-        y = sample_patch(mask, aff, (n_out, ch, cw), yaff, order=0, cval=0) == label
+        labels_in = sample_patch(mask, aff, (n_in, ch, cw), paff, order=0, cval=0)
+        y = labels_in[margin:margin + n_out] == label
+        if augment and rng.random() < 0.5:
+            x = soften_bone(x, labels_in > 0, rng)
         xs.append(x)
         ys.append(y)
         offsets.append(first + (n_out - 1) / 2.0 - cfg["centre_index"][0])
         corners.append((r0, c0))
     x = np.stack(xs)
+    y = np.stack(ys)
+    if augment and rng.random() < 0.25:
+        beyond = outside_field_of_view(x.shape, np.asarray(corners), cfg, firsts - margin, rng)
+        x = np.where(beyond, np.float32(AIR_HU), x).astype(np.float32, copy=False)
+        y = y & ~beyond[:, margin:margin + n_out]  # like VerSe: only what is in the scan is labelled
     if augment:
         x = augment_intensity(x, rng)
     guide = guidance(cfg, np.asarray(offsets))
     guide = np.stack([g[:, r0:r0 + ch, c0:c0 + cw] for g, (r0, c0) in zip(guide, corners)])
-    return np.concatenate([normalise_hu(x, cfg), guide], axis=1), np.stack(ys).astype(np.uint8)
+    return np.concatenate([normalise_hu(x, cfg), guide], axis=1), y.astype(np.uint8)
+
+
+def soften_bone(x: np.ndarray, bone: np.ndarray, rng) -> np.ndarray:
+    """Lower the density of the vertebrae's inside (osteoporosis), keeping their shell.
+
+    ``bone`` marks any vertebra on the slab. Voxels more than 1-3 mm inside it have their
+    HU above a soft-tissue level (0-60 HU) scaled by a factor 0.05-1, so the net learns
+    the cortical outline rather than "bright means bone".
+    """
+    from scipy import ndimage
+
+    depth = int(rng.integers(1, 4))
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)  # in-plane only: slices are 1 mm apart too
+    inside = ndimage.binary_erosion(bone, structure=structure, iterations=depth)
+    if not inside.any():
+        return x
+    soft = rng.uniform(0, 60)
+    factor = rng.uniform(0.05, 1.0)
+    out = x.copy()
+    sel = inside & (x > soft)
+    out[sel] = soft + (x[sel] - soft) * factor
+    return out
+
+
+def outside_field_of_view(shape, corners: np.ndarray, cfg: dict, first_slices: np.ndarray, rng) -> np.ndarray:
+    """Where a random crop of the scan would end: voxels beyond one axis-aligned plane.
+
+    The plane lies 12-60 mm from the centroid along a random patch axis and side; the
+    slabs' own positions (``first_slices`` along left-right, ``corners`` in-plane) place
+    it consistently in every slab of the vertebra.
+    """
+    _, n_in, h, w = shape
+    axis = int(rng.integers(0, 3))
+    side = 1 if rng.random() < 0.5 else -1
+    cut = float(cfg["centre_index"][axis]) + side * rng.uniform(12, 60)
+    if axis == 0:
+        coord = (np.asarray(first_slices)[:, None] + np.arange(n_in)[None, :])[:, :, None, None]
+    elif axis == 1:
+        coord = (corners[:, 0][:, None] + np.arange(h)[None, :])[:, None, :, None]
+    else:
+        coord = (corners[:, 1][:, None] + np.arange(w)[None, :])[:, None, None, :]
+    beyond = (coord > cut) if side > 0 else (coord < cut)
+    return np.broadcast_to(beyond, shape)
+
+
+def remap_hu(x: np.ndarray, rng) -> np.ndarray:
+    """A random monotone piecewise-linear HU mapping (knots moved by up to +-25%)."""
+    knots = np.array([-1024.0, -400.0, -100.0, 0.0, 100.0, 250.0, 500.0, 1000.0, 3072.0])
+    gaps = np.diff(knots) * rng.uniform(0.75, 1.25, len(knots) - 1)
+    moved = knots[0] + np.concatenate([[0.0], np.cumsum(gaps)])
+    moved += knots[3] - moved[3]  # water stays near 0 HU
+    return np.interp(x, knots, moved).astype(np.float32)
 
 
 def augment_intensity(x: np.ndarray, rng) -> np.ndarray:
-    """Gain/offset, blur, noise and clipping on ``(N, n_in, H, W)`` HU slabs."""
+    """HU remapping, gain/offset, blur, noise and clipping on ``(N, n_in, H, W)`` HU slabs."""
     from scipy import ndimage
 
+    if rng.random() < 0.5:
+        x = remap_hu(x, rng)
     x = x * rng.uniform(0.9, 1.1) + rng.uniform(-50, 50)
     if rng.random() < 0.6:
         sigma = [0.0, *(rng.uniform(0.2, 1.2, 3))]
@@ -229,7 +296,10 @@ def augment_intensity(x: np.ndarray, rng) -> np.ndarray:
             sigma[1 + int(rng.integers(0, 3))] = rng.uniform(1.2, 2.0)
         x = ndimage.gaussian_filter(x, sigma=sigma, mode="nearest")
     if rng.random() < 0.7:
-        x = x + rng.normal(0, rng.uniform(5, 60), x.shape).astype(np.float32)
+        noise = rng.normal(0, 1, x.shape).astype(np.float32)
+        if rng.random() < 0.5:  # reconstructed CT noise is correlated over ~1 mm
+            noise = ndimage.gaussian_filter(noise, sigma=[0, 0, 0.8, 0.8]) * 2.2
+        x = x + noise * rng.uniform(5, 60)
     if rng.random() < 0.1:
         x = np.minimum(x, rng.uniform(1200, 3071))
     return x.astype(np.float32, copy=False)

@@ -166,6 +166,76 @@ def test_projection_pixels_map_to_world_points_on_an_oblique_grid():
     assert view.sag[0, (i + far) // 2 + 6, 5] < 0.2
 
 
+def test_outside_the_scan_is_unknown_not_air():
+    """A narrow sagittal slab scan: rays that miss the scan are water with a zero scanned
+    fraction, and a ray that is partly outside shows the MIP and mean of its scanned part."""
+    pts = spine_points()
+    ct, aff = phantom(pts, affine=tilted_affine(angle_deg=0.0))
+    box = box_around(pts)
+    full = LB.projections(ct, aff, *box)
+    assert full.sag.shape[0] == 3 and np.allclose(full.sag[2][full.sag[2] > 0], 1.0)
+    # keep only 40 mm left-right (the R axis is the third voxel axis of PIR, 2 mm voxels)
+    centre = round(float(geometry.world2vox(aff, pts.mean(axis=0))[2]))
+    narrow, aff_n = ct[:, :, centre - 10:centre + 10], aff.copy()
+    aff_n[:3, 3] = geometry.vox2world(aff, [0, 0, centre - 10])
+    view = LB.projections(narrow, aff_n, *box)
+    r, a, i = np.rint(geometry.world2vox(view.affine, pts[3])).astype(int)
+    assert 0.1 < view.sag[2, i, a] < 0.6  # about 40 mm of a wider slab
+    assert abs(view.sag[1, i, a] - full.sag[1, i, a]) > 0.02  # the mean is over the scanned part only
+    assert view.sag[0, i, a] > 0.3  # the bone is still there
+    far_r = 2 if r > 64 else 125  # a coronal column outside the slab: unknown
+    assert view.cor[2, i, far_r] == 0.0
+    assert view.cor[0, i, far_r] == pytest.approx(LB.FILL) and view.cor[1, i, far_r] == pytest.approx(LB.FILL)
+    # padding far below air inside the array is outside the scan too
+    padded = ct.copy()
+    padded[:, :, :centre - 10] = -3024
+    padded[:, :, centre + 10:] = -3024
+    view_p = LB.projections(padded, aff, *box)
+    assert view_p.cor[2, i, far_r] == 0.0 and view_p.cor[0, i, far_r] == pytest.approx(LB.FILL)
+    assert np.abs(view_p.sag[:2] - view.sag[:2]).max() < 0.05
+
+
+def test_a_ct_stored_without_its_hu_offset_projects_the_same():
+    pts = spine_points()
+    ct, aff = phantom(pts)
+    box = box_around(pts)
+    ref = LB.projections(ct, aff, *box)
+    raw = LB.projections(ct + 1024.0, aff, *box)
+    assert np.allclose(raw.sag, ref.sag, atol=1e-4) and np.allclose(raw.cor, ref.cor, atol=1e-4)
+
+
+def test_old_bundles_keep_their_preprocessing():
+    from verse_cli.nets import btrfly as B
+
+    old = B.build({"in_channels": 2, "out_channels": len(CHANNELS), "widths": [8, 8, 8, 8, 8],
+                   "decoder": [8, 8, 8, 8], "spacing": 1.5, "width": 128})
+    assert old.preproc == 1
+    new = B.BtrflyNet(widths=(8, 8, 8, 8, 8), decoder=(8, 8, 8, 8))
+    assert new.preproc == LB.PREPROC == 2 and new.config["in_channels"] == 3
+    assert B.build(new.config).preproc == 2
+    with pytest.raises(ValueError):
+        B.BtrflyNet(in_channels=2, preproc=2)
+    pts = spine_points()
+    ct, aff = phantom(pts)
+    assert LB.projections(ct, aff, *box_around(pts), preproc=1).sag.shape[0] == 2
+
+
+def test_real_scan_augmentation_keeps_targets_on_the_scan():
+    from verse_cli.nets import btrfly as B
+
+    pts = spine_points()
+    ct, aff = phantom(pts)
+    mask = (ct > 200).astype(np.uint8) * 20
+    for seed in range(4):
+        item = B.prepare_arrays(ct, aff, mask, LUMBAR, pts, None, "phantom", seed=seed, augment3d=True)
+        assert np.isfinite(item["sag"].astype(np.float32)).all() and item["sag"].shape[0] == 3
+        assert 1 <= len(item["points"]) <= len(LUMBAR)
+        i, a = item["points"][:, 0].astype(int), item["points"][:, 1].astype(int)
+        assert (item["sag"][2][np.clip(i, 0, item["sag"].shape[1] - 1), np.clip(a, 0, 127)] > 0).all()
+        sag = B.HeatmapDataset([item], augment=True, height=256)[0][0]
+        assert sag.shape == (3, 256, 128) and torch.isfinite(sag).all()
+
+
 # --------------------------------------------------------------------------- candidates and the stage
 def test_ideal_heatmaps_give_exact_centroids_on_the_input_grid():
     pts = spine_points()
@@ -332,7 +402,7 @@ def test_training_targets_sit_on_the_projected_centroids():
     assert item["points"].shape == (len(LUMBAR), 5)
     ds = B.HeatmapDataset([item], augment=False, height=256)
     sag, cor, ts, tc = ds[0]
-    assert sag.shape == (2, 256, 128) and ts.shape == (len(CHANNELS), 128, 64)
+    assert sag.shape == (3, 256, 128) and ts.shape == (len(CHANNELS), 128, 64)
     for (i, a, r, ch, th), lab in zip(item["points"], LUMBAR):
         y, x = np.unravel_index(int(ts[int(ch)].argmax()), ts.shape[1:])
         # rows were centred in the window: compare with the shifted point

@@ -126,8 +126,9 @@ def box_of_mask(mask: np.ndarray, affine) -> tuple[np.ndarray, np.ndarray]:
 class SpineView:
     """The two projections of one spine box and the grid they come from.
 
-    ``sag`` and ``cor`` are ``(2, H, W)`` float32 images (MIP and mean projection,
-    scaled to about [0, 1]); rows run head to foot. ``affine`` maps grid voxels
+    ``sag`` and ``cor`` are ``(C, H, W)`` float32 images (MIP and mean projection,
+    scaled to about [0, 1], and with :data:`PREPROC` 2 the scanned fraction of each
+    ray); rows run head to foot. ``affine`` maps grid voxels
     ``(r, a, i)`` to world mm; sagittal pixel ``(row, col)`` is grid ``(*, col, row)``
     and coronal pixel ``(row, col)`` is grid ``(col, *, row)``.
     """
@@ -166,19 +167,75 @@ def slab_masks(lo, hi, affine, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.abs(r - centre[0]) <= half[0], np.abs(a - centre[1]) <= half[1]
 
 
+#: Input preprocessing versions. 1: two channels (MIP, mean) with voxels outside the scan
+#: counted as air (the first bundles). 2: outside-scan voxels are *unknown*: MIP and mean
+#: over the scanned voxels of each ray only, a third channel with the scanned fraction of
+#: the ray, a light 3D smoothing against noise and HU that survive a missing rescale offset.
+PREPROC = 2
+FILL = (0.0 - HU_LOW) / (HU_HIGH - HU_LOW)  # water: what a ray with no scanned voxel shows
+INVALID_HU = -1200.0  # below air: padding outside the reconstruction circle, or outside the array
+SMOOTH_SIGMA_PX = 0.7  # 3D Gaussian before projecting (grid pixels): a MIP picks the noise maxima
+
+
+def in_channels(preproc: int) -> int:
+    return 2 if preproc == 1 else 3
+
+
+def fix_hu_offset(vol: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """The shift to add to ``vol`` so that it is in HU.
+
+    A CT stored without its rescale intercept (0 = -1024 HU) has a median near
+    1000 around the spine; a real CT crop around the spine (soft tissue, fat, bone
+    and some air) never has a median above 500 HU.
+    """
+    sample = vol[valid] if valid is not None else vol.ravel()
+    sample = sample[:: max(1, sample.size // 200_000)]
+    if sample.size and float(np.median(sample)) > 500.0:
+        return -1024.0
+    return 0.0
+
+
 def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = SPACING,
-                width: int = WIDTH) -> SpineView:
-    """Resample the box onto the spine grid and project it both ways."""
+                width: int = WIDTH, preproc: int = PREPROC) -> SpineView:
+    """Resample the box onto the spine grid and project it both ways (see :data:`PREPROC`)."""
     shape, affine = spine_grid(lo, hi, spacing=spacing, width=width)
-    vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=-1024.0)
+    keep_r, keep_a = slab_masks(lo, hi, affine, width)
+    if preproc == 1:
+        vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=-1024.0)
+        np.clip(vol, HU_LOW, HU_HIGH, out=vol)
+        vol -= HU_LOW
+        vol /= HU_HIGH - HU_LOW
+        sag_slab, cor_slab = vol[keep_r], vol[:, keep_a]
+        sag = np.stack([sag_slab.max(axis=0), sag_slab.mean(axis=0)]).transpose(0, 2, 1)  # (2, I, A)
+        cor = np.stack([cor_slab.max(axis=1), cor_slab.mean(axis=1)]).transpose(0, 2, 1)  # (2, I, R)
+        return SpineView(np.ascontiguousarray(sag, np.float32), np.ascontiguousarray(cor, np.float32),
+                         affine, shape)
+    from scipy import ndimage
+
+    vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=np.nan)
+    valid = np.isfinite(vol)
+    vol += fix_hu_offset(vol, valid)
+    valid &= vol > INVALID_HU  # NaN compares False
+    vol[~valid] = 0.0  # water while smoothing, so the edge of the scan is no bright or dark rim
+    if SMOOTH_SIGMA_PX > 0:
+        ndimage.gaussian_filter(vol, SMOOTH_SIGMA_PX, output=vol, truncate=2.0)
     np.clip(vol, HU_LOW, HU_HIGH, out=vol)
     vol -= HU_LOW
     vol /= HU_HIGH - HU_LOW
-    keep_r, keep_a = slab_masks(lo, hi, affine, width)
-    sag_slab, cor_slab = vol[keep_r], vol[:, keep_a]
-    sag = np.stack([sag_slab.max(axis=0), sag_slab.mean(axis=0)]).transpose(0, 2, 1)  # (2, I, A)
-    cor = np.stack([cor_slab.max(axis=1), cor_slab.mean(axis=1)]).transpose(0, 2, 1)  # (2, I, R)
-    return SpineView(np.ascontiguousarray(sag, np.float32), np.ascontiguousarray(cor, np.float32), affine, shape)
+    low = np.float32(-1.0)
+    out = []
+    for axis, keep in ((0, keep_r), (1, keep_a)):
+        v = np.compress(keep, vol, axis=axis)
+        m = np.compress(keep, valid, axis=axis)
+        n = m.sum(axis=axis)
+        mip = np.where(m, v, low).max(axis=axis)
+        mean = np.where(m, v, 0.0).sum(axis=axis) / np.maximum(n, 1)
+        seen = n > 0
+        mip = np.where(seen, mip, FILL)
+        mean = np.where(seen, mean, FILL)
+        frac = n / max(int(keep.sum()), 1)
+        out.append(np.stack([mip, mean, frac]).transpose(0, 2, 1).astype(np.float32))  # (3, I, A|R)
+    return SpineView(np.ascontiguousarray(out[0]), np.ascontiguousarray(out[1]), affine, shape)
 
 
 def crop_to_grid(ct: np.ndarray, affine: np.ndarray, lo, hi, spacing: float = SPACING, width: int = WIDTH,
@@ -467,9 +524,10 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     else:
         net, dev = load_model(model, device)
     spacing, width = getattr(net, "spacing", SPACING), getattr(net, "width", WIDTH)
+    preproc = getattr(net, "preproc", 1)
     full_affine = affine
     ct, affine = crop_to_grid(ct, affine, lo, hi, spacing, width)  # only the part the stage reads
-    view = projections(ct, affine, lo, hi, spacing=spacing, width=width)
+    view = projections(ct, affine, lo, hi, spacing=spacing, width=width, preproc=preproc)
     hs, hc = heatmaps(net, view, dev)
     cands = candidates(hs, hc, view)
     debug(f"{len(cands.world)} candidates")

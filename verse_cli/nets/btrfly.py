@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..label import FILL, INVALID_HU, PREPROC
 from ..prior import PRIOR_LABELS, SACRUM, THORACIC
 
 CHANNELS: tuple[str, ...] = ("any", "rib") + tuple(f"label{lab}" for lab in PRIOR_LABELS)
@@ -113,12 +114,20 @@ class BtrflyNet(nn.Module):
 
     arch = "btrfly"
 
-    def __init__(self, in_channels: int = 2, out_channels: int = len(CHANNELS),
-                 widths=(16, 32, 64, 96, 128), decoder=(96, 64, 32, 24), spacing: float = 1.5, width: int = 128):
+    def __init__(self, in_channels: int | None = None, out_channels: int = len(CHANNELS),
+                 widths=(16, 32, 64, 96, 128), decoder=(96, 64, 32, 24), spacing: float = 1.5, width: int = 128,
+                 preproc: int = PREPROC):
         super().__init__()
-        self.config = {"in_channels": in_channels, "out_channels": out_channels,
-                       "widths": list(widths), "decoder": list(decoder), "spacing": spacing, "width": width}
-        self.spacing, self.width = float(spacing), int(width)  # the projection grid this net reads
+        from ..label import in_channels as n_in
+
+        if in_channels is None:
+            in_channels = n_in(preproc)
+        if in_channels != n_in(preproc):
+            raise ValueError(f"input preprocessing {preproc} gives {n_in(preproc)} channels, not {in_channels}")
+        self.config = {"in_channels": in_channels, "out_channels": out_channels, "widths": list(widths),
+                       "decoder": list(decoder), "spacing": spacing, "width": width, "preproc": int(preproc)}
+        # the projection grid and the input preprocessing (verse_cli.label.PREPROC) this net reads
+        self.spacing, self.width, self.preproc = float(spacing), int(width), int(preproc)
         self.sag_arm = Arm(in_channels, widths)
         self.cor_arm = Arm(in_channels, widths)
         deep = widths[-1]
@@ -141,7 +150,9 @@ class BtrflyNet(nn.Module):
 
 
 def build(config: dict) -> BtrflyNet:
-    """Rebuild a net from a bundle's config."""
+    """Rebuild a net from a bundle's config (bundles without ``preproc`` read version-1 inputs)."""
+    config = dict(config)
+    config.setdefault("preproc", 1)
     return BtrflyNet(**config)
 
 
@@ -150,7 +161,7 @@ SIGMA_MM = 3.6  # Gaussian width of the targets
 TRAIN_HEIGHT_MM = 384.0  # length of a training window along the spine
 
 
-def prepare_case(case, seed: int = 0) -> dict:
+def prepare_case(case, seed: int = 0, augment3d: bool = False) -> dict:
     """Projections and target points of one training case on disk (a ``CaseFiles``) on the default grid."""
     import numpy as np
 
@@ -169,16 +180,21 @@ def prepare_case(case, seed: int = 0) -> dict:
         except Exception:  # noqa: BLE001 - an odd variants file only loses the sacrum target
             variants = None
     return prepare_arrays(np.asarray(img.dataobj, dtype=np.float32), img.affine, mask, ctd.labels,
-                          ctd.to_world(img.affine), variants, case.subject, seed)
+                          ctd.to_world(img.affine), variants, case.subject, seed, augment3d=augment3d)
 
 
 def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed: int = 0,
-                   spacing: float = 1.5, width: int = 128) -> dict:
+                   spacing: float = 1.5, width: int = 128, augment3d: bool = False,
+                   preproc: int = PREPROC) -> dict:
     """Projections and target points of one case from arrays.
 
     The box is the ground-truth mask's world box, enlarged at random by up to 15 mm
     per side, as a detector's would be. Points: ``(N, 5)`` rows of grid ``(i, a, r)``,
     the channel index of the label and a thoracic (rib-bearing) flag.
+
+    ``augment3d`` makes the case look like a real acquisition before projecting
+    (:func:`_augment_3d`): a tilted scan, a limited or cropped field of view, HU
+    offsets and CT noise.
     """
     import zlib
 
@@ -187,7 +203,7 @@ def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed
     from .. import label as lab_mod
     from ..core import geometry
 
-    rng = np.random.default_rng([seed, zlib.crc32(subject.encode())])
+    rng = np.random.default_rng([seed, zlib.crc32(subject.encode()), int(augment3d)])
     labels = [int(x) for x in labels]
     world = np.asarray(world, dtype=np.float64).reshape(-1, 3)
     if SACRUM not in labels:
@@ -195,13 +211,19 @@ def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed
         if s1 is not None:
             labels.append(SACRUM)
             world = np.vstack([world, s1])
+    if augment3d and rng.random() < 0.6:  # a tilted acquisition (or patient)
+        affine, world = _tilt(affine, world, rng)
     if mask is not None and mask.any():
         lo, hi = lab_mod.box_of_mask(mask, affine)
     else:
         lo, hi = world.min(axis=0) - 20, world.max(axis=0) + 20
     lo = lo - rng.uniform(0, 15, 3)
     hi = hi + rng.uniform(0, 15, 3)
-    view = lab_mod.projections(ct, affine, lo, hi, spacing=spacing, width=width)
+    if augment3d:
+        ct, affine, lo, hi, keep = _augment_3d(ct, affine, world, lo, hi, rng, spacing, width)
+        labels = [lab for lab, k in zip(labels, keep) if k]
+        world = world[keep]
+    view = lab_mod.projections(ct, affine, lo, hi, spacing=spacing, width=width, preproc=preproc)
     grid = geometry.world2vox(view.affine, world)
     rows = []
     for lab, (r, a, i) in zip(labels, grid):
@@ -210,6 +232,101 @@ def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed
         rows.append([i, a, r, N_FIXED + PRIOR_LABELS.index(lab), float(lab in THORACIC)])
     return {"sag": view.sag.astype(np.float16), "cor": view.cor.astype(np.float16),
             "points": np.array(rows, dtype=np.float32).reshape(-1, 5), "subject": subject}
+
+
+def _rotation(rng, max_deg: float) -> np.ndarray:
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = np.deg2rad(rng.uniform(-max_deg, max_deg))
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+
+
+def _tilt(affine, world, rng, max_deg: float = 15.0):
+    """Rotate the whole scan (image and points) in world space about the points' centre."""
+    R = _rotation(rng, max_deg)
+    c = world.mean(axis=0)
+    h = np.eye(4)
+    h[:3, :3] = R
+    h[:3, 3] = c - R @ c
+    return h @ np.asarray(affine, float), (world - c) @ R.T + c
+
+
+def _augment_3d(ct, affine, world, lo, hi, rng, spacing: float, width: int):
+    """A real-looking acquisition of a synthetic case: limited field of view, HU shifts, noise.
+
+    * field of view: the CT array is cut along its own axes around the spine (a narrow
+      sagittal slab, a cropped anterior-posterior extent, a cut at the top or bottom),
+      so the spine grid reaches outside the scan there; or the cut-off part is kept as
+      padding far below air, as scanners write outside the reconstruction circle;
+    * HU: a scale and an offset (scanners and kernels differ);
+    * noise: correlated Gaussian noise of up to about 100 HU (real scans are much
+      noisier than phantoms, and a MIP picks the noise maxima).
+
+    Returns the new CT (only the part under the spine grid), affine, box and which
+    points are still in the scan.
+    """
+    from scipy import ndimage
+
+    from .. import label as lab_mod
+    from ..core import geometry
+
+    ct = np.asarray(ct, dtype=np.float32)
+    affine = np.asarray(affine, dtype=np.float64)
+    keep = np.ones(len(world), dtype=bool)
+    if rng.random() < 0.7:
+        centre = geometry.world2vox(affine, world.mean(axis=0))
+        sp = geometry.spacing(affine)
+        # which voxel axis runs mostly along R, A and S
+        dirs = np.abs(affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0))
+        start, stop = np.zeros(3, int), np.array(ct.shape)
+        for world_axis, prob, reach in ((0, 0.45, (20.0, 70.0)), (1, 0.35, (45.0, 130.0))):
+            ax = int(np.argmax(dirs[world_axis]))
+            if rng.random() < prob:
+                a, b = rng.uniform(*reach, size=2) / sp[ax]
+                start[ax] = max(start[ax], int(np.floor(centre[ax] - a)))
+                stop[ax] = min(stop[ax], int(np.ceil(centre[ax] + b)))
+        ax = int(np.argmax(dirs[2]))
+        if rng.random() < 0.3 and len(world) > 2:  # cut through the spine at one end
+            vox = geometry.world2vox(affine, world)[:, ax]
+            cut = rng.uniform(vox.min(), vox.max())
+            if rng.random() < 0.5:
+                start[ax] = max(start[ax], int(np.floor(cut)))
+            else:
+                stop[ax] = min(stop[ax], int(np.ceil(cut)))
+        start = np.clip(start, 0, np.array(ct.shape) - 1)
+        stop = np.maximum(stop, start + 1)
+        if np.all(stop - start >= 8) and np.any((start > 0) | (stop < np.array(ct.shape))):
+            vox = geometry.world2vox(affine, world)
+            inside = np.all((vox >= start - 0.5) & (vox <= stop - 0.5), axis=1)
+            if inside.sum() >= 2:
+                keep = inside
+                if rng.random() < 0.3:  # padding value in the array, not a smaller array
+                    pad = np.full(ct.shape, True)
+                    pad[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] = False
+                    ct = ct.copy()
+                    ct[pad] = rng.choice([-1024.0, -2048.0, -3024.0, -2000.0])  # -1024: air-valued padding
+                else:
+                    ct = ct[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+                    affine = affine.copy()
+                    affine[:3, 3] = geometry.vox2world(affine, start.astype(float))
+                    clo, chi = lab_mod.ct_world_box(ct.shape, affine)
+                    lo, hi = np.maximum(lo, clo), np.minimum(hi, chi)  # a detector's box stays in the scan
+                    if np.any(hi - lo < 10):
+                        lo, hi = np.minimum(lo, hi - 10), np.maximum(hi, lo + 10)
+    ct, affine = lab_mod.crop_to_grid(ct, affine, lo, hi, spacing, width)
+    ct = np.array(ct, dtype=np.float32)  # own copy
+    scanned = ct > INVALID_HU
+    ct[scanned] = ct[scanned] * rng.uniform(0.9, 1.1) + rng.uniform(-50, 50)
+    if rng.random() < 0.8:
+        sd = float(np.exp(rng.uniform(np.log(8.0), np.log(110.0))))
+        noise = rng.standard_normal(ct.shape, dtype=np.float32)
+        corr = rng.uniform(0.0, 1.0)
+        if corr > 0.3:
+            noise = ndimage.gaussian_filter(noise, corr, truncate=2.5)
+            noise /= max(float(noise.std()), 1e-3)
+        ct[scanned] += sd * noise[scanned]
+    return ct, affine, lo, hi, keep
 
 
 def _sacrum_point(mask, affine, labels, world, variants):
@@ -271,14 +388,27 @@ class HeatmapDataset:
             sag, cor = sag[:, top:top + h], cor[:, top:top + h]
             pts[:, 0] -= top
         elif H < h:
-            pad = ((0, 0), (0, h - H), (0, 0))
-            sag, cor = np.pad(sag, pad), np.pad(cor, pad)
+            sag, cor = _pad_rows(sag, h), _pad_rows(cor, h)
         if self.augment:
             sag, cor, pts = _augment(sag, cor, pts, rng)
         ts = _targets(pts[:, [0, 1]], pts[:, 3], pts[:, 4], h, W, self.sigma_px)
         tc = _targets(pts[:, [0, 2]], pts[:, 3], pts[:, 4], h, W, self.sigma_px)
         return (torch.from_numpy(np.ascontiguousarray(sag)), torch.from_numpy(np.ascontiguousarray(cor)),
                 torch.from_numpy(ts), torch.from_numpy(tc))
+
+
+def _unknown(img: np.ndarray) -> np.ndarray:
+    """What a part of the picture outside the scan holds, per channel: version 1, air (0);
+    version 2 (three channels), water in the image channels and 0 in the scanned fraction."""
+    vals = np.zeros(img.shape[0], dtype=np.float32)
+    if img.shape[0] == 3:
+        vals[:2] = FILL
+    return vals[:, None, None]
+
+
+def _pad_rows(img: np.ndarray, h: int) -> np.ndarray:
+    extra = np.broadcast_to(_unknown(img), (img.shape[0], h - img.shape[1], img.shape[2]))
+    return np.concatenate([img, extra], axis=1)
 
 
 def _augment(sag, cor, pts, rng):
@@ -288,20 +418,22 @@ def _augment(sag, cor, pts, rng):
     # shifts across (a detector's box is not centred exactly)
     for img, col in ((sag, 1), (cor, 2)):
         shift = int(rng.integers(-10, 11))
+        fill = _unknown(img)
         img[:] = np.roll(img, shift, axis=2)
         if shift > 0:
-            img[:, :, :shift] = 0
+            img[:, :, :shift] = fill
         elif shift < 0:
-            img[:, :, shift:] = 0
+            img[:, :, shift:] = fill
         pts[:, col] += shift
     if rng.random() < 0.5:  # left-right mirror of the coronal view
         cor = cor[:, :, ::-1].copy()
         pts[:, 2] = W - 1 - pts[:, 2]
     for img in (sag, cor):  # contrast, brightness, noise: scanners and kernels differ
-        img *= rng.uniform(0.8, 1.2)
-        img += rng.uniform(-0.05, 0.05)
-        img += rng.normal(0, rng.uniform(0, 0.03), img.shape).astype(np.float32)
-        np.clip(img, 0, 1.2, out=img)
+        pic = img[:2]  # not the scanned fraction
+        pic *= rng.uniform(0.8, 1.2)
+        pic += rng.uniform(-0.05, 0.05)
+        pic += rng.normal(0, rng.uniform(0, 0.03), pic.shape).astype(np.float32)
+        np.clip(pic, 0, 1.2, out=pic)
     return sag, cor, pts
 
 
@@ -361,7 +493,8 @@ SYNTH_TRAIN_SEED = 1000  # on-the-fly training cases use seeds from here (held-o
 
 
 def _prepare_one(args):
-    kind, item, seed = args
+    kind, item, seed = args[:3]
+    aug = bool(args[3]) if len(args) > 3 else False
     try:
         if kind == "synth":
             from ..synth import generate_case
@@ -369,15 +502,16 @@ def _prepare_one(args):
             case = generate_case(int(item), region="random")
             ctd = case.centroids
             return prepare_arrays(np.asarray(case.ct, dtype=np.float32), case.affine, case.mask, ctd.labels,
-                                  ctd.to_world(case.affine), case.variants, f"syn{int(item):05d}", seed)
-        return prepare_case(item, seed)
+                                  ctd.to_world(case.affine), case.variants, f"syn{int(item):05d}", seed,
+                                  augment3d=aug)
+        return prepare_case(item, seed, augment3d=aug)
     except Exception as exc:  # noqa: BLE001 - one unreadable case must not stop a training run
         name = item if kind == "synth" else item.subject
         return {"error": f"{name}: {type(exc).__name__}: {exc}"}
 
 
 def prepare_all(jobs, workers: int = 0) -> list[dict]:
-    """Prepare ``(kind, case or seed, seed)`` jobs, in parallel processes when ``workers > 1``."""
+    """Prepare ``(kind, case or seed, seed[, augment3d])`` jobs, in parallel processes when ``workers > 1``."""
     from ..core.progress import track, warn
 
     if workers > 1:
@@ -398,13 +532,15 @@ def prepare_all(jobs, workers: int = 0) -> list[dict]:
 
 def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = None, device: str = "auto",
           seed: int = 0, resume: bool = False, workers: int = 0, batch_size: int | None = None, lr: float = 2e-3,
-          val_fraction: float = 0.1, n_synth: int = 200, warmup_steps: int = 20) -> dict:
+          val_fraction: float = 0.1, n_synth: int = 200, warmup_steps: int = 20, real_views: int = 1) -> dict:
     """Train the Btrfly Net on a VerSe-layout dataset (e.g. ``verse synth`` output).
 
     Cases need a CT, a centroid JSON and (for the box) a vertebra mask; a variants
     JSON lets the sacrum be a target when the centroids leave it out. Without
     ``data_dir``, ``n_synth`` cases are generated on the fly (seeds from
-    :data:`SYNTH_TRAIN_SEED`).
+    :data:`SYNTH_TRAIN_SEED`). Each case is projected as it is and ``real_views``
+    more times through :func:`_augment_3d` (tilt, limited field of view, HU shifts,
+    noise), so the net learns what real scans look like.
     """
     from ..core.errors import DataError
     from ..core.progress import info
@@ -416,15 +552,15 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
     if data_dir is None:
         seeds = [SYNTH_TRAIN_SEED + i for i in range(n_synth)]
         n_val = max(1, round(len(seeds) * val_fraction))
-        train_jobs = [("synth", sd, seed) for sd in seeds[n_val:]]
-        val_jobs = [("synth", sd, seed + 1) for sd in seeds[:n_val]]
+        train_jobs = [("synth", sd, seed + v, v > 0) for sd in seeds[n_val:] for v in range(1 + real_views)]
+        val_jobs = [("synth", sd, seed + 1 + v, v > 0) for sd in seeds[:n_val] for v in range(1 + real_views)]
     else:
         cases = [c for c in discover_cases(data_dir) if c.ctd is not None]
         if len(cases) < 2:
             raise DataError("need at least two cases with centroid JSON to train", data_dir)
         train_cases, val_cases = split_cases(cases, val_fraction=val_fraction, seed=seed)
-        train_jobs = [("files", c, seed) for c in train_cases]
-        val_jobs = [("files", c, seed + 1) for c in val_cases]
+        train_jobs = [("files", c, seed + v, v > 0) for c in train_cases for v in range(1 + real_views)]
+        val_jobs = [("files", c, seed + 1 + v, v > 0) for c in val_cases for v in range(1 + real_views)]
     info(f"preparing {len(train_jobs)} training and {len(val_jobs)} validation cases")
     prep_train = prepare_all(train_jobs, workers)
     prep_val = prepare_all(val_jobs, workers)
@@ -440,7 +576,8 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
                            device=dev, drop_last=len(train_ds) >= batch_size)
     val_dl = make_loader(val_ds, batch_size=batch_size, shuffle=False, workers=0, seed=seed, device=dev)
     meta = {"data": str(data_dir) if data_dir is not None else f"synth x{n_synth}", "n_train": len(prep_train), "n_val": len(prep_val),
-            "spacing_mm": 1.5, "width_px": 128, "channels": list(CHANNELS)}
+            "spacing_mm": 1.5, "width_px": 128, "channels": list(CHANNELS), "preproc": model.preproc,
+            "real_views": real_views}
     return fit(model, train_dl, val_dl if len(prep_val) else None, step_fn, val_fn if len(prep_val) else None,
                out=out, epochs=epochs, minutes=minutes, lr=lr, seed=seed, resume=resume, device=dev,
                meta=meta, arch=BtrflyNet.arch, config=model.config, warmup_steps=warmup_steps)

@@ -195,23 +195,23 @@ def fix_hu_offset(vol: np.ndarray, valid: np.ndarray | None = None) -> float:
     return 0.0
 
 
-def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = SPACING,
-                width: int = WIDTH, preproc: int = PREPROC) -> SpineView:
-    """Resample the box onto the spine grid and project it both ways (see :data:`PREPROC`)."""
-    shape, affine = spine_grid(lo, hi, spacing=spacing, width=width)
-    keep_r, keep_a = slab_masks(lo, hi, affine, width)
-    if preproc == 1:
-        vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=-1024.0)
-        np.clip(vol, HU_LOW, HU_HIGH, out=vol)
-        vol -= HU_LOW
-        vol /= HU_HIGH - HU_LOW
-        sag_slab, cor_slab = vol[keep_r], vol[:, keep_a]
-        sag = np.stack([sag_slab.max(axis=0), sag_slab.mean(axis=0)]).transpose(0, 2, 1)  # (2, I, A)
-        cor = np.stack([cor_slab.max(axis=1), cor_slab.mean(axis=1)]).transpose(0, 2, 1)  # (2, I, R)
-        return SpineView(np.ascontiguousarray(sag, np.float32), np.ascontiguousarray(cor, np.float32),
-                         affine, shape)
+@dataclass
+class GridVolume:
+    """The spine box resampled onto the spine grid (axes R, A, I): HU after the offset
+    fix and smoothing (water where not scanned), and which voxels were scanned."""
+
+    hu: np.ndarray
+    valid: np.ndarray
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+
+
+def grid_volume(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = SPACING,
+                width: int = WIDTH) -> GridVolume:
+    """Resample the box onto the spine grid, with outside-scan voxels marked (preproc 2)."""
     from scipy import ndimage
 
+    shape, affine = spine_grid(lo, hi, spacing=spacing, width=width)
     vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=np.nan)
     valid = np.isfinite(vol)
     vol += fix_hu_offset(vol, valid)
@@ -219,9 +219,16 @@ def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = 
     vol[~valid] = 0.0  # water while smoothing, so the edge of the scan is no bright or dark rim
     if SMOOTH_SIGMA_PX > 0:
         ndimage.gaussian_filter(vol, SMOOTH_SIGMA_PX, output=vol, truncate=2.0)
-    np.clip(vol, HU_LOW, HU_HIGH, out=vol)
+    return GridVolume(vol, valid, affine, shape)
+
+
+def project(gv: GridVolume, lo, hi) -> SpineView:
+    """The preproc-2 projections of a :class:`GridVolume` (MIP, mean, scanned fraction)."""
+    keep_r, keep_a = slab_masks(lo, hi, gv.affine, gv.shape[0])
+    vol = np.clip(gv.hu, HU_LOW, HU_HIGH)
     vol -= HU_LOW
     vol /= HU_HIGH - HU_LOW
+    valid = gv.valid
     low = np.float32(-1.0)
     out = []
     for axis, keep in ((0, keep_r), (1, keep_a)):
@@ -235,7 +242,24 @@ def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = 
         mean = np.where(seen, mean, FILL)
         frac = n / max(int(keep.sum()), 1)
         out.append(np.stack([mip, mean, frac]).transpose(0, 2, 1).astype(np.float32))  # (3, I, A|R)
-    return SpineView(np.ascontiguousarray(out[0]), np.ascontiguousarray(out[1]), affine, shape)
+    return SpineView(np.ascontiguousarray(out[0]), np.ascontiguousarray(out[1]), gv.affine, gv.shape)
+
+
+def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = SPACING,
+                width: int = WIDTH, preproc: int = PREPROC) -> SpineView:
+    """Resample the box onto the spine grid and project it both ways (see :data:`PREPROC`)."""
+    if preproc != 1:
+        return project(grid_volume(ct, ct_affine, lo, hi, spacing, width), lo, hi)
+    shape, affine = spine_grid(lo, hi, spacing=spacing, width=width)
+    keep_r, keep_a = slab_masks(lo, hi, affine, width)
+    vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=-1024.0)
+    np.clip(vol, HU_LOW, HU_HIGH, out=vol)
+    vol -= HU_LOW
+    vol /= HU_HIGH - HU_LOW
+    sag_slab, cor_slab = vol[keep_r], vol[:, keep_a]
+    sag = np.stack([sag_slab.max(axis=0), sag_slab.mean(axis=0)]).transpose(0, 2, 1)  # (2, I, A)
+    cor = np.stack([cor_slab.max(axis=1), cor_slab.mean(axis=1)]).transpose(0, 2, 1)  # (2, I, R)
+    return SpineView(np.ascontiguousarray(sag, np.float32), np.ascontiguousarray(cor, np.float32), affine, shape)
 
 
 def crop_to_grid(ct: np.ndarray, affine: np.ndarray, lo, hi, spacing: float = SPACING, width: int = WIDTH,

@@ -52,13 +52,31 @@ def case_spec(i: int) -> tuple[int, str | None, str]:
 
 def _make_one(args):
     seed, variant, region, scale, cache = args
+    from verse_cli.core.io import write_json
     from verse_cli.synth import generate_case, write_case
+    from verse_cli.synth import variants as V
 
     sub = f"syn{seed}"
     if (Path(cache) / f"sub-{sub}_variants.json").exists():
         return sub
-    case = generate_case(seed, region=region, variant=variant, scale=scale)
-    write_case(case, cache, subject=sub)
+    # record the ground truth's inputs, so that a fix of the GT rules re-derives the GT
+    # from the cache (load_case) without rendering the cases again
+    recorded: dict = {}
+    original = V.variants_json
+
+    def record(spec, order, in_fov, ribs, fused):
+        recorded.update(spec=spec, order=order, in_fov=in_fov,
+                        ribs={n: {s: list(v) for s, v in sides.items()} for n, sides in ribs.items()}, fused=fused)
+        return original(spec, order, in_fov, ribs, fused)
+
+    V.variants_json = record
+    try:
+        case = generate_case(seed, region=region, variant=variant, scale=scale)
+    finally:
+        V.variants_json = original
+    write_json(json.loads(json.dumps(recorded, default=float)), Path(cache) / f"sub-{sub}_gt-inputs.json")
+    write_json(json.loads(json.dumps(case.meta, default=float)), Path(cache) / f"sub-{sub}_meta.json")
+    write_case(case, cache, subject=sub, qc=False, ribs=True)
     return sub
 
 
@@ -81,6 +99,13 @@ def load_case(cache: Path, sub: str):
     mask = load_nifti(cache / f"sub-{sub}_seg-vert_msk.nii.gz")
     ctd = read_centroids(cache / f"sub-{sub}_seg-subreg_ctd.json", ref_affine=mask.affine)
     gt = json.loads((cache / f"sub-{sub}_variants.json").read_text())
+    inputs = cache / f"sub-{sub}_gt-inputs.json"
+    if inputs.exists():  # the GT under the current rules, from the generator's recorded inputs
+        from verse_cli.synth.variants import variants_json
+
+        rec = json.loads(inputs.read_text())
+        ribs = {n: {s: tuple(v) for s, v in sides.items()} for n, sides in rec["ribs"].items()}
+        gt = variants_json(rec["spec"], rec["order"], rec["in_fov"], ribs, rec["fused"])
     return ct, mask, ctd, gt
 
 

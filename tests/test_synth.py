@@ -154,7 +154,8 @@ def test_hu_ranges_per_tissue(cases):
         bone = ct[c.mask > 0]
         if bone.size > 200:
             med = float(np.median(bone))
-            assert 80 <= med <= 900, (seed, med)
+            # osteoporotic vertebrae (trabecular bone ~60 HU, thin cortex) have a low median
+            assert 50 <= med <= 900, (seed, med)
         assert (ct < -900).any(), seed  # air around the patient or in the lungs/bowel
         soft = ct[(ct > -200) & (ct < 200)]
         assert soft.size > 0.05 * ct.size, seed

@@ -172,6 +172,11 @@ def _axis_angle(axis, deg):
 # --------------------------------------------------------------------------- image formation
 @dataclass
 class Scanner:
+    """Per-case reconstruction: PSF blur, kernel (edge enhancement), slice thickness and a
+    noise power spectrum. CT noise is spatially correlated: a band-pass (ramp-filtered)
+    texture whose grain follows the kernel (``noise_corr_mm`` fine for sharp kernels,
+    coarse for smooth ones; ``noise_hp`` how strongly the lowest frequencies are removed)."""
+
     kernel: str  # smooth / standard / sharp
     blur_mm: float
     sharpen: float
@@ -179,21 +184,33 @@ class Scanner:
     noise_corr_mm: float
     pad_circle: bool
     pad_value: float
+    thickness: float = 1.0  # slice thickness / slice spacing (>= 1: overlapping or thick slices)
+    noise_hp: float = 0.5
+    noise_hp_mm: float = 2.0
+    gain: float = 1.0  # global contrast (about -1000 HU) and water offset
+    offset: float = 0.0
 
 
 def sample_scanner(rng: np.random.Generator) -> Scanner:
     kernel = str(rng.choice(["smooth", "standard", "sharp"], p=[0.3, 0.4, 0.3]))
     blur = {"smooth": rng.uniform(0.5, 1.0), "standard": rng.uniform(0.3, 0.6), "sharp": rng.uniform(0.2, 0.4)}[kernel]
     sharpen = float(rng.uniform(0.4, 1.4)) if kernel == "sharp" else 0.0
-    base = {"smooth": (4, 18), "standard": (8, 30), "sharp": (20, 70)}[kernel]
+    # noise standard deviation at 1.5 mm scale; real CT there: ~25 HU (verse014) to ~65 HU (tptbox crop)
+    base = {"smooth": (18, 55), "standard": (25, 80), "sharp": (40, 120)}[kernel]
     noise = float(np.exp(rng.uniform(np.log(base[0]), np.log(base[1]))))
-    return Scanner(kernel, float(blur), sharpen, noise, float(rng.uniform(0.4, 1.1)),
-                   bool(rng.random() < 0.3), float(rng.choice([-1024.0, -2048.0, -3024.0], p=[0.6, 0.2, 0.2])))
+    corr = {"smooth": rng.uniform(0.55, 1.0), "standard": rng.uniform(0.4, 0.7), "sharp": rng.uniform(0.25, 0.45)}[kernel]
+    hp = {"smooth": rng.uniform(0.2, 0.6), "standard": rng.uniform(0.4, 0.75), "sharp": rng.uniform(0.6, 0.9)}[kernel]
+    return Scanner(kernel, float(blur), sharpen, noise, float(corr),
+                   bool(rng.random() < 0.3), float(rng.choice([-1024.0, -2048.0, -3024.0], p=[0.6, 0.2, 0.2])),
+                   thickness=float(rng.choice([1.0, rng.uniform(1.0, 1.6)], p=[0.4, 0.6])), noise_hp=float(hp),
+                   noise_hp_mm=float(corr * rng.uniform(2.5, 4.0)), gain=float(rng.uniform(0.95, 1.05)),
+                   offset=float(rng.uniform(-15, 15)))
 
 
 def form_image(hu: np.ndarray, grid: Grid, scanner: Scanner, rng: np.random.Generator,
                metal_points: np.ndarray | None = None) -> np.ndarray:
-    """Kernel blur, sharpening, correlated noise, streaks; int16 HU clipped to [-1024, 3071]."""
+    """Kernel blur, slice-thickness blur, sharpening, correlated band-pass noise, streaks;
+    int16 HU clipped to [-1024, 3071]."""
     from scipy import ndimage
 
     sp = np.sqrt((grid.affine[:3, :3] ** 2).sum(0))
@@ -201,28 +218,132 @@ def form_image(hu: np.ndarray, grid: Grid, scanner: Scanner, rng: np.random.Gene
     if metal_points is not None and len(metal_points):
         img = img + streaks(grid, metal_points, rng).astype(np.float32)
     sig = scanner.blur_mm / sp
-    sig[grid.slice_axis] *= 0.5
+    # along the slices: half the in-plane PSF plus the slice sensitivity profile (FWHM = thickness)
+    s_mm = sp[grid.slice_axis]
+    thick_sig = max(scanner.thickness - 1.0, 0.0) * s_mm / 2.355 * 1.6
+    sig[grid.slice_axis] = np.sqrt((0.5 * scanner.blur_mm) ** 2 + thick_sig ** 2) / s_mm
     if sig.max() > 0.25:
         img = ndimage.gaussian_filter(img, sigma=np.where(sig > 0.25, sig, 0), mode="nearest", truncate=3.0)
     if scanner.sharpen > 0:
         wide = ndimage.gaussian_filter(img, sigma=1.2 / sp, mode="nearest", truncate=2.5)
         img = img + np.float32(scanner.sharpen) * (img - wide)
-    # scanner calibration differs a little: water offset and a slight gain around air
-    gain = np.float32(rng.uniform(0.97, 1.03))
-    img = (img + np.float32(1000)) * gain + np.float32(rng.uniform(-12, 12) - 1000)
-    noise = rng.standard_normal(img.shape, dtype=np.float32)
-    ns = scanner.noise_corr_mm / sp
-    ns[grid.slice_axis] = 0.0
-    if ns.max() > 0.3:
-        noise = ndimage.gaussian_filter(noise, sigma=np.where(ns > 0.3, ns, 0), mode="wrap", truncate=2.5)
-        noise *= np.float32(1.0 / max(float(noise.std()), 1e-6))
-    # thicker slices average more photons: less noise
-    gain = scanner.noise_hu / np.sqrt(max(sp[grid.slice_axis], 0.5))
-    img = img + np.float32(gain) * noise
+    # scanner calibration differs: water offset and a gain around air (contrast)
+    img = (img + np.float32(1000)) * np.float32(scanner.gain) + np.float32(scanner.offset - 1000)
+    img = img + ct_noise(img.shape, sp, grid.slice_axis, scanner, rng)
     if scanner.pad_circle and grid.plane == "axial":
         img = _pad_outside_circle(img, grid, scanner.pad_value)
     lo = min(-1024.0, scanner.pad_value) if scanner.pad_circle else -1024.0
     return np.clip(np.rint(img), lo, 3071).astype(np.int16)
+
+
+def ct_noise(shape, sp, slice_axis: int, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
+    """Correlated reconstruction noise: white noise low-passed in the slice plane at the
+    kernel's grain, minus a fraction of its coarse part (filtered back-projection leaves
+    little low-frequency noise), scaled to ``scanner.noise_hu``."""
+    from scipy import ndimage
+
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    ns = scanner.noise_corr_mm / np.asarray(sp, float)
+    ns[slice_axis] = 0.0
+    if ns.max() > 0.3:
+        noise = ndimage.gaussian_filter(noise, sigma=np.where(ns > 0.3, ns, 0), mode="wrap", truncate=2.5)
+    wide = np.asarray(scanner.noise_hp_mm / np.asarray(sp, float))
+    wide[slice_axis] = 0.0
+    if scanner.noise_hp > 0 and wide.max() > 0.5:
+        # the coarse part, on a block-averaged grid (it is smooth: cheap and accurate enough)
+        k = np.maximum(np.floor(wide / 1.5), 1).astype(int)
+        small = block_mean(noise, k)
+        low = ndimage.gaussian_filter(small, sigma=np.where(wide > 0.5, wide / k, 0), mode="wrap", truncate=2.0)
+        noise -= np.float32(scanner.noise_hp) * upsample(low, noise.shape)
+    # the level is set at a common 1.5 mm scale (fine voxels are noisier, as in real scans)
+    box = tuple(int(max(round(1.5 / s), 1)) for s in sp)
+    sub = noise[tuple(slice(0, min(n, 24 * b)) for n, b in zip(noise.shape, box))]
+    coarse = ndimage.uniform_filter(sub, box, mode="wrap")
+    gain = scanner.noise_hu / max(float(coarse.std()), 1e-6)
+    gain = min(gain, 200.0 / max(float(sub.std()), 1e-6))  # at most 200 HU at the native voxel
+    noise *= np.float32(gain)
+    return noise
+
+
+def block_mean(x: np.ndarray, k) -> np.ndarray:
+    """Mean over blocks of ``k`` voxels per axis (the tail beyond a whole block is dropped)."""
+    k = [int(v) for v in k]
+    if max(k) == 1:
+        return x
+    k = [min(f, s) for s, f in zip(x.shape, k)]
+    n = [s // f * f for s, f in zip(x.shape, k)]
+    c = x[: n[0], : n[1], : n[2]]
+    return c.reshape(n[0] // k[0], k[0], n[1] // k[1], k[1], n[2] // k[2], k[2]).mean((1, 3, 5), dtype=np.float32)
+
+
+def upsample(c: np.ndarray, shape) -> np.ndarray:
+    """Separable linear interpolation of a coarse field onto ``shape`` (cell-centred grids):
+    two gathers per axis, the small axes first (much faster than ``ndimage.zoom``)."""
+    c = c.astype(np.float32, copy=False)
+    for ax in (2, 1, 0):
+        n_in, n_out = c.shape[ax], int(shape[ax])
+        if n_in == n_out:
+            continue
+        x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        i0 = np.floor(x).astype(np.intp)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        wshape = [1, 1, 1]
+        wshape[ax] = n_out
+        w = (x - i0).astype(np.float32).reshape(wshape)
+        a = np.take(c, i0, axis=ax)
+        c = a + (np.take(c, i1, axis=ax) - a) * w
+    return c
+
+
+def tissue_texture(img: np.ndarray, grid: Grid, rng: np.random.Generator, fat_hu: float, muscle_hu: float,
+                   bone_hu: float = 450.0) -> np.ndarray:
+    """Heterogeneous soft tissue, in place on the rendered HU: intramuscular fat (marbling),
+    fascia and septa through fat, slow organ heterogeneity, and, in some cases, beam
+    hardening (dark cupping in the tissue between dense bones). Fields are drawn on a
+    ~3.5 mm grid and interpolated (cheap)."""
+    from scipy import ndimage
+
+    sp = np.sqrt((grid.affine[:3, :3] ** 2).sum(0))
+    cshape = tuple(int(max(np.ceil(n * s / 3.5), 4)) for n, s in zip(img.shape, sp))
+    csp = sp * np.array(img.shape) / np.array(cshape)
+
+    def band(lo_mm, hi_mm):
+        w = rng.standard_normal(cshape).astype(np.float32)
+        lo = np.maximum(lo_mm / csp, 0.5)
+        b = ndimage.gaussian_filter(w, lo, mode="wrap", truncate=2.0)
+        b -= ndimage.gaussian_filter(b, np.sqrt(np.maximum((hi_mm / csp) ** 2 - lo ** 2, 0.25)), mode="wrap",
+                                     truncate=2.0)
+        return b / max(float(b.std()), 1e-6)
+
+    contrast = np.float32(muscle_hu - fat_hu)
+    # muscle: fat streaks (marbling, 0-25 % of muscle in older/obese patients) + slow drift
+    marb = band(1.5, rng.uniform(5, 9))
+    t = np.float32(rng.uniform(1.2, 2.6))
+    marbling = -contrast * np.float32(rng.uniform(0.4, 0.9)) * np.clip(marb - t, 0, 0.6) / np.float32(0.6)
+    drift = band(6, 20)
+    soft = drift * np.float32(rng.uniform(2, 8))
+    # fat: thin septa (zero crossings of band-passed noise) and some muscle-like strands
+    sep = band(1.2, rng.uniform(5, 12))
+    w = np.float32(rng.uniform(0.03, 0.1))
+    fat = contrast * np.float32(rng.uniform(0.15, 0.4)) * np.clip(1 - np.abs(sep) / w, 0, 1)
+    fat += drift * np.float32(rng.uniform(2, 6))
+    if rng.random() < 0.35:  # beam hardening near dense bone, in the axial plane
+        sa = int(np.argmax(np.abs(grid.affine[2, :3]) / sp))
+        k = np.maximum(np.floor(np.array(img.shape) / np.array(cshape)), 1).astype(int)
+        dense = block_mean((img[:: k[0], :: k[1], :: k[2]] > bone_hu).astype(np.float32), [1, 1, 1])
+        dense = ndimage.zoom(dense, [c / n for c, n in zip(cshape, dense.shape)], order=1)
+        s = rng.uniform(6, 14) / csp
+        s[sa] = 1.0 / csp[sa]
+        bh = ndimage.gaussian_filter(dense, s, mode="nearest")
+        bh *= np.float32(-rng.uniform(15, 45) / max(float(bh.max()), 1e-3))
+        soft += bh
+        fat += bh
+
+    out = img.astype(np.float32, copy=True)
+    out += upsample(fat, img.shape) * ((img > -190) & (img < -30))
+    out += upsample(soft, img.shape) * ((img >= -30) & (img < 160))
+    out += upsample(marbling, img.shape) * (np.abs(img - np.float32(muscle_hu)) < 12)
+    return out
 
 
 def _pad_outside_circle(img, grid: Grid, value: float):

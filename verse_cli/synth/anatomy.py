@@ -154,41 +154,104 @@ def align_upright(levels: list[Level], tilt_deg=(0.0, 0.0, 0.0)) -> np.ndarray:
 # --------------------------------------------------------------------------- materials
 @dataclass
 class BoneHU:
+    """Per-case bone intensities and the trabecular pattern.
+
+    ``frac`` is a (64, 64, 64) periodic bone-fraction tile (0 marrow .. 1 bone): band-passed
+    3D noise thresholded around its zero level set into plates, or into rods where two such
+    sheet families cross (osteoporotic bone is rod-like), at a trabecular spacing of about
+    0.5-1.5 mm (``tile_mm`` per tile voxel). ``fit_to_grid`` blurs it by the voxel and
+    scanner PSF and turns it into HU deviations (``tile``) around ``trabecular``.
+    """
+
     cortex: float
     trabecular: float
     cortex_mm: float
     texture_amp: float
-    tile: np.ndarray  # (64, 64, 64) smooth unit-variance noise: the trabecular pattern
+    tile: np.ndarray  # (64, 64, 64) HU deviations of the trabecular pattern (zero mean)
     tile_mm: float
+    frac: np.ndarray | None = None
+    bvtv: float = 0.2
+    rot: np.ndarray | None = None  # tile axes: breaks the tile's periodicity along the grid axes
+    endplate_hu: float = 0.0  # sclerotic (denser) endplates, per case
+    endplate_mm: float = 2.0
+
+    def fit_to_grid(self, spacing_mm, psf_mm: float = 0.0) -> None:
+        """Blur the bone fraction by the voxel size and PSF, then scale it to HU."""
+        from scipy import ndimage
+
+        if self.frac is None:
+            return
+        sp = float(np.mean(spacing_mm))
+        sig = np.sqrt((0.35 * sp) ** 2 + (0.3 * psf_mm) ** 2) / self.tile_mm
+        f = ndimage.gaussian_filter(self.frac, sig, mode="wrap") if sig > 0.3 else self.frac
+        # bone tissue vs marrow contrast so that the mean is ``trabecular`` at this BV/TV
+        contrast = self.texture_amp / max(self.bvtv, 0.05)
+        self.tile = ((f - f.mean()) * F32(contrast)).astype(F32)
 
     def material(self, cortex_mm: float | None = None, trab: float | None = None, cortex=None):
         t = F32(cortex_mm if cortex_mm is not None else self.cortex_mm)
         tr = F32(trab if trab is not None else self.trabecular)
         co = F32(cortex if cortex is not None else self.cortex)
-        tile = (self.tile * self.texture_amp).astype(F32).ravel()
-        inv = F32(1.0 / self.tile_mm)
+        tile = self.tile.astype(F32).ravel()
+        R = (self.rot if self.rot is not None else np.eye(3)) / self.tile_mm
+        R = R.astype(F32)
 
         def mat(p, d):
             depth = -d - t
             inner = np.clip(depth / F32(0.7) + F32(0.5), 0, 1)  # 0 in the shell, 1 in the core
             # thin parts (processes, laminae) are mostly compact bone: brighter just under the shell
             dense = np.clip(F32(1) - depth / F32(2.5), 0, 1) * F32(0.3) * (co - tr)
-            ijk = (p * inv).astype(np.int32) & 63
+            ijk = np.floor(p @ R).astype(np.int32) & 63
             tex = tile[(ijk[:, 0] << 12) | (ijk[:, 1] << 6) | ijk[:, 2]]
             return co + (tr + dense + tex - co) * inner
 
         return mat
 
 
-def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
-    """Random bone HU: trabecular 90-300 (lower with age), cortex 700-1400."""
+def _trabecular_fraction(rng: np.random.Generator, bvtv: float, rodness: float) -> np.ndarray:
+    """Plate/rod bone-fraction tile: thin shells around zero crossings of band-passed noise."""
     from scipy import ndimage
 
-    trab = float(rng.uniform(170, 330) - 90 * age_factor ** 2)
-    tile = ndimage.gaussian_filter(rng.standard_normal((64, 64, 64)).astype(F32), rng.uniform(0.7, 1.4), mode="wrap")
-    tile /= max(float(tile.std()), 1e-6)
-    return BoneHU(cortex=float(rng.uniform(700, 1400)), trabecular=trab, cortex_mm=float(rng.uniform(1.1, 2.0)),
-                  texture_amp=float(rng.uniform(30, 80)), tile=tile, tile_mm=float(rng.uniform(0.5, 0.9)))
+    n = 64
+    s1 = float(rng.uniform(0.55, 0.8))
+
+    def band():
+        w = rng.standard_normal((n, n, n)).astype(F32)
+        b = ndimage.gaussian_filter(w, s1, mode="wrap") - ndimage.gaussian_filter(w, 2.2 * s1, mode="wrap")
+        return np.abs(b / max(float(b.std()), 1e-6))
+
+    b1 = band()
+    plates = (b1 < np.quantile(b1, bvtv)).astype(F32)
+    if rodness < 0.15:
+        frac = plates
+    else:
+        b2 = band()
+        m = np.maximum(b1, b2)
+        rods = (m < np.quantile(m, bvtv)).astype(F32)
+        frac = plates * F32(1 - rodness) + rods * F32(rodness)
+    return ndimage.gaussian_filter(frac, 0.5, mode="wrap")
+
+
+def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
+    """Random bone HU, domain-randomised per case: trabecular ~60 (osteoporotic) to ~350 HU
+    (dense), cortex 450-1100 HU and 0.5-1.5 mm, a plate/rod trabecular pattern, and
+    sclerotic endplates of random strength."""
+    trab = float(max(rng.uniform(90, 330) - 120 * age_factor ** 1.5, 55.0))
+    bvtv = float(np.clip(0.06 + trab / 1500 + rng.normal(0, 0.02), 0.06, 0.35))
+    rodness = float(np.clip(age_factor + rng.normal(0, 0.2), 0, 1))
+    frac = _trabecular_fraction(rng, bvtv, rodness)
+    ax = rng.normal(size=3)
+    ax /= np.linalg.norm(ax)
+    a = rng.uniform(0, np.pi)
+    K = np.array([[0, -ax[2], ax[1]], [ax[2], 0, -ax[0]], [-ax[1], ax[0], 0]])
+    rot = np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * K @ K
+    b = BoneHU(cortex=float(rng.uniform(450, 1100)), trabecular=trab, cortex_mm=float(rng.uniform(0.5, 1.4)),
+               texture_amp=float(rng.uniform(0.5, 1.3) * trab * 0.9 + 40), tile=np.zeros((64, 64, 64), F32),
+               tile_mm=float(rng.uniform(0.25, 0.45)), frac=frac, bvtv=bvtv, rot=rot,
+               endplate_hu=float(rng.choice([0.0, rng.uniform(40, 260)], p=[0.3, 0.7])),
+               endplate_mm=float(rng.uniform(1.0, 3.0)))
+    b.fit_to_grid([0.8, 0.8, 0.8], 0.4)
+    return b
 
 
 # --------------------------------------------------------------------------- vertebrae
@@ -373,14 +436,18 @@ def vertebra_shape(lv: Level, bone: BoneHU, rng: np.random.Generator, deform_mm:
     lo, hi = world_box(lv, *local_box(lv), margin=4.0)
     mat = bone.material(trab=bone.trabecular + lv.extra.get("trab_shift", 0.0))
     scl = lv.extra.get("sclerosis")
-    if scl:
+    amp, width = (350.0, scl) if scl else (bone.endplate_hu, bone.endplate_mm)
+    if scl or (amp > 0 and lv.region != "C"):
         base = mat
         Hh = F32(lv.dims["H"] / 2)
+        back = F32(-lv.dims["D"] / 2)
+        amp, width = F32(amp), F32(width)
 
-        def mat(p, d, base=base):
+        def mat(p, d, base=base, amp=amp, width=width):
             q = lv.local(p)
-            band = np.clip(1 - (Hh - np.abs(q[:, 2])) / F32(scl), 0, 1)
-            return base(p, d) + band * F32(350)
+            az = np.abs(q[:, 2])
+            band = np.clip(1 - (Hh - az) / width, 0, 1) * ((q[:, 1] > back) & (az < Hh + F32(3)))
+            return base(p, d) + band * amp
     return Shape(sdf=sdf, lo=lo, hi=hi, material=mat, core_depth=None,
                  label=lv.vid if lv.labelled else 0, channel="vert" if lv.labelled else "")
 

@@ -55,9 +55,9 @@ def _habitus(rng, size):
 
 def _tissue_hu(rng) -> dict:
     phase = str(rng.choice(["none", "arterial", "venous"], p=[0.5, 0.2, 0.3]))
-    muscle = float(rng.uniform(38, 62))
+    muscle = float(rng.uniform(32, 60))
     hu = {
-        "fat": float(rng.uniform(-115, -75)), "visceral_fat": float(rng.uniform(-110, -60)), "muscle": muscle,
+        "fat": float(rng.uniform(-120, -80)), "visceral_fat": float(rng.uniform(-110, -60)), "muscle": muscle,
         "lung": float(rng.uniform(-900, -780)), "heart": float(rng.uniform(30, 50)),
         "liver": float(rng.uniform(48, 66)), "spleen": float(rng.uniform(40, 55)),
         "kidney": float(rng.uniform(25, 40)), "bowel": float(rng.uniform(10, 40)),
@@ -327,6 +327,8 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     meta.update({"region": region_used, "plane": grid.plane, "orientation": grid.codes,
                  "oblique_deg": round(grid.oblique_deg, 2), "contrast": hu["phase"], "size": round(size, 3)})
 
+    scanner = acq.sample_scanner(rng)
+    bone.fit_to_grid(np.sqrt((grid.affine[:3, :3] ** 2).sum(0)), scanner.blur_mm)
     canvas = Canvas(grid.shape, grid.affine, background=-1000.0)
     shapes: list[Shape] = B.soft_tissue(levels, hab, hu, rng, zr, size)
     shapes.append(B.canal_shape(levels, hu["csf"]))
@@ -369,7 +371,7 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     for sh in shapes:
         canvas.paint(sh)
     hu_img = canvas.to_array(canvas.hu)
-    scanner = acq.sample_scanner(rng)
+    hu_img = acq.tissue_texture(hu_img, grid, rng, hu["fat"], hu["muscle"])
     ct = acq.form_image(hu_img, grid, scanner, rng, metal_pts)
     meta.update({"kernel": scanner.kernel, "noise_hu": round(scanner.noise_hu, 1)})
 

@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.5)
     ap.add_argument("--model", default=None)
     ap.add_argument("--no-refine", action="store_true")
+    ap.add_argument("--no-ct-ribs", action="store_true", help="Rib evidence from the network only.")
     ap.add_argument("--json", default=None, help="Write per-case results here.")
     ap.add_argument("--cache", default=None, help="Keep rendered cases here (pickles) for reruns.")
     ap.add_argument("--render-only", action="store_true", help="Only render into --cache.")
@@ -119,7 +120,7 @@ def main() -> None:
         lo, hi = LB.box_of_mask(case.mask, case.affine)
         t = time.perf_counter()
         res = LB.label((case.ct.astype(np.float32), case.affine), (lo - 10, hi + 10), model=net,
-                       refine=not args.no_refine, details=True)
+                       refine=not args.no_refine, details=True, ct_ribs=not args.no_ct_ribs)
         t_label = time.perf_counter() - t
         pred = dict(zip(res.centroids.labels, res.centroids.to_world(case.affine)))
         hits = get_hits(gt, pred)

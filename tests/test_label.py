@@ -236,6 +236,43 @@ def test_real_scan_augmentation_keeps_targets_on_the_scan():
         assert sag.shape == (3, 256, 128) and torch.isfinite(sag).all()
 
 
+def _with_ribs(ct, aff, points, which, length=80.0, hu=450.0):
+    """Paint a rod per side from beside the body out and down (a rib) at the given points."""
+    sp = geometry.spacing(aff)
+    out = ct.copy()
+    for p in np.asarray(points)[which]:
+        for side in (-1.0, 1.0):
+            t = np.linspace(0, length, 200)[:, None]
+            line = p + np.hstack([side * (14 + t), -22 + 0 * t, -0.35 * t])
+            for q in line:
+                c = np.rint(geometry.world2vox(aff, q)).astype(int)
+                lo, hi = np.maximum(c - np.ceil(4 / sp).astype(int), 0), np.minimum(c + np.ceil(4 / sp).astype(int) + 1,
+                                                                                     ct.shape)
+                if np.any(hi <= lo):
+                    continue
+                idx = np.indices(hi - lo).reshape(3, -1).T + lo
+                near = np.linalg.norm(geometry.vox2world(aff, idx) - q, axis=1) <= 3.5
+                out[tuple(idx[near].T)] = hu
+    return out
+
+
+def test_ribs_are_found_on_the_ct_where_they_are_in_view():
+    pts = spine_points()  # T12, L1-L5, S1
+    aff = tilted_affine(angle_deg=0.0)
+    ct, aff = phantom(pts, shape=(130, 220, 100), affine=aff)  # 200 mm left-right
+    ct = _with_ribs(ct, aff, pts, [0])
+    box = box_around(pts)
+    gv = LB.grid_volume(ct, aff, *box)
+    found = LB.ct_rib_evidence(gv, geometry.world2vox(gv.affine, pts))
+    assert found[0] > 0.5 and np.all(found[1:6] < 0.5), found
+    # a narrow sagittal scan (60 mm) shows no rib and no absence of one
+    centre = round(float(geometry.world2vox(aff, pts.mean(axis=0))[2]))
+    narrow, aff_n = ct[:, :, centre - 15:centre + 15], aff.copy()
+    aff_n[:3, 3] = geometry.vox2world(aff, [0, 0, centre - 15])
+    gv_n = LB.grid_volume(narrow, aff_n, *box)
+    assert np.all(LB.ct_rib_evidence(gv_n, geometry.world2vox(gv_n.affine, pts)) == 0.5)
+
+
 # --------------------------------------------------------------------------- candidates and the stage
 def test_ideal_heatmaps_give_exact_centroids_on_the_input_grid():
     pts = spine_points()

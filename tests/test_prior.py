@@ -234,3 +234,25 @@ def test_labels_are_in_anatomical_order():
     res = run(labs, emis=net_says(labs), rib_prob=ribs(labs))
     ranks = [L.rank(x) for x in res.labels]
     assert ranks == sorted(ranks)
+
+
+# --------------------------------------------------------------------------- ribs seen on the CT
+def test_last_rib_evidence_keeps_the_end_of_the_rib_cage():
+    pos = spine(list(range(8, 20)) + [20, 21, 22, 23, 24])  # T1..T12, L1..L5
+    found = np.array([0.92] * 12 + [0.08, 0.08, 0.92, 0.92, 0.08])  # long L3/L4 processes look like ribs
+    found[9] = 0.08  # a rib missed inside the cage
+    out = P.last_rib_evidence(pos, found)
+    assert np.all(out[:7] == 0.5)  # the upper cage is left to the network
+    assert out[9] == 0.5 and np.all(out[[7, 8, 10, 11]] == 0.85)
+    assert np.all(out[[12, 13, 16]] == 0.15) and np.all(out[[14, 15]] == 0.5)
+    # order of the input does not matter
+    perm = np.random.default_rng(0).permutation(len(pos))
+    assert np.allclose(P.last_rib_evidence(pos[perm], found[perm]), out[perm])
+
+
+def test_last_rib_evidence_without_ribs_or_view():
+    pos = spine([20, 21, 22, 23, 24])
+    assert np.all(P.last_rib_evidence(pos, np.full(5, 0.08)) == 0.15)
+    assert np.all(P.last_rib_evidence(pos, np.full(5, 0.5)) == 0.5)
+    lone = np.array([0.92, 0.08, 0.08, 0.08, 0.08])  # one rib alone is no cage
+    assert np.all(P.last_rib_evidence(pos, lone)[1:] == 0.15) and P.last_rib_evidence(pos, lone)[0] == 0.5

@@ -398,6 +398,83 @@ def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float
                       np.array(exist), np.array(rib), np.array(sac))
 
 
+# --------------------------------------------------------------------------- evidence on the CT
+RIB_HU = 200.0  # bone in the smoothed grid volume
+CORE_MM = 24.0  # half-width of the vertebral core (body, arch, articular pillars) taken out first
+CONTACT_MM = 36.0  # a rib's medial part (neck, tubercle) lies within this of the midline
+RIB_REACH_MM = 58.0  # a rib of >= 38 mm from its joint reaches this far from the midline
+RIB_MAX_SECTION = 110  # voxels per grid step of lateral distance: a rib, not a pelvic or scapular plate
+
+
+def ct_rib_evidence(gv: GridVolume, grid_pts: np.ndarray) -> np.ndarray:
+    """Probability that each candidate bears a rib, from the CT itself; 0.5 where no rib could be seen.
+
+    The bone of the grid volume, without the vertebral core (the midline +-
+    :data:`CORE_MM`, following the candidates) and without anything more than 15 mm in
+    front of the bodies (the sternum would join left and right ribs), is split into
+    connected pieces. A piece is a rib when it reaches :data:`RIB_REACH_MM` from the
+    midline, stays thin, and starts within :data:`CONTACT_MM` of it; it belongs to the
+    candidate nearest to the level of its medial end (ribs run down as they go out, so
+    their medial end is their highest part and the closest to their own vertebra). A candidate with no rib
+    counts as rib-free only where the scan shows the lateral region on some side (a
+    field of view that cuts it gives no evidence either way).
+    """
+    from scipy import ndimage
+
+    pts = np.asarray(grid_pts, dtype=np.float64).reshape(-1, 3)
+    out = np.full(len(pts), 0.5)
+    if not len(pts):
+        return out
+    sp = abs(float(gv.affine[0, 0]))
+    W, A, H = gv.shape
+    order = np.argsort(pts[:, 2])
+    rows = np.arange(H)
+    mid_r = np.interp(rows, pts[order, 2], pts[order, 0])  # the spine's midline per row
+    mid_a = np.interp(rows, pts[order, 2], pts[order, 1])
+    d = (np.arange(W)[:, None] - mid_r[None, :]) * sp  # (W, H) signed lateral mm
+    ap = (np.arange(A)[:, None] - mid_a[None, :]) * sp  # (A, H) mm in front of the bodies
+    keep = (np.abs(d) > CORE_MM)[:, None, :] & ((ap >= -70) & (ap <= 15))[None, :, :]
+    bone = (gv.hu > RIB_HU) & gv.valid & keep
+    lab, nlab = ndimage.label(bone)
+    has_rib = np.zeros(len(pts), dtype=bool)
+    if nlab:
+        idx = np.nonzero(lab)
+        comp = lab[idx]
+        dist = np.abs(d[idx[0], idx[2]])
+        reach = ndimage.maximum(dist, comp, np.arange(1, nlab + 1))
+        inner = ndimage.minimum(dist, comp, np.arange(1, nlab + 1))
+        size = np.bincount(comp, minlength=nlab + 1)[1:]
+        section = size / ((np.asarray(reach) - np.maximum(inner, CORE_MM)) / sp + 1)
+        ok = (np.asarray(reach) >= RIB_REACH_MM) & (section <= RIB_MAX_SECTION)
+        for k in np.nonzero(ok)[0] + 1:
+            if inner[k - 1] > CONTACT_MM:
+                continue  # a piece of rib whose medial part is not next to the spine
+            sel = (comp == k) & (dist <= inner[k - 1] + 4.0)  # the medial end: the rib's highest part
+            row = float(idx[2][sel].mean())
+            near = int(np.argmin(np.abs(pts[:, 2] - row)))
+            has_rib[near] = True
+            debug(f"rib piece {k}: reach {reach[k - 1]:.0f} mm, section {section[k - 1]:.0f}, "
+                  f"medial row {row:.0f} -> candidate {near}")
+    # where could a rib be seen: the contact and reach regions of at least one side are scanned
+    for n, (_r, _a, i) in enumerate(pts):
+        if has_rib[n]:
+            out[n] = 0.92
+            continue
+        i0, i1 = max(round(i - 12 / sp), 0), min(round(i + 22 / sp) + 1, H)
+        if i1 <= i0:
+            continue
+        a0, a1 = max(round(_a - 50 / sp), 0), min(round(_a + 10 / sp) + 1, A)
+        v = gv.valid[:, a0:a1, i0:i1].mean(axis=1)  # (W, rows) scanned fraction
+        dd = d[:, i0:i1]
+        for side in (-1.0, 1.0):
+            reach_z = (side * dd >= RIB_REACH_MM - 5) & (side * dd <= RIB_REACH_MM + 5)
+            contact_z = (side * dd >= CORE_MM) & (side * dd <= CONTACT_MM)
+            if reach_z.any() and contact_z.any() and v[reach_z].mean() > 0.6 and v[contact_z].mean() > 0.6:
+                out[n] = 0.08
+                break
+    return out
+
+
 # --------------------------------------------------------------------------- fixes
 def apply_fixes(cands: Candidates, fixes_world: dict[int, np.ndarray], radius_mm: float = 12.0):
     """Put user-corrected centroids into the candidate list as hard constraints.
@@ -509,7 +586,7 @@ class LabelResult:
 
 
 def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_markers=None,
-          refine: bool = True, keep_sacrum: bool = True, details: bool = False):
+          refine: bool = True, keep_sacrum: bool = True, details: bool = False, ct_ribs: bool = True):
     """Labelled vertebral-body centroids of a CT.
 
     Parameters
@@ -551,10 +628,17 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     preproc = getattr(net, "preproc", 1)
     full_affine = affine
     ct, affine = crop_to_grid(ct, affine, lo, hi, spacing, width)  # only the part the stage reads
-    view = projections(ct, affine, lo, hi, spacing=spacing, width=width, preproc=preproc)
+    gv = grid_volume(ct, affine, lo, hi, spacing, width)
+    view = project(gv, lo, hi) if preproc != 1 else projections(ct, affine, lo, hi, spacing, width, preproc=1)
     hs, hc = heatmaps(net, view, dev)
     cands = candidates(hs, hc, view)
     debug(f"{len(cands.world)} candidates")
+    if ct_ribs and len(cands.world):
+        # ribs seen on the CT mark the last thoracic vertebra; elsewhere the network's rib channel
+        found = ct_rib_evidence(gv, geometry.world2vox(gv.affine, cands.world))
+        kept = P.last_rib_evidence(cands.world, found)
+        debug("CT ribs: " + " ".join(f"{f:.2f}/{k:.2f}" for f, k in zip(found, kept)))
+        cands.rib = np.where(kept != 0.5, kept, cands.rib)
 
     fixes: dict[int, np.ndarray] = {}
     if isinstance(fix, dict):

@@ -45,6 +45,7 @@ PRIOR_LABELS: tuple[int, ...] = tuple(x for x in L.ANATOMICAL_ORDER if x != 27)
 _INDEX = {lab: i for i, lab in enumerate(PRIOR_LABELS)}
 THORACIC = frozenset(list(range(8, 20)) + [28])
 SACRUM = 26
+_VARIANT_NEIGHBOURS = {28: (19, 20), 25: (24, SACRUM)}  # T13 between T12 and L1, L6 between L5 and S1
 
 #: Expected distance in mm from a body centroid to the next one in a normal adult spine,
 #: keyed by the upper label (C1 -> C2 is keyed 1). Variant steps reuse their neighbours'.
@@ -72,6 +73,9 @@ class PriorParams:
     sacrum_weight: float = 1.5  # weight of log sacrum probability
     emission_weight: float = 0.35  # network errors are correlated along the chain: temper them
     level_mm: dict[int, float] = field(default_factory=lambda: dict(LEVEL_MM))
+    cap_variant_labels: bool = True  # T13 and L6 label evidence at most that of their normal neighbours
+    t13_no_rib_weight: float = 3.0  # extra weight of "no rib" evidence against T13 (a T13 bears a rib)
+    l6_end_logp: float = float(np.log(0.1))  # a chain ending at L6: no sacrum below it confirms the count
 
 
 @dataclass
@@ -160,6 +164,50 @@ def rib_log_evidence(rib_prob: np.ndarray) -> np.ndarray:
     return np.where(thoracic, np.log(2 * r), np.log(2 * (1 - r)))  # ratio to an undecided 0.5
 
 
+def last_rib_evidence(positions_mm, ct_rib, upper_levels: int = 4, yes: float = 0.85, no: float = 0.15
+                      ) -> np.ndarray:
+    """Keep, of per-candidate rib findings on the CT, what marks the end of the rib cage.
+
+    ``ct_rib`` holds a finding per candidate: above 0.5 a rib was found, below 0.5 the
+    lateral region was in view and held no rib, 0.5 not in view. Read head to foot,
+    the last thoracic vertebra is the lowest candidate with a rib that continues a run
+    of ribs (it or the candidate above it also has one). Kept: the ribs of that
+    vertebra and the ``upper_levels`` above it (the upper rib cage, the shoulder
+    girdle and the first rib are left to the network), and the "no rib" findings below
+    it. Findings of a rib further down, after two rib-free candidates below a run of
+    at least three (long transverse processes, the pelvis), are dropped. Without a run of ribs, only "no rib" findings
+    are kept (a lumbar or a cervical scan). Returns probabilities, 0.5 = no evidence.
+    """
+    pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1, 3)
+    ct = np.asarray(ct_rib, dtype=np.float64).reshape(-1)
+    out = np.full(len(ct), 0.5)
+    if not len(ct):
+        return out
+    order = np.argsort(-pos[:, 2], kind="stable")  # head first
+    seq = ct[order]
+    rib = seq > 0.5
+    none = seq < 0.5
+    last, run, free = -1, 0, 0
+    for j in range(len(seq)):
+        if rib[j] and ((j > 0 and rib[j - 1]) or (j + 1 < len(seq) and rib[j + 1])):
+            if run >= 3 and free >= 2:
+                break  # below the end of a rib cage: not ribs
+            run = run + 1 if free < 2 else 1  # one missed rib does not end a run
+            last, free = j, 0
+        elif none[j] and last >= 0:
+            free += 1
+    res = np.full(len(seq), 0.5)
+    if last < 0:
+        res[none] = no
+    else:
+        lo = max(0, last - upper_levels)
+        res[lo:last + 1][rib[lo:last + 1]] = yes
+        res[lo:last + 1][none[lo:last + 1]] = 0.5  # a missed rib inside the cage is no evidence
+        res[last + 1:][none[last + 1:]] = no
+    out[order] = res
+    return out
+
+
 def sacrum_log_evidence(sacrum_prob: np.ndarray) -> np.ndarray:
     """(N, K) log-likelihoods from per-candidate probabilities of being the sacrum (S1)."""
     s = np.clip(np.asarray(sacrum_prob, dtype=np.float64), 0.02, 0.98)[:, None]
@@ -232,9 +280,19 @@ def label_chain(
     logp = np.asarray(label_logp, dtype=np.float64).reshape(N, K)
     if N:
         logp = logp - _logsumexp(logp, axis=1)[:, None] + np.log(K)
+    if params.cap_variant_labels and N:
+        # The network cannot count: a variant label only wins through the anchors (ribs,
+        # the sacrum, a chain that reaches C1), never on its own channel. Its label
+        # evidence is at most that of the normal neighbours it replaces.
+        for var, nbrs in _VARIANT_NEIGHBOURS.items():
+            cap = logp[:, [_INDEX[b] for b in nbrs]].max(axis=1)
+            logp[:, _INDEX[var]] = np.minimum(logp[:, _INDEX[var]], cap)
     emis = logp * params.emission_weight
     if rib_prob is not None:
         emis = emis + params.rib_weight * rib_log_evidence(rib_prob)
+        # T13 is defined by its rib: evidence against a rib counts extra there
+        r = np.clip(np.asarray(rib_prob, dtype=np.float64), 0.02, 0.98)
+        emis[:, _INDEX[28]] += params.t13_no_rib_weight * np.minimum(0.0, np.log(2 * r))
     if sacrum_prob is not None:
         emis = emis + params.sacrum_weight * sacrum_log_evidence(sacrum_prob)
     p_real = np.full(N, 0.9) if exist_logp is None else np.exp(np.asarray(exist_logp, dtype=np.float64))
@@ -308,10 +366,18 @@ class _SkipSums:
         return self.range(i + 1, n)
 
 
+def _end_logp(params) -> np.ndarray:
+    """(K,) log prior of the chain's last used label: L6 needs the sacrum after it."""
+    out = np.zeros(len(PRIOR_LABELS))
+    out[_INDEX[25]] = params.l6_end_logp
+    return out
+
+
 def _viterbi(pos, emis, use, skip, paths, scale, params):
     N, K = emis.shape
     sums = _SkipSums(skip)
     unary = emis + use[:, None]
+    end_logp = _end_logp(params)
     V = np.full((N, K), -np.inf)
     back: list[list] = [[None] * K for _ in range(N)]
     window = params.max_skipped + 1
@@ -329,7 +395,7 @@ def _viterbi(pos, emis, use, skip, paths, scale, params):
             V[j] = np.where(better, val, V[j])
             for k in np.nonzero(better)[0]:
                 back[j][k] = (i, int(arg[k]))
-    end = V + np.array([sums.after(i, N) for i in range(N)])[:, None]  # every later candidate false
+    end = V + np.array([sums.after(i, N) for i in range(N)])[:, None] + end_logp  # every later candidate false
     if not np.isfinite(end).any():
         raise ValueError("no labelling satisfies the constraints")
     j, k = np.unravel_index(int(np.argmax(end)), end.shape)
@@ -349,6 +415,7 @@ def _posteriors(pos, emis, use, skip, paths, scale, params) -> np.ndarray:
     unary = emis + use[:, None]
     window = params.max_skipped + 1
     ends = np.array([sums.after(i, N) for i in range(N)])
+    end_logp = _end_logp(params)
     trans = {}
     for j in range(N):
         for i in range(max(0, j - window), j):
@@ -362,11 +429,11 @@ def _posteriors(pos, emis, use, skip, paths, scale, params) -> np.ndarray:
         alpha[j] = _logsumexp(np.stack(terms), axis=0)
     beta = np.full((N, K), -np.inf)
     for i in range(N - 1, -1, -1):
-        terms = [np.full(K, ends[i])]
+        terms = [ends[i] + end_logp]
         for j in range(i + 1, min(N, i + window + 1)):
             terms.append(_logsumexp(trans[i, j] + (unary[j] + beta[j])[None, :], axis=1))
         beta[i] = _logsumexp(np.stack(terms), axis=0)
-    logz = float(_logsumexp((alpha + ends[:, None]).ravel(), axis=0))
+    logz = float(_logsumexp((alpha + ends[:, None] + end_logp[None, :]).ravel(), axis=0))
     post = np.full((N, K + 1), -np.inf)
     post[:, :K] = alpha + beta - logz
     used = _logsumexp(post[:, :K], axis=1)

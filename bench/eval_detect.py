@@ -35,29 +35,39 @@ def labelled_extent(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, n
     return xyz.min(axis=0) - half, xyz.max(axis=0) + half
 
 
-LOW = None  # hysteresis level (--low)
+LOW = 0.25  # hysteresis level (--low; "none" for no growing)
+MIDLINE = True  # rank components by heat near the body's midline (--no-midline: by heat alone)
 
 
 def evaluate_case(ct_path: Path, mask_path: Path, model, margins=(10.0,), thresholds=(0.5,)) -> list[dict]:
-    """One result per (threshold, margin); the heatmap is computed once."""
+    """One result per (threshold, margin); the heatmap is computed once, the box as ``detect`` makes it."""
     from verse_cli.core.io import load_ct, load_mask
-    from verse_cli.detect import box_voxel_ranges, detect, heatmap_box, world_bounds
+    from verse_cli.detect import (
+        body_midline,
+        box_voxel_ranges,
+        check_ct_intensities,
+        heatmap_box,
+        to_coarse,
+        world_bounds,
+    )
+    from verse_cli.nets.detect_net import predict_heatmap
 
     img = load_ct(ct_path)
     mask = np.asarray(load_mask(mask_path).dataobj)
     t = time.perf_counter()
-    try:
-        heat_img, _ = detect(img, model=model, device="cpu", source=ct_path, threshold=min(thresholds))
-    except Exception as exc:  # noqa: BLE001 - report and go on
-        return [{"case": ct_path.name, "margin_mm": m, "threshold": th, "error": str(exc)}
-                for th in thresholds for m in margins]
+    data = np.asarray(img.dataobj)
+    check_ct_intensities(data, ct_path)
+    net = model[0]
+    coarse, grid_affine = to_coarse(data, img.affine, float(net.config["spacing_mm"]))
+    heat = predict_heatmap(net, coarse, "cpu")
+    midline = body_midline(coarse, grid_affine) if MIDLINE else None
     seconds = time.perf_counter() - t
-    heat = np.asarray(heat_img.dataobj)
     fov = world_bounds(img.shape, img.affine)
     gt_lo, gt_hi = labelled_extent(mask, img.affine)
     results = []
     for threshold in thresholds:
-        box = heatmap_box(heat, heat_img.affine, threshold=threshold, margin_mm=0.0, clip_to=fov, low=LOW)
+        box = heatmap_box(heat, grid_affine, threshold=threshold, margin_mm=0.0, clip_to=fov, low=LOW,
+                          midline_r=midline)
         for margin in margins:
             row = {"case": ct_path.name, "margin_mm": margin, "threshold": threshold}
             if box is None:
@@ -70,6 +80,7 @@ def evaluate_case(ct_path: Path, mask_path: Path, model, margins=(10.0,), thresh
             excess = np.concatenate([gt_lo - lo, hi - gt_hi])
             results.append({**row, "contained": contained,
                             "excess_mean_mm": float(np.maximum(excess, 0).mean()),
+                            "excess_sides_mm": np.round(np.maximum(excess, 0), 1).tolist(),
                             "excess_max_mm": float(excess.max()), "miss_mm": float(max(0.0, -excess.min())),
                             "score": round(box.score, 4), "seconds": round(seconds, 2)})
     return results
@@ -83,11 +94,13 @@ def main() -> None:
     parser.add_argument("--dicom-ref", type=Path, default=None)
     parser.add_argument("--margins", default="10", help="comma-separated box margins in mm to compare")
     parser.add_argument("--thresholds", default="0.5", help="comma-separated heatmap thresholds to compare")
-    parser.add_argument("--low", type=float, default=None, help="hysteresis level of the box region")
+    parser.add_argument("--low", default="0.25", help="hysteresis level of the box region, or 'none'")
+    parser.add_argument("--no-midline", action="store_true", help="rank heat components by heat alone")
     parser.add_argument("--json", type=Path, default=None, help="write the per-case results here")
     args = parser.parse_args()
-    global LOW
-    LOW = args.low
+    global LOW, MIDLINE
+    LOW = None if args.low.lower() == "none" else float(args.low)
+    MIDLINE = not args.no_midline
 
     from verse_cli.detect import DEFAULT_MODEL
     from verse_cli.nets.detect_net import load_model
@@ -112,6 +125,7 @@ def main() -> None:
             print(f"threshold {threshold:g}, margin {margin:g} mm: cases {len(rows)}, errors {len(rows) - len(ok)}, "
                   f"contained {sum(r['contained'] for r in ok)}/{len(ok)}, "
                   f"mean excess per side {np.mean([r['excess_mean_mm'] for r in ok]):.1f} mm "
+                  f"(L,P,I,R,A,S: {' '.join(f'{v:.1f}' for v in np.mean([r['excess_sides_mm'] for r in ok], axis=0))}) "
                   f"(worst case {max(r['excess_mean_mm'] for r in ok):.1f}), "
                   f"max miss {max(r['miss_mm'] for r in ok):.1f} mm")
     if args.dicom_nifti and args.dicom_ref:
@@ -120,7 +134,8 @@ def main() -> None:
 
         img = load_ct(args.dicom_nifti)
         ref = np.asarray(load_mask(args.dicom_ref).dataobj)
-        _, box = detect(img, model=model, device="cpu", source=args.dicom_nifti, margin_mm=margins[-1], threshold=thresholds[-1])
+        _, box = detect(img, model=model, device="cpu", source=args.dicom_nifti, margin_mm=margins[-1],
+                        threshold=thresholds[-1], low=LOW, midline=MIDLINE)
         sl = tuple(slice(a, b) for a, b in box["voxel_ranges"])
         for lab, name in ((33, "T11"), (32, "T12")):
             total = int((ref == lab).sum())

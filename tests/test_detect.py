@@ -90,6 +90,38 @@ def test_heatmap_box_keeps_the_spine_and_drops_spurious_blobs():
     assert np.isclose(grown.score, heatmap_box(heat, affine, threshold=0.5).score)
 
 
+def test_heatmap_box_prefers_the_midline_and_follows_a_weak_peak():
+    heat, affine = _heat_grid()
+    heat[23:26, 12:15, 18:22] = 0.8  # a thin slab's spine, at the body's midline
+    heat[1:5, 12:16, 16:24] = 1.0  # a humerus 17 cm out: more heat, but lateral
+    midline = float(vox2world(affine, [24, 0, 0])[0])
+    box = heatmap_box(heat, affine, threshold=0.5, margin_mm=0.0, midline_r=midline)
+    assert np.allclose(box.ras_min, vox2world(affine, [23, 12, 18]) - 4)
+    assert box.components_dropped == 1
+    blind = heatmap_box(heat, affine, threshold=0.5, margin_mm=0.0)  # without the midline: the bigger blob
+    assert np.allclose(blind.ras_min, vox2world(affine, [1, 12, 16]) - 4)
+    # a weak heatmap (peak 0.4) still gives its whole spine; one that never reaches min_peak gives none
+    weak, _ = _heat_grid()
+    weak[10:14, 12:15, 5:30] = 0.4
+    weak[10:14, 12:15, 30:33] = 0.25
+    box = heatmap_box(weak, affine, threshold=0.5, margin_mm=0.0)
+    assert np.allclose(box.ras_max, vox2world(affine, [13, 14, 32]) + 4)
+    assert heatmap_box(weak * 0.5, affine, threshold=0.5) is None
+
+
+def test_body_midline_ignores_symmetric_arms():
+    from verse_cli.detect import body_midline
+
+    coarse = np.full((40, 30, 10), -1000.0)
+    coarse[12:28, 5:25] = 40  # trunk centred on index 19.5
+    coarse[3:6, 10:15] = 40  # arms on both sides
+    coarse[34:37, 10:15] = 40
+    affine = np.diag([8.0, 8.0, 8.0, 1.0])
+    affine[0, 3] = -100
+    assert np.isclose(body_midline(coarse, affine), -100 + 8 * 19.5)
+    assert body_midline(np.full((4, 4, 4), -1000.0), affine) is None
+
+
 def test_box_voxel_ranges_follow_the_affine():
     affine = np.diag([-1.0, 2.0, 0.5, 1.0])
     shape = (100, 50, 80)

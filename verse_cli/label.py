@@ -284,18 +284,183 @@ def crop_to_grid(ct: np.ndarray, affine: np.ndarray, lo, hi, spacing: float = SP
 
 
 # --------------------------------------------------------------------------- the network
+# On a CPU the net runs in numpy (:class:`NumpyBtrfly`): importing torch takes longer than the
+# whole labelling of a 512 x 512 x 400 scan. torch is used on a GPU (``device="cuda"``) and
+# to train.
+_TORCH_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+                 "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+                 "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+
+
+def read_bundle_numpy(path) -> tuple[str, dict, dict, dict]:
+    """Read a model bundle (a ``torch.save`` zip) without torch: tensors become numpy arrays.
+
+    Only plain containers, numbers, strings and tensors are accepted (what
+    :func:`verse_cli.nets.train.save_bundle` writes); anything else is refused, like
+    ``torch.load(weights_only=True)`` does.
+    """
+    import collections
+    import pickle
+    import zipfile
+
+    from .nets.train import BUNDLE_FORMAT
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("no such model file", path)
+    try:
+        zf = zipfile.ZipFile(path)
+        pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+    except (zipfile.BadZipFile, StopIteration, OSError):
+        raise DataError("not a readable model bundle (not a torch zip file)", path) from None
+    prefix = pkl[: -len("data.pkl")]
+    if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder").strip() != b"little":
+        raise DataError("model bundle written on a big-endian machine", path)
+
+    def rebuild(storage, offset, size, stride, *_args):
+        arr = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                              strides=tuple(st * storage.itemsize for st in stride))
+        return np.array(arr)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == "torch._utils" and name == "_rebuild_tensor_v2":
+                return rebuild
+            if module == "torch" and name in _TORCH_DTYPES:
+                return name
+            if module == "collections" and name == "OrderedDict":
+                return collections.OrderedDict
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model bundle")
+
+        def persistent_load(self, pid):
+            _, storage_type, key, _location, numel = pid
+            return np.frombuffer(zf.read(f"{prefix}data/{key}"), dtype=_TORCH_DTYPES[storage_type], count=numel)
+
+    try:
+        import io
+
+        payload = Unpickler(io.BytesIO(zf.read(pkl))).load()
+    except Exception as exc:  # noqa: BLE001 - a foreign or truncated file
+        raise DataError(f"not a readable model bundle ({str(exc).splitlines()[0][:120]})", path) from None
+    if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
+        raise DataError(f"not a verse-cli model bundle (expected format {BUNDLE_FORMAT})", path)
+    return payload["arch"], payload["config"], payload["state_dict"], payload["meta"]
+
+
+def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1, relu: bool = True) -> np.ndarray:
+    """3x3 (padding 1) or 1x1 convolution of ``x`` (C, H, W) by ``w`` (O, C, k, k), plus bias."""
+    O, C, k, _ = w.shape
+    if k == 1:
+        out = (w.reshape(O, C) @ x.reshape(C, -1)).reshape(O, x.shape[1], x.shape[2])
+    else:
+        xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+        H = (x.shape[1] - 1) // stride + 1
+        W = (x.shape[2] - 1) // stride + 1
+        s0, s1, s2 = xp.strides
+        cols = np.lib.stride_tricks.as_strided(xp, shape=(C, 3, 3, H, W),
+                                               strides=(s0, s1, s2, s1 * stride, s2 * stride))
+        out = (w.reshape(O, C * 9) @ cols.reshape(C * 9, H * W)).reshape(O, H, W)
+    out += b[:, None, None]
+    if relu:
+        np.maximum(out, 0, out=out)
+    return out
+
+
+def _nearest(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``F.interpolate(mode="nearest")`` to (h, w)."""
+    ri = np.minimum(np.floor(np.arange(h) * (x.shape[1] / h)).astype(int), x.shape[1] - 1)
+    ci = np.minimum(np.floor(np.arange(w) * (x.shape[2] / w)).astype(int), x.shape[2] - 1)
+    return x[:, ri][:, :, ci]
+
+
+class NumpyBtrfly:
+    """The Btrfly Net's forward pass (eval mode) in numpy, batch norm folded into the convolutions."""
+
+    def __init__(self, config: dict, state: dict):
+        cfg = btrfly_config(config)
+        self.config = cfg
+        self.spacing, self.width, self.preproc = float(cfg["spacing"]), int(cfg["width"]), int(cfg["preproc"])
+        self.n_stages, self.n_blocks = len(cfg["widths"]), len(cfg["decoder"])
+        st = {k: np.asarray(v, dtype=np.float32) if v.dtype.kind == "f" else v for k, v in state.items()}
+        self.p: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for key in {k.rsplit(".", 2)[0] for k in st if k.endswith(".1.running_var")}:
+            w = st[f"{key}.0.weight"]
+            scale = st[f"{key}.1.weight"] / np.sqrt(st[f"{key}.1.running_var"] + 1e-5)
+            self.p[key] = (np.ascontiguousarray(w * scale[:, None, None, None]),
+                           (st[f"{key}.1.bias"] - st[f"{key}.1.running_mean"] * scale).astype(np.float32))
+        for head in ("sag_head", "cor_head"):
+            self.p[head] = (st[f"{head}.weight"], st[f"{head}.bias"])
+        expected = 2 * self.n_stages * 2 + 2 + 2 * self.n_blocks * 2 + 2
+        if len(self.p) != expected or st["sag_arm.stages.0.0.0.weight"].shape[1] != cfg["in_channels"]:
+            raise ValueError("the weights do not fit the Btrfly Net")
+
+    def _arm(self, name, x):
+        feats = []
+        for i in range(self.n_stages):
+            x = _conv(x, *self.p[f"{name}.stages.{i}.0"], stride=2)
+            x = _conv(x, *self.p[f"{name}.stages.{i}.1"])
+            feats.append(x)
+        return feats
+
+    def _decoder(self, name, feats, fused):
+        x = fused
+        skips = feats[:-1][::-1]  # strides 16, 8, 4, (2: only its size)
+        sizes = [f.shape[1:] for f in feats[:-1]][::-1]
+        for i in range(self.n_blocks):
+            h, w = sizes[i]
+            x = _nearest(x, h, w)
+            if i < len(skips) - 1:
+                x = np.concatenate([x, skips[i]], axis=0)
+            x = _conv(x, *self.p[f"{name}.blocks.{i}.conv1"])
+            x = _conv(x, *self.p[f"{name}.blocks.{i}.conv2"])
+        return x
+
+    def __call__(self, sag: np.ndarray, cor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``(C, H/2, W/2)`` of one sagittal and one coronal input ``(in_channels, H, W)``."""
+        fs = self._arm("sag_arm", np.asarray(sag, np.float32))
+        fc = self._arm("cor_arm", np.asarray(cor, np.float32))
+        fused = np.concatenate([fs[-1], fc[-1]], axis=0)
+        fused = _conv(_conv(fused, *self.p["fuse.0"]), *self.p["fuse.1"])
+        ys = self._decoder("sag_decoder", fs, fused)
+        yc = self._decoder("cor_decoder", fc, fused)
+        return _conv(ys, *self.p["sag_head"], relu=False), _conv(yc, *self.p["cor_head"], relu=False)
+
+
+N_FIXED = 2  # heatmap channels before the per-label ones: "any", "rib" (= nets.btrfly.N_FIXED)
+
+
+def btrfly_config(config: dict) -> dict:
+    """A bundle's config with every default filled in (bundles without ``preproc`` read
+    version-1 inputs)."""
+    cfg = {"out_channels": N_FIXED + len(P.PRIOR_LABELS), "widths": [16, 32, 64, 96, 128],
+           "decoder": [96, 64, 32, 24], "spacing": SPACING, "width": WIDTH}
+    cfg.update(config)
+    cfg.setdefault("preproc", 1)
+    cfg.setdefault("in_channels", in_channels(cfg["preproc"]))
+    return cfg
+
+
 def load_model(path=None, device: str = "auto"):
-    """The Btrfly Net from a bundle (default: the bundled ``models/label.pt``)."""
+    """The Btrfly Net from a bundle (default: the bundled ``models/label.pt``), and its device.
+
+    ``cpu`` and ``auto`` give a :class:`NumpyBtrfly` (no torch import); ``cuda`` the torch net.
+    """
+    path = Path(path) if path is not None else DEFAULT_MODEL
+    if device in ("auto", "cpu"):
+        arch, config, state, _meta = read_bundle_numpy(path)
+        _check_arch(arch, path)
+        try:
+            return NumpyBtrfly(config, state), "numpy"
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DataError(f"weights do not fit the net ({exc})", path) from None
     import torch
 
     from .nets import btrfly
     from .nets.train import load_bundle, pick_device
 
-    path = Path(path) if path is not None else DEFAULT_MODEL
     dev = pick_device(device)
     arch, config, state, _meta = load_bundle(path, map_location="cpu")
-    if arch != btrfly.BtrflyNet.arch:
-        raise DataError(f"model is a {arch!r} bundle, not a labelling net", path)
+    _check_arch(arch, path)
     net = btrfly.build(config)
     try:
         net.load_state_dict(state)
@@ -308,8 +473,16 @@ def load_model(path=None, device: str = "auto"):
     return net, dev
 
 
+def _check_arch(arch, path) -> None:
+    if arch != "btrfly":
+        raise DataError(f"model is a {arch!r} bundle, not a labelling net", path)
+
+
 def heatmaps(net, view: SpineView, device) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid heatmaps ``(C, H/2, W/2)`` for the sagittal and coronal projections."""
+    if isinstance(net, NumpyBtrfly):
+        ls, lc = net(view.sag, view.cor)
+        return _sigmoid(ls), _sigmoid(lc)
     import torch
 
     with torch.no_grad():
@@ -317,6 +490,10 @@ def heatmaps(net, view: SpineView, device) -> tuple[np.ndarray, np.ndarray]:
         cor = torch.from_numpy(view.cor[None]).to(device)
         hs, hc = net(sag, cor)
         return torch.sigmoid(hs[0]).float().cpu().numpy(), torch.sigmoid(hc[0]).float().cpu().numpy()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- candidates
@@ -368,8 +545,6 @@ def local_maxima(img: np.ndarray, threshold: float, size: int = 5) -> np.ndarray
 
 def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float = 0.2) -> Candidates:
     """3D candidates from the two views' heatmaps (see the module docstring)."""
-    from .nets.btrfly import N_FIXED
-
     any_s, any_c = hs[0], hc[0]
     pixel_mm = abs(view.affine[0, 0]) * STRIDE
     peaks = local_maxima(any_s, threshold, size=2 * int(7.5 // pixel_mm) + 1)  # 15 mm: the closest levels

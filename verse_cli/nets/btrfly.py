@@ -150,10 +150,10 @@ class BtrflyNet(nn.Module):
 
 
 def build(config: dict) -> BtrflyNet:
-    """Rebuild a net from a bundle's config (bundles without ``preproc`` read version-1 inputs)."""
-    config = dict(config)
-    config.setdefault("preproc", 1)
-    return BtrflyNet(**config)
+    """Rebuild a net from a bundle's config."""
+    from ..label import btrfly_config
+
+    return BtrflyNet(**btrfly_config(config))
 
 
 # --------------------------------------------------------------------------- training data

@@ -220,6 +220,50 @@ def test_old_bundles_keep_their_preprocessing():
     assert LB.projections(ct, aff, *box_around(pts), preproc=1).sag.shape[0] == 2
 
 
+@pytest.mark.parametrize("preproc", [1, 2])
+def test_the_numpy_net_matches_torch(tmp_path, preproc):
+    from verse_cli.nets import btrfly as B
+    from verse_cli.nets.train import save_bundle
+
+    torch.manual_seed(0)
+    net = B.BtrflyNet(widths=(8, 8, 16, 16, 24), decoder=(16, 16, 8, 8), preproc=preproc)
+    with torch.no_grad():  # batch norm statistics that are not the identity
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    net.eval()
+    path = tmp_path / "label.pt"
+    save_bundle(path, B.BtrflyNet.arch, net.config, net.state_dict(), {"note": "test"})
+    npnet, _ = LB.load_model(path, "cpu")
+    assert isinstance(npnet, LB.NumpyBtrfly) and npnet.preproc == preproc
+    rng = np.random.default_rng(1)
+    c = LB.in_channels(preproc)
+    sag, cor = rng.random((c, 96, 128), dtype=np.float32), rng.random((c, 96, 128), dtype=np.float32)
+    a, b = npnet(sag, cor)
+    with torch.no_grad():
+        ta, tb = net(torch.from_numpy(sag[None]), torch.from_numpy(cor[None]))
+    assert a.shape == (len(CHANNELS), 48, 64)
+    assert np.abs(a - ta[0].numpy()).max() < 1e-4 and np.abs(b - tb[0].numpy()).max() < 1e-4
+
+
+def test_bad_model_files_are_data_errors(tmp_path):
+    from verse_cli.nets.train import save_bundle
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable model bundle"):
+        LB.load_model(bad, "cpu")
+    other = tmp_path / "other.pt"
+    save_bundle(other, "unet3d", {"n": 1}, {"w": torch.zeros(2)}, {})
+    with pytest.raises(DataError, match="not a labelling net"):
+        LB.load_model(other, "cpu")
+    with pytest.raises(DataError, match="no such model"):
+        LB.load_model(tmp_path / "absent.pt", "cpu")
+
+
 def test_real_scan_augmentation_keeps_targets_on_the_scan():
     from verse_cli.nets import btrfly as B
 

@@ -246,8 +246,8 @@ def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
     K = np.array([[0, -ax[2], ax[1]], [ax[2], 0, -ax[0]], [-ax[1], ax[0], 0]])
     rot = np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * K @ K
     b = BoneHU(cortex=float(rng.uniform(450, 1100)), trabecular=trab, cortex_mm=float(rng.uniform(0.5, 1.4)),
-               texture_amp=float(rng.uniform(0.5, 1.3) * trab * 0.9 + 40), tile=np.zeros((64, 64, 64), F32),
-               tile_mm=float(rng.uniform(0.25, 0.45)), frac=frac, bvtv=bvtv, rot=rot,
+               texture_amp=float(rng.uniform(0.6, 1.4) * trab * 1.1 + 45), tile=np.zeros((64, 64, 64), F32),
+               tile_mm=float(rng.uniform(0.28, 0.55)), frac=frac, bvtv=bvtv, rot=rot,
                endplate_hu=float(rng.choice([0.0, rng.uniform(40, 260)], p=[0.3, 0.7])),
                endplate_mm=float(rng.uniform(1.0, 3.0)))
     b.fit_to_grid([0.8, 0.8, 0.8], 0.4)

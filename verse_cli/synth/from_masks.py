@@ -78,12 +78,13 @@ def render_ct(mask: np.ndarray, affine: np.ndarray, rng: np.random.Generator) ->
     inside = ndimage.distance_transform_edt(bone, sampling=sp)
     tex = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 0.8 / sp)
     tex /= max(float(tex.std()), 1e-6)
-    shell_mm = rng.uniform(0.8, 2.0)
+    shell_mm = rng.uniform(0.5, 1.5)
+    trab_case = rng.uniform(55, 340)  # osteoporotic to dense, per case; a little per vertebra
     for lab in [int(v) for v in np.unique(mask) if v]:
         m = mask == lab
-        trab = rng.uniform(90, 320)
-        cort = rng.uniform(550, 1400)
-        core = trab + rng.uniform(15, 60) * tex
+        trab = max(trab_case + rng.normal(0, 20), 40.0)
+        cort = rng.uniform(450, 1100)
+        core = trab + rng.uniform(20, 80) * tex
         img[m] = np.where(inside[m] <= shell_mm, cort, core[m])
     return img
 

@@ -70,6 +70,7 @@ def measure(ct_path: Path, model_path: Path) -> None:
     data = np.asarray(img.dataobj)
     from verse_cli.nets.train import cpu_threads
 
+    print(f"model {model[1]['name']} {model[1]['hash']} channels {model[0].config['channels']}")
     print(f"CT {data.shape} {data.dtype}, {data.nbytes / 2**20:.0f} MiB in memory; torch threads "
           f"{cpu_threads()} (1 when the machine is loaded); coarse grid {spacing:g} mm")
     print(f"load        {t_load:6.2f} s (not in the budget)")

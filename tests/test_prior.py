@@ -256,3 +256,26 @@ def test_last_rib_evidence_without_ribs_or_view():
     assert np.all(P.last_rib_evidence(pos, np.full(5, 0.5)) == 0.5)
     lone = np.array([0.92, 0.08, 0.08, 0.08, 0.08])  # one rib alone is no cage
     assert np.all(P.last_rib_evidence(pos, lone)[1:] == 0.15) and P.last_rib_evidence(pos, lone)[0] == 0.5
+
+
+def test_a_network_that_says_t13_is_not_enough():
+    """verse014-like: four lumbar vertebrae, the network's label channels one level off
+    (it calls the first one T13) and no rib in view: the normal count wins."""
+    labs = [20, 21, 22, 23]
+    e = net_says(labs, strength=2.0, shift=-1)  # T13, L1, L2, L3
+    res = run(labs, emis=e, rib_prob=np.full(4, 0.3), sacrum_prob=np.full(4, 0.05))
+    assert 28 not in res.labels and res.variants == []
+    # a whole spine with a 13th rib-bearing vertebra: counted from C1 and anchored by ribs, T13 is found
+    labs2 = list(range(1, 20)) + [28, 20, 21, 22, 23, 24, 26]
+    res2 = run(labs2, emis=net_says(labs2, strength=1.0), rib_prob=ribs(labs2))
+    assert res2.labels == labs2 and res2.variants == ["T13"]
+
+
+def test_l6_needs_the_sacrum_below_it():
+    labs = [19, 20, 21, 22, 23, 24, 25]  # the chain ends at the sixth lumbar vertebra, no sacrum in view
+    e = net_says(labs, strength=1.5)
+    res = run(labs, emis=e, rib_prob=ribs(labs), sacrum_prob=np.full(len(labs), 0.05))
+    assert 25 not in res.labels
+    labs2 = labs + [26]
+    res2 = run(labs2, emis=net_says(labs2, strength=1.5), rib_prob=ribs(labs2))
+    assert res2.labels == labs2 and res2.variants == ["L6"]

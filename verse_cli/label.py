@@ -543,12 +543,36 @@ def local_maxima(img: np.ndarray, threshold: float, size: int = 5) -> np.ndarray
     return np.rint(np.array(centres)).astype(int).reshape(-1, 2)
 
 
-def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float = 0.2) -> Candidates:
-    """3D candidates from the two views' heatmaps (see the module docstring)."""
+PEAK_THRESHOLD = 0.1  # sagittal "any" peaks kept as candidates (weak ones get a low existence)
+STRONG_PEAK = 0.2  # above this a peak is probably a vertebra
+NMS_MM = 8.0  # two vertebral bodies are never this close along the superior axis
+
+
+def _existence(v: float) -> float:
+    """Prior probability that a peak of height ``v`` (geometric mean of the two views) is real.
+
+    Peak heights are not calibrated: a strong peak is probably real (0.71-0.97); a weak
+    one (0.1-0.2) is an even bet, so the prior uses it only where the chain needs it
+    (a level that would otherwise be missing, such as a faint L5 or S1 on a real scan).
+    """
+    if v >= STRONG_PEAK:
+        return float(np.clip(0.55 + 0.8 * v, 0.6, 0.97))
+    t = np.clip((v - 0.05) / (STRONG_PEAK - 0.05), 0.0, 1.0)
+    return float(0.35 + t * (0.55 + 0.8 * STRONG_PEAK - 0.35))
+
+
+def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float = PEAK_THRESHOLD,
+               nms_mm: float = NMS_MM) -> Candidates:
+    """3D candidates from the two views' heatmaps (see the module docstring).
+
+    One candidate is kept per level (``nms_mm`` along the superior axis): the strongest
+    (a second peak on the posterior elements of the same vertebra, or a duplicate, is
+    dropped). Weak peaks thus only fill levels that have no strong one.
+    """
     any_s, any_c = hs[0], hc[0]
     pixel_mm = abs(view.affine[0, 0]) * STRIDE
     peaks = local_maxima(any_s, threshold, size=2 * int(7.5 // pixel_mm) + 1)  # 15 mm: the closest levels
-    pts, logp, exist, rib, sac = [], [], [], [], []
+    pts, logp, exist, rib, sac, height = [], [], [], [], [], []
     k_s1 = N_FIXED + P.PRIOR_LABELS.index(P.SACRUM)
     for r, c in peaks:
         row, col_a = _subpixel(any_s, int(r), int(c))
@@ -561,16 +585,28 @@ def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float
         v = np.sqrt(np.clip(vs * vc, 0, None))
         lab = v[N_FIXED:] + 1e-3
         logp.append(np.log(lab / lab.sum()))
-        # peak heights are not calibrated: a peak above the threshold is probably real
-        exist.append(float(np.clip(0.55 + 0.8 * np.sqrt(vs[0] * max(vc[0], 0.05)), 0.6, 0.97)))
+        height.append(float(np.sqrt(vs[0] * max(vc[0], 0.05))))
+        exist.append(_existence(height[-1]))
         rib.append(float(np.clip(v[1] / max(v[0], 1e-3), 0.0, 1.0)))
         sac.append(float(np.clip(v[k_s1] / max(v[0], 1e-3), 0.0, 1.0)))
         # heatmap pixel k covers input pixels 2k and 2k + 1
         grid_vox = [STRIDE * col_r + 0.5, STRIDE * col_a + 0.5, STRIDE * (row + row_c) / 2 + 0.5]
         pts.append(geometry.vox2world(view.affine, np.array(grid_vox)))
     n = len(pts)
-    return Candidates(np.array(pts).reshape(n, 3), np.array(logp).reshape(n, len(P.PRIOR_LABELS)),
-                      np.array(exist), np.array(rib), np.array(sac))
+    world = np.array(pts).reshape(n, 3)
+    strength = np.array(height)
+    keep = np.zeros(n, dtype=bool)
+    free = np.ones(n, dtype=bool)
+    for i in np.argsort(-strength, kind="stable"):  # one candidate per level, strongest levels first
+        if not free[i]:
+            continue
+        level = free & (np.abs(world[:, 2] - world[i, 2]) < nms_mm)  # along the body axis (world S)
+        level[i] = True
+        keep[i] = True
+        free[level] = False
+    idx = np.nonzero(keep)[0]
+    return Candidates(world[idx], np.array(logp).reshape(n, len(P.PRIOR_LABELS))[idx],
+                      np.array(exist)[idx], np.array(rib)[idx], np.array(sac)[idx])
 
 
 # --------------------------------------------------------------------------- evidence on the CT

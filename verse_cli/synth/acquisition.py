@@ -291,7 +291,11 @@ def upsample(c: np.ndarray, shape) -> np.ndarray:
         wshape[ax] = n_out
         w = (x - i0).astype(np.float32).reshape(wshape)
         a = np.take(c, i0, axis=ax)
-        c = a + (np.take(c, i1, axis=ax) - a) * w
+        b = np.take(c, i1, axis=ax)
+        b -= a
+        b *= w
+        b += a
+        c = b
     return c
 
 
@@ -340,9 +344,9 @@ def tissue_texture(img: np.ndarray, grid: Grid, rng: np.random.Generator, fat_hu
         fat += bh
 
     out = img.astype(np.float32, copy=True)
-    out += upsample(fat, img.shape) * ((img > -190) & (img < -30))
-    out += upsample(soft, img.shape) * ((img >= -30) & (img < 160))
-    out += upsample(marbling, img.shape) * (np.abs(img - np.float32(muscle_hu)) < 12)
+    np.add(out, upsample(fat, img.shape), out=out, where=(img > -190) & (img < -30))
+    np.add(out, upsample(soft, img.shape), out=out, where=(img >= -30) & (img < 160))
+    np.add(out, upsample(marbling, img.shape), out=out, where=np.abs(img - np.float32(muscle_hu)) < 12)
     return out
 
 

@@ -132,6 +132,25 @@ def test_auto_on_a_real_lumbar_scan_changes_nothing(real_data, tmp_path, verse):
     np.testing.assert_array_equal(_data(tmp_path / "out.nii.gz"), np.asanyarray(original.dataobj))
 
 
+def test_scan_coverage_follows_an_oblique_affine():
+    from verse_cli.core.geometry import vox2world, world2vox
+    from verse_cli.deface import scan_coverage
+
+    a = np.radians(25)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag([1.5, 1.2, 2.5])
+    affine[:3, 3] = [-20, 10, 5]
+    grid = np.diag([3.0, 3.0, 3.0, 1.0])
+    grid[:3, 3] = [-90, -60, -10]
+    shape, grid_shape = (40, 50, 30), (60, 55, 35)
+    idx = np.indices(grid_shape).reshape(3, -1).T
+    ijk = world2vox(affine, vox2world(grid, idx))
+    expected = np.all((ijk >= -0.5) & (ijk <= np.array(shape) - 0.5), axis=1).reshape(grid_shape)
+    got = scan_coverage(shape, affine, grid, grid_shape)
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(got, expected)
+
+
 # --------------------------------------------------------------------------- drawn mask
 def test_drawn_mask_is_dilated_by_the_margin(tmp_path, verse):
     ct = np.full((40, 40, 20), 50, np.int16)

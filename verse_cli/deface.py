@@ -17,7 +17,8 @@ Automatic defacing works on an axis-aligned RAS+ copy of the scan at 3 mm, so th
 3. **The head's axis** runs from the top of C1 to the centre of a sphere fitted to the
    skull vault (least squares, so a vault cut by the field of view still works).
 4. **The chin** is where the body reaches at least 25 mm further in front of the spine
-   than at the shallowest neck level; with a skull found, also everything above a
+   than at the shallowest neck level (slices whose front is cut by the edge of the
+   scanned volume, as at the top of an oblique or short scan, are never the neck); with a skull found, also everything above a
    plane across the head's axis 55 mm below the top of C1 (tilted heads carry their
    chin with them). Neither: no face.
 5. **The cut** is ``y_front + 9 mm`` below C1 and a line parallel to the head's axis
@@ -57,6 +58,8 @@ CLEARANCE_MM = 9.0  # cut this far in front of the spine's anterior surface (the
 PROTECT_MM = 12.0  # shell around the tracked spine that is never removed
 CHIN_BELOW_C1_MM = 55.0  # chin below the top of C1, along the head axis (or straight down)
 MIN_FACE_CM3 = 20.0
+FOV_EDGE_MM = 15.0
+PROTECT_ABOVE_SKULL_BASE_MM = 6.0  # a body front this close to the scanned volume's front edge is cut by it
 HEAD_RADIUS_MM = (50.0, 130.0)
 HEAD_MAX_SLOPE = 1.0
 
@@ -86,6 +89,18 @@ def coarse_ras(hu: np.ndarray, affine: np.ndarray, step: float = COARSE_MM) -> t
     grid[:3, 3] = lo
     coarse = resample_to_grid(hu, affine, out_shape, grid, order=1, cval=-1024.0)
     return coarse, grid
+
+
+def scan_coverage(shape, affine: np.ndarray, grid: np.ndarray, grid_shape) -> np.ndarray:
+    """Bool mask on the coarse grid of the voxels that lie inside the scanned volume."""
+    m = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(grid, dtype=np.float64)
+    axes = [np.arange(n, dtype=np.float32) for n in grid_shape]
+    inside = np.ones(tuple(grid_shape), bool)
+    for a in range(3):  # voxel index of the scan along its axis a, one broadcast sum per axis
+        ijk = (m[a, 0] * axes[0][:, None, None] + m[a, 1] * axes[1][None, :, None]
+               + m[a, 2] * axes[2][None, None, :] + m[a, 3])
+        inside &= (ijk >= -0.5) & (ijk <= shape[a] - 0.5)
+    return inside
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -261,7 +276,8 @@ def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray
     return float(np.clip(slope, -HEAD_MAX_SLOPE, HEAD_MAX_SLOPE))
 
 
-def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.0) -> tuple[np.ndarray | None, FaceReport]:
+def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.0,
+              inside: np.ndarray | None = None) -> tuple[np.ndarray | None, FaceReport]:
     """Face mask on the coarse RAS grid (or None) and a report of how it was found.
 
     Parameters
@@ -270,6 +286,10 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
         HU on an axis-aligned RAS+ grid (axis 0 = R, 1 = A, 2 = S) with ``step`` mm voxels.
     margin_mm : float
         Start the cut this much lower (below the chin); the spine side never moves.
+    inside : ndarray, optional
+        Bool, the coarse voxels inside the scanned volume (:func:`scan_coverage`). Slices
+        whose front is cut by the field of view (an oblique or short scan) then never
+        count as the neck, the shallowest level in front of the spine.
     """
     from scipy import ndimage
 
@@ -325,6 +345,19 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     # The neck is where the body is shallowest in front of the spine (below it: chest; above: face).
     smooth = ndimage.uniform_filter1d(protrusion, size=3, mode="nearest")
     in_zone = np.flatnonzero(zone & has_spine & (zs <= spine_top))
+    if inside is not None:
+        # A slice whose body reaches the edge of the scanned volume in front is cut, not shallow.
+        _, y_scan_front = _extent((inside & midline[:, None, :]).any(axis=0), ys)
+        # (within FOV_EDGE_MM: the body mask's opening and the resampling keep it a little inside)
+        cut_front = np.nan_to_num(y_mid_front, nan=-np.inf) >= y_scan_front - FOV_EDGE_MM
+        whole = in_zone[~cut_front[in_zone]]
+        in_zone = whole if whole.size else in_zone
+    # The neck lies below the face: where the skull is tracked as spine (no skull base seen),
+    # the top of the head is shallower still in front of the "spine" than the neck is.
+    face_level = int(np.flatnonzero(zone)[np.argmax(np.where(zone, smooth, -np.inf)[zone])])
+    below_face = in_zone[in_zone < face_level]
+    if smooth[face_level] >= CHIN_MIN_PROTRUSION_MM and below_face.size:
+        in_zone = below_face
     neck_level = int(in_zone[np.argmin(smooth[in_zone])])
     neck = float(smooth[neck_level])
     threshold = max(neck + CHIN_EXTRA_OVER_NECK_MM, CHIN_MIN_PROTRUSION_MM)
@@ -347,7 +380,12 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     if axis is not None:  # above C1 the cut runs parallel to the head's axis
         above = zs > z_c1
         y_cut[above] = y_c1 + clearance + axis * (zs[above] - z_c1)
-    protect = ndimage.distance_transform_edt(~spine, sampling=step) <= PROTECT_MM
+    # Above the skull base the track also holds skull around the foramen magnum: a thinner shell
+    # there (C1's arch and the dens are in the track itself) leaves no notch of face behind.
+    shell = np.full(nz, PROTECT_MM)
+    if skull_base:
+        shell[clean + max(1, round(PROTECT_MM / step)):] = PROTECT_ABOVE_SKULL_BASE_MM
+    protect = ndimage.distance_transform_edt(~spine, sampling=step) <= shell[None, None, :]
     above_chin = np.broadcast_to(zs[None, :] >= z_chin, (ny, nz))
     if axis is not None:  # a tilted head carries its chin with it: a chin plane across the head's axis
         u_y, u_z = np.array([axis, 1.0]) / np.hypot(axis, 1.0)
@@ -370,7 +408,7 @@ def auto_face_mask(hu: np.ndarray, affine: np.ndarray, margin_mm: float = 0.0) -
     from .core.geometry import resample_to_grid
 
     coarse, grid = coarse_ras(hu, affine)
-    face, report = find_face(coarse, margin_mm=margin_mm)
+    face, report = find_face(coarse, margin_mm=margin_mm, inside=scan_coverage(hu.shape, affine, grid, coarse.shape))
     if face is None:
         return np.zeros(hu.shape, bool), report
     full = resample_to_grid(face.astype(np.uint8), grid, hu.shape, affine, is_mask=True)

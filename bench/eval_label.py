@@ -15,7 +15,11 @@ Metrics (the VerSe definitions, :func:`verse_cli.evaluate.get_hits`):
   (T13: 28; L6: 25; T11: T11 and L1 with no T12 predicted; L4: L4 and S1 with no L5
   predicted).
 
-Usage: ``python bench/eval_label.py [--n 50] [--variants 12] [--jobs 4] [--scale 0.5]``
+With ``--real DIR`` (default ``../shared/data/real`` when present) the real cases there are
+labelled too and reported apart: every folder with a ``*_ct.nii.gz`` and a vertebra mask;
+ground truth from its centroid JSON, or the body centroids of the mask; box = mask box + 10 mm.
+
+Usage: ``python bench/eval_label.py [--n 50] [--variants 12] [--jobs 1] [--scale 0.5] [--cache DIR]``
 """
 
 from __future__ import annotations
@@ -79,6 +83,48 @@ def variant_ok(variant: str, hits: dict, pred: set) -> bool:
     return True
 
 
+def real_cases(root):
+    """(name, ct path, mask path, centroid JSON path or None) of the real fixtures under ``root``."""
+    from pathlib import Path
+
+    out = []
+    for folder in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+        cts = sorted(folder.glob("*_ct.nii.gz")) if folder.is_dir() else []
+        masks = sorted(folder.glob("*seg-vert*_msk.nii.gz")) if folder.is_dir() else []
+        if cts and masks:
+            ctds = sorted(folder.glob("*_ctd.json"))
+            out.append((folder.name, cts[0], masks[0], ctds[0] if ctds else None))
+    return out
+
+
+def eval_real(root, net, refine: bool = True) -> list[dict]:
+    from verse_cli import label as LB
+    from verse_cli.core.centroids import body_centroids, read_centroids
+    from verse_cli.core.io import load_mask, load_nifti
+    from verse_cli.evaluate import get_hits
+
+    rows = []
+    for name, ct_path, mask_path, ctd_path in real_cases(root):
+        img = load_nifti(ct_path)
+        mask = np.asarray(load_mask(mask_path).dataobj)
+        if ctd_path is not None:
+            ctd = read_centroids(ctd_path, ref_affine=img.affine)
+        else:
+            ctd = body_centroids(mask, img.affine)
+        gt = dict(zip(ctd.labels, ctd.to_world(img.affine)))
+        lo, hi = LB.box_of_mask(mask, img.affine)
+        t = time.perf_counter()
+        res = LB.label(img, (lo - 10, hi + 10), model=net, refine=refine)
+        sec = time.perf_counter() - t
+        pred = dict(zip(res.labels, res.to_world(img.affine)))
+        hits = get_hits(gt, pred)
+        rows.append({"case": name, "gt": sorted(gt), "pred": sorted(pred), "hits": int(sum(hits.values())),
+                     "n_gt": len(gt), "seconds": round(sec, 2)})
+        print(f"real {name}: hits {rows[-1]['hits']}/{len(gt)} gt {' '.join(map(str, sorted(gt)))} | "
+              f"pred {' '.join(map(str, sorted(pred)))}", flush=True)
+    return rows
+
+
 def main() -> None:
     global SCALE, CACHE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,6 +139,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="Write per-case results here.")
     ap.add_argument("--cache", default=None, help="Keep rendered cases here (pickles) for reruns.")
     ap.add_argument("--render-only", action="store_true", help="Only render into --cache.")
+    ap.add_argument("--real", default="../shared/data/real", help="Folder of real fixtures ('' for none).")
     args = ap.parse_args()
     SCALE, CACHE = args.scale, args.cache
     assert args.seed >= 90000, "held-out seeds start at 90000"
@@ -150,10 +197,13 @@ def main() -> None:
         "variant_cases": len(var_rows), "variant_correct": sum(r["variant_ok"] for r in var_rows),
         "seconds_per_case": float(np.mean([r["seconds"] for r in rows])) if rows else None,
     }
+    real = eval_real(args.real, net, refine=not args.no_refine) if args.real else []
+    if real:
+        summary["real"] = {r["case"]: f"{r['hits']}/{r['n_gt']}" for r in real}
     print(json.dumps(summary, indent=1))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"summary": summary, "cases": rows}, fh, indent=1)
+            json.dump({"summary": summary, "cases": rows, "real": real}, fh, indent=1)
 
 
 if __name__ == "__main__":

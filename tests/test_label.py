@@ -264,7 +264,7 @@ def test_bad_model_files_are_data_errors(tmp_path):
         LB.load_model(tmp_path / "absent.pt", "cpu")
 
 
-def test_weak_peaks_are_candidates_with_a_low_existence_and_duplicates_are_dropped():
+def test_weak_peaks_are_candidates_with_a_low_existence_and_fill_empty_levels_only():
     shape, aff = LB.spine_grid(np.zeros(3), np.array([60.0, 60.0, 150.0]))
     view = LB.SpineView(np.zeros((3, shape[2], shape[1]), np.float32), np.zeros((3, shape[2], shape[0]), np.float32),
                         aff, shape)
@@ -279,12 +279,17 @@ def test_weak_peaks_are_candidates_with_a_low_existence_and_duplicates_are_dropp
     for r, height in ((10, 0.9), (22, 0.9), (34, 0.15)):  # a faint third vertebra
         hs[0] += blob(r, 30, height)
         hc[0] += blob(r, 32, height)
-    hs[0] += blob(11, 42, 0.5)  # a peak beside the first body (posterior elements): same level
     cands = LB.candidates(hs, hc, view)
     rows = np.sort(geometry.world2vox(aff, cands.world)[:, 2])
     assert len(cands.world) == 3 and np.allclose(rows, [20.5, 44.5, 68.5], atol=1.0)
     weak = int(np.argmin(cands.world[:, 2]))
     assert cands.exist[weak] < 0.6 and np.all(np.delete(cands.exist, weak) > 0.9)
+    # a second peak on a strong level (posterior elements) stays: the prior's smooth chain decides
+    hs[0] += blob(23, 42, 0.6)
+    assert len(LB.candidates(hs, hc, view).world) == 4
+    # a faint duplicate of the faint level does not
+    hs[0] += blob(35, 40, 0.11)
+    assert len(LB.candidates(hs, hc, view).world) == 4
 
 
 def test_real_scan_augmentation_keeps_targets_on_the_scan():

@@ -279,3 +279,17 @@ def test_l6_needs_the_sacrum_below_it():
     labs2 = labs + [26]
     res2 = run(labs2, emis=net_says(labs2, strength=1.5), rib_prob=ribs(labs2))
     assert res2.labels == labs2 and res2.variants == ["L6"]
+
+
+def test_a_peak_off_the_spine_is_no_next_vertebra():
+    """Two peaks per level (the body and, 30 mm behind it, the posterior elements): the
+    chain follows the bodies and never zig-zags between the two lines."""
+    labs = [20, 21, 22, 23, 24, 26]
+    pos = spine(labs)
+    behind = pos + [0.0, -30.0, 0.0]
+    both = np.vstack([pos, behind])
+    e = np.vstack([net_says(labs), flat(len(labs))])
+    res = P.label_chain(both, e, exist_logp=np.log(np.full(len(both), 0.85)),
+                        sacrum_prob=np.concatenate([sacrum(labs), np.full(len(labs), 0.05)]))
+    assert res.labels[:len(labs)] == labs
+    assert all(lab is None for lab in res.labels[len(labs):])

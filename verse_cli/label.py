@@ -565,9 +565,10 @@ def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float
                nms_mm: float = NMS_MM) -> Candidates:
     """3D candidates from the two views' heatmaps (see the module docstring).
 
-    One candidate is kept per level (``nms_mm`` along the superior axis): the strongest
-    (a second peak on the posterior elements of the same vertebra, or a duplicate, is
-    dropped). Weak peaks thus only fill levels that have no strong one.
+    A weak peak within ``nms_mm`` (along the superior axis) of a stronger one is dropped:
+    weak peaks only fill levels that have no strong one. Strong peaks all stay (a second
+    peak on the posterior elements of a level): the prior's chain must be smooth
+    (:func:`verse_cli.prior._jump_logp`), which decides between them.
     """
     any_s, any_c = hs[0], hc[0]
     pixel_mm = abs(view.affine[0, 0]) * STRIDE
@@ -601,6 +602,7 @@ def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float
         if not free[i]:
             continue
         level = free & (np.abs(world[:, 2] - world[i, 2]) < nms_mm)  # along the body axis (world S)
+        level &= strength < STRONG_PEAK  # strong peaks all stay: the prior picks the smooth chain
         level[i] = True
         keep[i] = True
         free[level] = False

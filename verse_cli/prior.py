@@ -65,7 +65,7 @@ class PriorParams:
         "T13": np.log(0.04), "T11": np.log(0.03), "L6": np.log(0.06), "L4": np.log(0.03)})
     miss_logp: float = float(np.log(0.02))  # one level not detected between two candidates
     max_missed: int = 2  # levels that may be missing between two consecutive candidates
-    max_skipped: int = 2  # false candidates that may lie between two consecutive used ones
+    max_skipped: int = 5  # false candidates that may lie between two consecutive used ones
     distance_sigma: float = 0.16  # s.d. of log(observed / expected) neighbour distance
     scales: tuple[float, ...] = (0.7, 0.77, 0.85, 0.92, 1.0, 1.08, 1.17, 1.27)
     scale_sigma: float = 0.2  # s.d. of the log patient scale
@@ -76,6 +76,10 @@ class PriorParams:
     cap_variant_labels: bool = True  # T13 and L6 label evidence at most that of their normal neighbours
     t13_no_rib_weight: float = 3.0  # extra weight of "no rib" evidence against T13 (a T13 bears a rib)
     l6_end_logp: float = float(np.log(0.1))  # a chain ending at L6: no sacrum below it confirms the count
+    # steps across the spine: free up to jump_ratio x the step along S + jump_free_mm, then Gaussian
+    jump_ratio: float = 0.6
+    jump_free_mm: float = 8.0
+    jump_sigma_mm: float = 5.0
 
 
 @dataclass
@@ -366,6 +370,18 @@ class _SkipSums:
         return self.range(i + 1, n)
 
 
+def _jump_logp(a: np.ndarray, b: np.ndarray, params) -> float:
+    """Log penalty for a step between consecutive used candidates that runs more across
+    (left-right, anterior-posterior) than the spine can bend: a peak on the posterior
+    elements or in front of the spine is no next vertebra."""
+    dz = abs(float(b[2] - a[2]))
+    dxy = float(np.hypot(b[0] - a[0], b[1] - a[1]))
+    excess = dxy - (params.jump_ratio * dz + params.jump_free_mm)
+    if excess <= 0:
+        return 0.0
+    return -0.5 * (excess / params.jump_sigma_mm) ** 2
+
+
 def _end_logp(params) -> np.ndarray:
     """(K,) log prior of the chain's last used label: L6 needs the sacrum after it."""
     out = np.zeros(len(PRIOR_LABELS))
@@ -388,6 +404,7 @@ def _viterbi(pos, emis, use, skip, paths, scale, params):
             if not np.isfinite(gap):
                 continue
             T, _ = _transition(paths, float(np.linalg.norm(pos[j] - pos[i])), scale, params.distance_sigma)
+            T = T + _jump_logp(pos[i], pos[j], params)
             cand = V[i][:, None] + T + gap  # (K from, K to)
             arg = np.argmax(cand, axis=0)
             val = cand[arg, np.arange(K)] + unary[j]
@@ -419,8 +436,9 @@ def _posteriors(pos, emis, use, skip, paths, scale, params) -> np.ndarray:
     trans = {}
     for j in range(N):
         for i in range(max(0, j - window), j):
-            trans[i, j] = _transition_sum(paths, float(np.linalg.norm(pos[j] - pos[i])), scale,
-                                          params.distance_sigma) + sums.range(i + 1, j)
+            trans[i, j] = (_transition_sum(paths, float(np.linalg.norm(pos[j] - pos[i])), scale,
+                                           params.distance_sigma) + sums.range(i + 1, j)
+                           + _jump_logp(pos[i], pos[j], params))
     alpha = np.full((N, K), -np.inf)
     for j in range(N):
         terms = [sums.before(j) + unary[j]]

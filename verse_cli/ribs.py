@@ -72,11 +72,13 @@ class Rib:
     cut: bool
     centreline_mm: float
     joint_gap_mm: float
-    tip_radius_mm: float
+    tip_extension_mm: float
     joint_mm: list[float] = field(default_factory=list)
     tip_mm: list[float] = field(default_factory=list)
     other_components: int = 0
     tip_gap_mm: float = float("inf")  # distance of the tip from the nearest vertebra label
+    radius_mm: float = 0.0  # mean radius, from the volume over the centreline length
+    bridges: int = 0  # hidden stretches (costotransverse region) bridged by a curve
 
     def evidence(self) -> dict:
         return {
@@ -85,15 +87,28 @@ class Rib:
             "cut_by_field_of_view": bool(self.cut),
             "centreline_mm": round(self.centreline_mm, 1),
             "joint_gap_mm": round(self.joint_gap_mm, 1),
-            "tip_radius_mm": round(self.tip_radius_mm, 1),
+            "tip_extension_mm": round(self.tip_extension_mm, 1),
             "joint_ras_mm": [round(v, 1) for v in self.joint_mm],
             "tip_ras_mm": [round(v, 1) for v in self.tip_mm],
             "other_components": int(self.other_components),
             "tip_to_vertebra_mm": round(self.tip_gap_mm, 1) if np.isfinite(self.tip_gap_mm) else None,
+            "radius_mm": round(self.radius_mm, 2),
+            "bridges": int(self.bridges),
         }
 
 
 # --------------------------------------------------------------------------- threshold
+def tissue_levels(ct: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Median HU of soft tissue (CT values -200..150) and inside the vertebra masks."""
+    step = tuple(max(1, n // 64) for n in ct.shape)
+    sample = ct[tuple(slice(None, None, k) for k in step)]
+    soft = sample[(sample > -200) & (sample < 150)]
+    soft_level = float(np.median(soft)) if soft.size else 40.0
+    inside = ct[mask > 0]
+    bone_level = float(np.median(inside[:: max(1, inside.size // 200000)])) if inside.size else 400.0
+    return soft_level, bone_level
+
+
 def bone_threshold(ct: np.ndarray, mask: np.ndarray, lo: float = 175.0, hi: float = 260.0) -> float:
     """HU threshold between soft tissue and bone on the smoothed CT, adapted to the scan.
 
@@ -103,13 +118,25 @@ def bone_threshold(ct: np.ndarray, mask: np.ndarray, lo: float = 175.0, hi: floa
     darker marrow average to one solid tube; costal cartilage (80-160 HU, no cortex)
     stays below ``lo``.
     """
-    step = tuple(max(1, n // 64) for n in ct.shape)
-    sample = ct[tuple(slice(None, None, k) for k in step)]
-    soft = sample[(sample > -200) & (sample < 150)]
-    soft_level = float(np.median(soft)) if soft.size else 40.0
-    inside = ct[mask > 0]
-    bone_level = float(np.median(inside[:: max(1, inside.size // 200000)])) if inside.size else 400.0
+    soft_level, bone_level = tissue_levels(ct, mask)
     return float(np.clip(0.5 * (soft_level + bone_level), lo, hi))
+
+
+def outside_scan(ct: np.ndarray, padding_hu: float = -1500.0) -> Callable:
+    """``f(points_idx) -> bool``: points beyond the array or in the scanner's padding.
+
+    Reconstructions fill the corners outside the scanned circle with a constant far
+    below air (-2048, -3024); nothing in a body is below ``padding_hu``.
+    """
+    shape = np.asarray(ct.shape)
+
+    def outside(points_idx: np.ndarray) -> np.ndarray:
+        p = np.rint(np.atleast_2d(points_idx)).astype(int)
+        beyond = np.any((p < 0) | (p >= shape), axis=1)
+        q = np.clip(p, 0, shape - 1)
+        return beyond | (ct[tuple(q.T)] <= padding_hu)
+
+    return outside
 
 
 def smooth_ct(ct: np.ndarray, sp: np.ndarray, width_mm: float = 2.0) -> np.ndarray:
@@ -198,7 +225,8 @@ def segment_ribs(
     # face connectivity: diagonal contacts between neighbouring ribs or between a rib
     # and other bone are too common on coarse grids
     comps, n = ndimage.label(candidate)
-    info = {"components": int(n), "gap_mm": gap_mm, "contact_mm": contact_mm}
+    info = {"components": int(n), "gap_mm": gap_mm, "contact_mm": contact_mm,
+            "removed": np.ravel_multi_index(tuple(removed_idx.T), bone.shape)}
     if n == 0:
         return {}, info, joint_distance
 
@@ -224,7 +252,10 @@ def segment_ribs(
         rel = shell_mm[sel] - fr.centre
         lateral = rel @ fr.right
         ant = (shell_mm[sel] - fr.body) @ fr.anterior
-        ok = (np.abs(lateral) >= 8.0) & (ant <= 5.0)
+        # a cervical rib leaves C7 at the anterior tubercle of its transverse process,
+        # in front of the body's centre; thoracic rib heads sit on the posterolateral body
+        # (bone touching a thoracic body further forward is vessel calcium or contrast)
+        ok = (np.abs(lateral) >= 8.0) & (ant <= (15.0 if L.region(lab) == "C" else 5.0))
         side_code[np.flatnonzero(sel)[ok]] = np.where(lateral[ok] > 0, 2, 1)
         at_body[np.flatnonzero(sel)] = np.abs(lateral) <= fr.half_width + HEAD_REACH_MM
     # unlabelled spine bone competes for contacts, so that the ribs of a vertebra
@@ -238,6 +269,7 @@ def segment_ribs(
     comp_sorted = shell_comp[valid][order]
     key_sorted = keys[valid][order]
     body_sorted = at_body[valid][order]
+    mm_sorted = shell_mm[valid][order]
     bounds = np.flatnonzero(np.diff(comp_sorted)) + 1
     starts = np.r_[0, bounds]
     ends = np.r_[bounds, len(comp_sorted)]
@@ -246,7 +278,7 @@ def segment_ribs(
         if b <= a:
             continue
         comp_id = int(comp_sorted[a])
-        big = _owners(key_sorted[a:b], body_sorted[a:b])
+        big = _owners(key_sorted[a:b], body_sorted[a:b], mm_sorted[a:b])
         sl = comp_slices[comp_id - 1]
         local = comps[sl] == comp_id
         base = np.array([s.start for s in sl])
@@ -267,7 +299,34 @@ def segment_ribs(
     return ribs, info, joint_distance
 
 
-def _owners(keys: np.ndarray, at_body: np.ndarray) -> np.ndarray:
+def _one_head(keys: np.ndarray, head: np.ndarray, points_mm: np.ndarray | None, ks: np.ndarray,
+              same_head_mm: float = 6.0) -> np.ndarray:
+    """Merge head owners of adjacent vertebrae whose contacts form one rib head.
+
+    The heads of ribs 2-9 articulate with their own vertebra and the one above (the
+    demifacets at the disc); a rib belongs to the lower one. Two keys of adjacent
+    vertebrae on one side whose head contacts lie within ``same_head_mm`` of each other
+    are one head: the upper key is dropped.
+    """
+    if points_mm is None or len(ks) < 2:
+        return ks
+    from scipy.spatial import cKDTree
+
+    keep = {int(k) for k in ks}
+    for k1 in ks:
+        for k2 in ks:
+            l1, c1 = divmod(int(k1), 4)
+            l2, c2 = divmod(int(k2), 4)
+            if c1 != c2 or int(k1) not in keep or int(k2) not in keep or not 1 <= L.rank(l2) - L.rank(l1) <= 2:
+                continue
+            p1 = points_mm[head & (keys == k1)]
+            p2 = points_mm[head & (keys == k2)]
+            if len(p1) and len(p2) and float(cKDTree(p1).query(p2, k=1)[0].min()) <= same_head_mm:
+                keep.discard(int(k1))  # k1 is the upper vertebra
+    return np.array(sorted(keep))
+
+
+def _owners(keys: np.ndarray, at_body: np.ndarray, points_mm: np.ndarray | None = None) -> np.ndarray:
     """The (vertebra, side) keys that own one component, from its contacts.
 
     A rib touches its own vertebra at the body (the head) and at the transverse
@@ -285,7 +344,7 @@ def _owners(keys: np.ndarray, at_body: np.ndarray) -> np.ndarray:
         if n_unl > 3 * int(head.sum()):
             return np.array([UNLABELLED * 4 + 3])
         ks, counts = np.unique(keys[head], return_counts=True)
-        return ks[(counts >= 3) & (counts >= 0.25 * counts.max())]
+        return _one_head(keys, head, points_mm, ks[(counts >= 3) & (counts >= 0.25 * counts.max())])
     labelled = keys[~unlabelled]
     if len(labelled) == 0 or n_unl > 3 * len(labelled):
         return np.array([UNLABELLED * 4 + 3])
@@ -364,30 +423,47 @@ def _path(pred: np.ndarray, start: int, end: int) -> np.ndarray:
     return np.array(out[::-1])
 
 
-def polyline_length(points_mm: np.ndarray, sigma_mm: float = 2.0) -> float:
-    """Length of a voxel path after smoothing away its lattice zig-zag.
+def smooth_path(points_mm: np.ndarray, sigma_mm: float = 2.0, step_mm: float = 0.5) -> np.ndarray:
+    """A voxel path resampled every ``step_mm`` and smoothed along its length.
 
-    A 26-connected path over-estimates an oblique line by up to ~8 %; a Gaussian
-    along the path (ends held fixed) recovers the smooth centreline.
+    A 26-connected path over-estimates an oblique line by up to ~8 %; a Gaussian of
+    ``sigma_mm`` along the path recovers the smooth centreline. The path is extended
+    by point reflection at both ends, which keeps its ends in place and straight
+    stretches straight.
     """
     if len(points_mm) < 2:
-        return 0.0
+        return np.asarray(points_mm, dtype=float)
     steps = np.linalg.norm(np.diff(points_mm, axis=0), axis=1)
     arc = np.r_[0.0, np.cumsum(steps)]
     if arc[-1] <= 0:
-        return 0.0
-    n = max(int(np.ceil(arc[-1] / 0.5)), 2)
+        return np.asarray(points_mm[:1], dtype=float)
+    n = max(int(np.ceil(arc[-1] / step_mm)), 2)
     even = np.linspace(0.0, arc[-1], n + 1)
-    resampled = np.stack([np.interp(even, arc, points_mm[:, i]) for i in range(3)], axis=1)
+    res = np.stack([np.interp(even, arc, points_mm[:, i]) for i in range(3)], axis=1)
     sigma = sigma_mm / (arc[-1] / n)
-    smooth = ndimage.gaussian_filter1d(resampled, sigma, axis=0, mode="nearest")
-    smooth[0], smooth[-1] = resampled[0], resampled[-1]
-    return float(np.linalg.norm(np.diff(smooth, axis=0), axis=1).sum())
+    k = min(int(np.ceil(3 * sigma)), len(res) - 1)
+    if k < 1:
+        return res
+    padded = np.vstack([2 * res[0] - res[k:0:-1], res, 2 * res[-1] - res[-2:-k - 2:-1]])
+    out = ndimage.gaussian_filter1d(padded, sigma, axis=0, mode="nearest")[k:k + len(res)]
+    out[0], out[-1] = res[0], res[-1]
+    return out
+
+
+def arc_length(line: np.ndarray) -> float:
+    return float(np.linalg.norm(np.diff(line, axis=0), axis=1).sum()) if len(line) > 1 else 0.0
+
+
+def polyline_length(points_mm: np.ndarray, sigma_mm: float = 2.0) -> float:
+    """Length of a voxel path after smoothing away its lattice zig-zag (:func:`smooth_path`)."""
+    return arc_length(smooth_path(np.asarray(points_mm, dtype=float), sigma_mm))
 
 
 def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance, frame: Frame,
                 side: str = "left", bridge_mm: float = 25.0, min_piece_mm3: float = 60.0,
-                ct: np.ndarray | None = None, thr: float = 175.0) -> Rib:
+                ct: np.ndarray | None = None, thr: float = 175.0, smooth: np.ndarray | None = None,
+                soft_hu: float = 40.0, outside: Callable | None = None, zone: np.ndarray | None = None,
+                zone_reach_mm: float = 5.0) -> Rib:
     """Length of one rib from its costovertebral joint to its osseous tip.
 
     ``pieces`` are the flat voxel indices of the rib's components, largest first. The
@@ -397,8 +473,21 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     is the longest geodesic path of the joined skeleton graph; its end nearer the
     vertebral body is the joint, the other the tip.
 
+    The voxel path is smoothed along its length (a Gaussian a few voxels wide, which
+    removes the lattice zig-zag that lengthens a voxel path by up to ~8 %) before its
+    length is taken. Its two ends are then placed with sub-voxel precision:
+
+    * tip: the centreline is extended along its end direction until the smoothed CT
+      falls below the half-maximum between the rib's own HU near the tip and soft tissue
+      (the osseous end, wherever the skeleton stopped);
+    * joint: the centre of the rib head, one head radius from the vertebra's surface.
+      The bone next to the vertebra was cut off to separate the rib, so the distance
+      from the centreline's inner end to the vertebra, less the head radius (1.25 times
+      the rib's mean radius, from its volume over its length), is added.
+
     ``joint_distance(points_idx) -> mm`` gives the distance of voxels to the nearest
-    vertebra label.
+    vertebra label; ``outside(points_idx) -> bool`` whether points lie outside the
+    scanned volume (beyond the array or in the scanner's padding), for FOV cuts.
     """
     from scipy.sparse.csgraph import dijkstra
     from scipy.spatial import cKDTree
@@ -420,10 +509,24 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
             used.append(pts)
     pts = np.vstack(used)
     cut = bool(np.any(main == 0) or np.any(main == np.asarray(shape) - 1))
-    box = _box(pts, shape, np.ones(3, dtype=int))
+    pad = np.ceil(zone_reach_mm / sp).astype(int) + 1 if zone is not None else np.ones(3, dtype=int)
+    box = _box(pts, shape, pad)
     base = np.array([s.start for s in box])
     local = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
     local[tuple((pts - base).T)] = True
+    if zone is not None and len(used) > 1:
+        # a rib in several pieces: give back the bone that was cut off next to the
+        # vertebra to separate the ribs, where it lies within ``zone_reach_mm`` of this
+        # rib; it joins the head and neck to the shaft around the transverse process
+        # along the bone, not by a chord
+        near = ndimage.distance_transform_edt(~local, sampling=sp) <= zone_reach_mm
+        extra = near & zone[box] & ~local
+        if extra.any():
+            grown = local | extra
+            lab_g, _ = ndimage.label(grown, structure=np.ones((3, 3, 3), bool))
+            keep = np.unique(lab_g[local])
+            extra &= np.isin(lab_g, keep[keep > 0])
+            local |= extra
     skel = skeletonize(local)
     if not skel.any():
         skel = local.copy()
@@ -439,29 +542,120 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     b = int(np.argmax(dist))
     ends_mm = (nodes[[a, b]] + base) * sp
     to_body = np.linalg.norm(ends_mm - frame.body, axis=1)
-    joint, tip = (a, b) if to_body[0] <= to_body[1] else (b, a)
+    joint = a if to_body[0] <= to_body[1] else b
     path = _path(pred, a, b)
     if path[0] != joint:
         path = path[::-1]
     trimmed = False
     if ct is not None:
         path, trimmed = _trim_at_osseous_tip(path, nodes, base, sp, ct, thr)
-        tip = int(path[-1])
-        cut = cut and not trimmed
-    centreline = polyline_length(nodes[path] * sp)
-    # a skeleton stops about one radius short of a tube's free end; at the joint the
-    # rib head's centre (where the skeleton ends) is the joint, unless the bone next
-    # to the vertebra was lost, in which case the remaining gap is added
-    gap = float(joint_distance(nodes[[joint]] + base)[0])
-    joint_radius = _radius_at(local, nodes[joint], sp)
-    joint_gap = max(gap - joint_radius - 1.0, 0.0) if np.isfinite(gap) else 0.0
-    tip_radius = 0.0 if (cut or trimmed) else _radius_at(local, nodes[tip], sp)
-    tip_gap = float(joint_distance(nodes[[tip]] + base)[0])
-    length = centreline + joint_gap + tip_radius
+    raw, n_bridges = bridge_curves((nodes[path] + base) * sp, nodes[path], sp)
+    line = smooth_path(raw, sigma_mm=max(2.0, 1.5 * float(sp.max())))
+    centreline = arc_length(line)
+    # the rib's mean radius from its volume and length; the head is wider than the shaft
+    radius = float(np.sqrt(len(pts) * vox_mm3 / (np.pi * max(centreline, 1.0))))
+    head_radius = 1.25 * radius
+    # distance to the vertebra's surface: to the centres of its outer voxels, less half a voxel
+    gap = float(joint_distance(nodes[[joint]] + base)[0]) - 0.5 * float(np.mean(sp))
+    joint_gap = gap - head_radius if np.isfinite(gap) else 0.0
+    joint_gap = float(np.clip(joint_gap, -head_radius, 25.0))
+    tip_ext, tip_cut = 0.0, False
+    field = smooth if smooth is not None else ct
+    if field is not None:
+        tip_ext, tip_cut = _tip_extension(line, field, sp, soft_hu, radius, outside)
+    cut = (cut and not trimmed) or tip_cut
+    tip_point = line[-1] + _end_direction(line) * tip_ext
+    tip_gap = float(joint_distance(np.atleast_2d(tip_point / sp))[0])
+    length = centreline + joint_gap + tip_ext
     n_pts = sum(len(u) for u in used)
-    return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_radius,
-               ((nodes[joint] + base) * sp).tolist(), ((nodes[tip] + base) * sp).tolist(),
-               len(used) - 1, tip_gap)
+    return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_ext,
+               line[0].tolist(), tip_point.tolist(), len(used) - 1, tip_gap, radius, n_bridges)
+
+
+def bridge_curves(points_mm: np.ndarray, idx: np.ndarray, sp: np.ndarray, span_mm: float = 6.0):
+    """Replace each jump of a voxel path (a bridge between rib pieces) by a smooth curve.
+
+    Where the rib is hidden (the costotransverse region, labelled as vertebra, or bone
+    cut off next to it) its pieces are joined by a straight edge, which cuts the bend
+    of the rib at the tubercle. A cubic Hermite curve leaving the first piece along
+    its end direction and entering the next along its start direction (each over
+    ``span_mm``) follows the bend instead. Returns the new points and the number of
+    bridges.
+    """
+    jumps = np.flatnonzero(np.abs(np.diff(idx, axis=0)).max(axis=1) > 1)
+    if len(jumps) == 0:
+        return points_mm, 0
+    steps = np.linalg.norm(np.diff(points_mm, axis=0), axis=1)
+    arc = np.r_[0.0, np.cumsum(steps)]
+    out, start = [], 0
+    for j in jumps:
+        p0, p1 = points_mm[j], points_mm[j + 1]
+        chord = float(np.linalg.norm(p1 - p0))
+        i0 = int(np.searchsorted(arc, arc[j] - span_mm))
+        i1 = int(np.searchsorted(arc, arc[j + 1] + span_mm))
+        i1 = min(i1, len(points_mm) - 1)
+        d0 = p0 - points_mm[min(i0, j)]
+        d1 = points_mm[max(i1, j + 1)] - p1
+        d0 = d0 / np.linalg.norm(d0) if np.linalg.norm(d0) > 0.5 else (p1 - p0) / max(chord, 1e-6)
+        d1 = d1 / np.linalg.norm(d1) if np.linalg.norm(d1) > 0.5 else (p1 - p0) / max(chord, 1e-6)
+        t = np.linspace(0.0, 1.0, max(int(np.ceil(chord / 0.5)), 2) + 1)[1:-1, None]
+        h00, h10 = 2 * t ** 3 - 3 * t ** 2 + 1, t ** 3 - 2 * t ** 2 + t
+        h01, h11 = -2 * t ** 3 + 3 * t ** 2, t ** 3 - t ** 2
+        curve = h00 * p0 + h10 * chord * d0 + h01 * p1 + h11 * chord * d1
+        out += [points_mm[start:j + 1], curve]
+        start = j + 1
+    out.append(points_mm[start:])
+    return np.vstack(out), len(jumps)
+
+
+def _end_direction(line: np.ndarray, span_mm: float = 8.0) -> np.ndarray:
+    """Unit direction in which the polyline ``line`` (mm) leaves its last point."""
+    steps = np.linalg.norm(np.diff(line, axis=0), axis=1)
+    back = np.cumsum(steps[::-1])
+    k = int(np.searchsorted(back, min(span_mm, 0.5 * float(back[-1])))) if len(back) else 0
+    d = line[-1] - line[max(len(line) - 2 - k, 0)]
+    n = float(np.linalg.norm(d))
+    return d / n if n > 0 else np.zeros(3)
+
+
+def _tip_extension(line, field, sp, soft_hu, radius, outside, step_mm: float = 0.25):
+    """How far (mm) the bone reaches beyond the centreline's end, and whether it is cut.
+
+    Samples the smoothed CT along the end direction, from two voxels inside the
+    centreline's end, and finds where it falls below the half-maximum between the
+    rib's HU near its tip and soft tissue. A rib whose bone still continues where the
+    scanned volume ends (the array border or the scanner's padding) is cut.
+    """
+    d = _end_direction(line)
+    if not d.any():
+        return 0.0, False
+    back = 2.0 * float(sp.max())
+    reach = back + 2.0 * radius + 2.0 * float(sp.max())
+    s = np.arange(0.0, reach + step_mm, step_mm)
+    pos = line[-1] + np.outer(s - back, d)
+    vox = (pos / sp).T
+    hu = ndimage.map_coordinates(field, vox, order=1, mode="nearest")
+    # the rib's own level: the centreline's last ~10 mm
+    arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(line, axis=0), axis=1))]
+    near_tip = line[arc >= arc[-1] - 10.0]
+    own = float(np.median(ndimage.map_coordinates(field, (near_tip / sp).T, order=1, mode="nearest")))
+    level = 0.5 * (own + soft_hu)
+    below = np.flatnonzero(hu < level)
+    if len(below) == 0:
+        end = reach
+    else:
+        i = int(below[0])
+        if i == 0:
+            end = 0.0
+        else:  # linear interpolation between the samples around the crossing
+            h0, h1 = float(hu[i - 1]), float(hu[i])
+            end = float(s[i - 1] + step_mm * (h0 - level) / max(h0 - h1, 1e-6))
+    ext = end - back
+    cut = False
+    if outside is not None:
+        probe = line[-1] + np.outer(np.arange(0.0, 2.0 * float(sp.max()) + step_mm, step_mm) + max(ext, 0.0), d)
+        cut = bool(np.any(outside(probe / sp)))
+    return float(max(ext, -back)), cut
 
 
 def _trim_at_osseous_tip(path, nodes, base, sp, ct, thr, run_mm: float = 4.0):

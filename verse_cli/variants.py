@@ -50,8 +50,10 @@ from .ribs import (
     Frame,
     bone_threshold,
     measure_rib,
+    outside_scan,
     segment_ribs,
     smooth_ct,
+    tissue_levels,
 )
 
 RAS = ("R", "A", "S")
@@ -61,6 +63,7 @@ PSEUDARTHROSIS_MM = 2.0  # Castellvi II
 TP_LATERAL = 0.6  # transverse process: lateral of this fraction of the vertebra's half width
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
+TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
 RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
 THORACOLUMBAR = {17, 18, 19, 28, 20}  # T10-T13, L1: where the rib rule moves the boundary
 
@@ -75,6 +78,8 @@ class Grid:
     sp: np.ndarray
     present: list[int]
     boxes: dict | None = None
+    smooth: np.ndarray | None = None  # the CT smoothed over ~2 mm (ribs.smooth_ct)
+    soft_hu: float = 40.0  # median HU of soft tissue
 
     def points(self, lab: int) -> np.ndarray:
         """Voxel indices of one label (found in its bounding box, not the whole volume)."""
@@ -113,7 +118,9 @@ def rate_variants(ct_img, mask_img, centroids=None, stump_mm: float = STUMP_MM,
     bone, thr, unlabelled, spine_info = None, None, None, {}
     if grid.ct is not None:
         thr = bone_threshold(grid.ct, grid.mask)
-        bone = smooth_ct(grid.ct, grid.sp) >= thr
+        grid.soft_hu = tissue_levels(grid.ct, grid.mask)[0]
+        grid.smooth = smooth_ct(grid.ct, grid.sp)
+        bone = grid.smooth >= thr
         unlabelled, spine_info = unlabelled_spine(bone, grid, frames, present)
         evidence["bone_threshold_hu"] = round(thr, 1)
     else:
@@ -213,8 +220,13 @@ def vertebra_frames(grid: Grid, present: list[int], centroids, mask_img) -> dict
             bodies = {lab: np.asarray(c) * sp for lab, c in zip(ctd.labels, ctd.coords)}
         except DataError:
             bodies = {}
+    world_front = np.array([0.0, 1.0, 0.0])
     for lab in present:
-        if lab not in bodies and lab not in (26, 27):
+        if lab in (26, 27):
+            continue
+        # a body centroid behind the vertebra's centre of mass is not a body (a centroid
+        # on a long spinous process, as C7's); the mask's own estimate replaces it
+        if lab not in bodies or float((bodies[lab] - centres[lab]) @ world_front) < 0.0:
             bodies[lab] = _body_estimate(_points_mm(grid, lab), centres[lab])
     spine = [lab for lab in present if L.is_vertebra(lab)]
     frames = {}
@@ -363,6 +375,9 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
     labels = grid.mask.astype(np.uint16 if grid.mask.dtype != np.uint16 else grid.mask.dtype)
     labels = np.where(unlabelled & (labels == 0), UNLABELLED, labels).astype(np.uint16)
     components, info, joint_distance = segment_ribs(bone, labels, grid.sp, frames, wanted)
+    outside = outside_scan(grid.ct)
+    zone = np.zeros(grid.mask.shape, dtype=bool)
+    zone.flat[info.pop("removed")] = True
     evidence["segmentation"] = info
     for lab in wanted:
         entry: dict = {}
@@ -372,7 +387,8 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
                 continue
             rib = measure_rib(comps, grid.mask.shape, grid.sp, joint_distance, frames[lab], side=side,
-                              ct=grid.ct, thr=thr)
+                              ct=grid.ct, thr=thr, smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside,
+                              zone=zone)
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
             if rib.cut:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
@@ -384,9 +400,11 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 # the transverse process is not one
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
-            elif rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, 0.3 * rib.length_mm):
-                # a piece that ends back on the spine is a rib head and neck whose shaft
-                # was lost, or bone running along the vertebrae, not a rib
+            elif lab != 7 and rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, TIP_AWAY * min(rib.length_mm, 60.0)):
+                # a piece whose tip is not carried away from the spine is a rib head and
+                # neck whose shaft was lost (it ends at the transverse process), or bone
+                # running along the vertebrae, not a rib: a rib points away from the spine.
+                # C7 is spared: a rudimentary cervical rib hugs its long transverse process
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             else:

@@ -158,9 +158,13 @@ def variants_json(spec: dict, order: list[str], in_fov: dict, ribs: dict, fused:
     cerv = [n for n in order if region[n] == "C"]
     thor = [n for n in order if region[n] == "T"]
     lumb = [n for n in order if region[n] == "L"]
+    # the thoracolumbar boundary is placed by ribs (paper): the last thoracic vertebra
+    # tells it only when one of its ribs is in view, not by a sliver of its arch
+    boundary_seen = not thor or any((ribs.get(thor[-1], {}).get(s) or (None, "absent"))[1] in ("present", "cut")
+                                    for s in ("left", "right"))
     enum_c = len(cerv) if determinable(cerv, None, thor[0] if thor else None) else None
-    enum_t = len(thor) if determinable(thor, cerv[-1], lumb[0] if lumb else "S1") else None
-    enum_l = len(lumb) if determinable(lumb, thor[-1] if thor else None, "S1") else None
+    enum_t = len(thor) if determinable(thor, cerv[-1], lumb[0] if lumb else "S1") and boundary_seen else None
+    enum_l = len(lumb) if determinable(lumb, thor[-1] if thor else None, "S1") and boundary_seen else None
     flags = []
     if enum_t is not None and enum_t != 12:
         flags.append(f"T{enum_t}")

@@ -21,8 +21,10 @@ Automatic defacing works on an axis-aligned RAS+ copy of the scan at 3 mm, so th
    scanned volume, as at the top of an oblique or short scan, are never the neck); with a skull found, also everything above a
    plane across the head's axis 55 mm below the top of C1 (tilted heads carry their
    chin with them). Neither: no face.
-5. **The cut** is ``y_front + 9 mm`` below C1 and a line parallel to the head's axis
-   above it. Everything in front of the cut and above the chin goes (nose, lips,
+5. **The cut** is ``y_front + 9 mm`` below the top of the spine track (C1) and, from
+   15 mm above it (skull only), a line 10 mm behind C1's front; above C1 it runs
+   parallel to the head's axis when a skull was fitted (vertical otherwise): the face's
+   back plane runs through the skull base, behind the front of C1. Everything in front of the cut and above the chin goes (nose, lips,
    eyes, chin, jaw, and the front of the skull), except a 12 mm shell around the
    tracked spine, which is never touched. Less than 20 cm3 of tissue in front of the
    cut means the face lies outside the field of view: nothing changes.
@@ -59,6 +61,8 @@ PROTECT_MM = 12.0  # shell around the tracked spine that is never removed
 CHIN_BELOW_C1_MM = 55.0  # chin below the top of C1, along the head axis (or straight down)
 MIN_FACE_CM3 = 20.0
 FOV_EDGE_MM = 15.0
+CLEARANCE_ABOVE_C1_MM = -10.0  # above the spine track the cut runs this far behind its front ...
+SKULL_ONLY_ABOVE_C1_MM = 15.0  # ... from this far above its top (C1's arch or the dens may reach past it)
 PROTECT_ABOVE_SKULL_BASE_MM = 6.0  # a body front this close to the scanned volume's front edge is cut by it
 HEAD_RADIUS_MM = (50.0, 130.0)
 HEAD_MAX_SLOPE = 1.0
@@ -377,9 +381,12 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     # 4. the cut surface and the protected shell around the spine
     clearance = CLEARANCE_MM  # the margin grows the cut downward only: the spine side stays fixed
     y_cut = y_front + clearance
+    above = zs > z_c1
+    # Well above the top of the spine track (skull only) the cut runs behind the spine's front line.
+    skull_only = zs > z_c1 + SKULL_ONLY_ABOVE_C1_MM
+    y_cut[above] = y_c1 + np.where(skull_only[above], CLEARANCE_ABOVE_C1_MM, clearance)
     if axis is not None:  # above C1 the cut runs parallel to the head's axis
-        above = zs > z_c1
-        y_cut[above] = y_c1 + clearance + axis * (zs[above] - z_c1)
+        y_cut[above] += axis * (zs[above] - z_c1)
     # Above the skull base the track also holds skull around the foramen magnum: a thinner shell
     # there (C1's arch and the dens are in the track itself) leaves no notch of face behind.
     shell = np.full(nz, PROTECT_MM)

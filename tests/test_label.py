@@ -524,3 +524,64 @@ def test_training_targets_sit_on_the_projected_centroids():
     loss = B.step_fn(net, [x[None] for x in (sag, cor, ts, tc)], "cpu")
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def _blob_view(length_mm=150.0):
+    shape, aff = LB.spine_grid(np.zeros(3), np.array([60.0, 60.0, length_mm]))
+    view = LB.SpineView(np.zeros((3, shape[2], shape[1]), np.float32), np.zeros((3, shape[2], shape[0]), np.float32),
+                        aff, shape)
+    h, w = shape[2] // OUTPUT_STRIDE, shape[0] // OUTPUT_STRIDE
+    yy, xx = np.mgrid[0:h, 0:w]
+
+    def blob(r, c, height):
+        return height * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * 1.2 ** 2))
+
+    hs = np.zeros((len(CHANNELS), h, w), np.float32)
+    return view, aff, blob, hs, np.zeros_like(hs)
+
+
+def test_a_coronal_column_off_the_spine_line_is_re_picked_near_it():
+    view, aff, blob, hs, hc = _blob_view()
+    for r in (10, 22, 34):
+        hs[0] += blob(r, 30, 0.9)
+        hc[0] += blob(r, 32, 0.9)
+    hs[0] += blob(46, 30, 0.3)
+    hc[0] += blob(46, 32, 0.2)
+    hc[0] += blob(46, 4, 0.5)  # a bright edge of a narrow field of view on the same rows
+    cands = LB.candidates(hs, hc, view)
+    cols = geometry.world2vox(aff, cands.world)[:, 0]
+    assert len(cands.world) == 4 and np.allclose(cols, 2 * 32 + 0.5, atol=1.5)
+
+
+def test_the_sacrum_channel_below_the_chain_gives_its_level_not_a_centroid():
+    view, _aff, blob, hs, hc = _blob_view(200.0)
+    k_s1 = LB.N_FIXED + P.PRIOR_LABELS.index(P.SACRUM)
+    rows = (8, 19, 31, 43, 55)  # five lumbar bodies, about 35 mm apart
+    for r in rows:
+        hs[0] += blob(r, 30, 0.9)
+        hc[0] += blob(r, 32, 0.9)
+        hs[1] += blob(r, 30, 0.45)  # no opinion on ribs
+        hc[1] += blob(r, 32, 0.45)
+    # the network puts its labels one level too high (T12..L4): nothing anchors the count
+    for r, lab in zip(rows, (19, 20, 21, 22, 23)):
+        k = LB.N_FIXED + P.PRIOR_LABELS.index(lab)
+        hs[LB.N_FIXED:] += blob(r, 30, 0.05)
+        hc[LB.N_FIXED:] += blob(r, 32, 0.05)
+        hs[k] += blob(r, 30, 0.15)
+        hc[k] += blob(r, 32, 0.15)
+    cands = LB.candidates(hs, hc, view, sacrum_peak=True)
+    assert cands.s1_peak == -1
+    _, chain = LB.label_with_sacrum_peak(cands, {})
+    assert sorted(lab for lab in chain.labels if lab) == [19, 20, 21, 22, 23]
+    # a faint sacrum blob in the S1 channel, in front of the body line, 10-15 mm under the last body
+    hs[k_s1] += blob(59, 40, 0.08)
+    cands = LB.candidates(hs, hc, view)
+    assert cands.s1_peak >= 0 and cands.world[cands.s1_peak, 2] < cands.world[:, 2].min() + 1e-6
+    used, chain = LB.label_with_sacrum_peak(cands, {})
+    assert len(used.world) == 5  # the sacrum's level is no centroid
+    assert sorted(lab for lab in chain.labels if lab) == [20, 21, 22, 23, 24]
+    # a user fix still wins
+    top = int(np.argmax(used.world[:, 2]))
+    _, fixed = LB.label_with_sacrum_peak(cands, {int(np.argmax(cands.world[:, 2])): 19})
+    assert fixed.labels[int(np.argmax(cands.world[:, 2]))] == 19
+    assert top == int(np.argmax(cands.world[:, 2]))

@@ -293,3 +293,36 @@ def test_a_peak_off_the_spine_is_no_next_vertebra():
                         sacrum_prob=np.concatenate([sacrum(labs), np.full(len(labs), 0.05)]))
     assert res.labels[:len(labs)] == labs
     assert all(lab is None for lab in res.labels[len(labs):])
+
+
+# --------------------------------------------------------------------------- the sacrum's level
+def test_a_sacrum_level_below_the_chain_makes_its_last_vertebra_l5():
+    labs = [20, 21, 22, 23, 24]
+    pos = spine(labs + [26])
+    s1 = pos[-1]
+    pos = pos[:-1]
+    e = net_says(labs, strength=1.0, shift=-1)  # a network shifted up by one level (T12..L4)
+    no_level = run(labs, pos=pos, emis=e, sacrum_prob=np.full(5, 0.05))
+    assert no_level.labels == [19, 20, 21, 22, 23]
+    # the sacrum's top seen 10-20 mm below the last body centroid (a tilted sacrum on a real scan)
+    for gap in (10.0, 15.0, 22.0):
+        res = run(labs, pos=pos, emis=e, sacrum_prob=np.full(5, 0.05), sacrum_level=pos[-1, 2] - gap)
+        assert res.labels == labs, gap
+    assert s1[2] < pos[-1, 2]
+
+
+def test_a_vertebra_sized_gap_above_the_sacrum_level_is_a_missed_l5():
+    full = [19, 20, 21, 22, 23, 24, 26]
+    pos = spine(full)
+    keep = [0, 1, 2, 3, 4]  # T12..L4 detected, L5 missed, the sacrum seen as a level only
+    e = net_says([full[i] for i in keep], strength=0.3)
+    level = pos[5, 2] - 15.0
+    res = run([full[i] for i in keep], pos=pos[keep], emis=e, sacrum_prob=np.full(5, 0.05),
+              rib_prob=ribs([full[i] for i in keep]), sacrum_level=level)
+    assert res.labels == [19, 20, 21, 22, 23]
+
+
+def test_without_a_sacrum_level_the_end_of_the_chain_is_free():
+    labs = [14, 15, 16, 17, 18]
+    base = run(labs, emis=net_says(labs, strength=1.0))
+    assert base.labels == labs

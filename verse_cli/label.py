@@ -506,6 +506,12 @@ class Candidates:
     exist: np.ndarray  # (N,) probability of a real vertebra or sacrum
     rib: np.ndarray  # (N,)
     sacrum: np.ndarray  # (N,)
+    s1_peak: int = -1  # index of the candidate taken from the sacrum channel alone (-1: none)
+
+    def without(self, i: int) -> Candidates:
+        keep = np.arange(len(self.world)) != i
+        return Candidates(self.world[keep], self.label_logp[keep], self.exist[keep], self.rib[keep],
+                          self.sacrum[keep])
 
 
 STRIDE = 2
@@ -561,35 +567,110 @@ def _existence(v: float) -> float:
     return float(0.35 + t * (0.55 + 0.8 * STRONG_PEAK - 0.35))
 
 
+COR_OFF_MM = 10.0  # a coronal column this far off the spine line of the reliable peaks is re-picked
+RELIABLE_PEAK = 0.3  # sagittal "any" peaks whose coronal column draws the spine line
+S1_PEAK = 0.05  # the sagittal S1 channel's maximum below the chain becomes the sacrum candidate
+
+
+def _spine_line(rows: np.ndarray, cols: np.ndarray, reliable: np.ndarray, tol: float) -> np.ndarray | None:
+    """Expected coronal column per row from the reliable peaks (a column off the line of its
+    neighbours by more than ``tol`` pixels does not count); None with fewer than two."""
+    r, c = rows[reliable], cols[reliable]
+    if len(r) < 2:
+        return None
+    o = np.argsort(r)
+    r, c = r[o], c[o]
+    # each reliable column against the median of its neighbours: a lone outlier is dropped
+    med = np.array([np.median(c[max(0, i - 2):i + 3]) for i in range(len(c))])
+    ok = np.abs(c - med) <= tol
+    if ok.sum() < 2:
+        return None
+    return np.interp(rows, r[ok], c[ok])
+
+
 def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float = PEAK_THRESHOLD,
-               nms_mm: float = NMS_MM) -> Candidates:
+               nms_mm: float = NMS_MM, sacrum_peak: bool = True) -> Candidates:
     """3D candidates from the two views' heatmaps (see the module docstring).
 
     A weak peak within ``nms_mm`` (along the superior axis) of a stronger one is dropped:
     weak peaks only fill levels that have no strong one. Strong peaks all stay (a second
     peak on the posterior elements of a level): the prior's chain must be smooth
     (:func:`verse_cli.prior._jump_logp`), which decides between them.
+
+    The coronal column of a peak is the strongest one on its rows, unless it lies more
+    than :data:`COR_OFF_MM` off the line the reliable peaks draw (a narrow or tilted
+    field of view leaves bright edges in the coronal view): then the strongest column
+    near that line. With ``sacrum_peak``, the maximum of the sagittal S1 channel, where
+    it lies below every candidate's level, becomes one more candidate (the sacrum is
+    often too faint in the "any" channel of a real scan, and it anchors the lumbar count).
     """
     any_s, any_c = hs[0], hc[0]
     pixel_mm = abs(view.affine[0, 0]) * STRIDE
     peaks = local_maxima(any_s, threshold, size=2 * int(7.5 // pixel_mm) + 1)  # 15 mm: the closest levels
-    pts, logp, exist, rib, sac, height = [], [], [], [], [], []
     k_s1 = N_FIXED + P.PRIOR_LABELS.index(P.SACRUM)
+    rows, cols_a, cols_r, strong = [], [], [], []
     for r, c in peaks:
         row, col_a = _subpixel(any_s, int(r), int(c))
         ri = round(row)
-        band = any_c[max(ri - 1, 0):ri + 2]
-        col_r_int = int(np.argmax(band.max(axis=0)))
-        row_c, col_r = _subpixel(any_c, ri, col_r_int)
+        band = any_c[max(ri - 1, 0):ri + 2].max(axis=0)
+        rows.append(row)
+        cols_a.append(col_a)
+        cols_r.append(int(np.argmax(band)))
+        strong.append(any_s[int(r), int(c)] >= RELIABLE_PEAK)
+    rows_arr, cols_arr = np.array(rows, float), np.array(cols_r, float)
+    tol = COR_OFF_MM / pixel_mm
+    line = _spine_line(rows_arr, cols_arr, np.array(strong, bool), tol) if len(rows) else None
+    s1_idx = -1
+    if sacrum_peak and len(rows):
+        s1 = hs[k_s1]
+        r1, c1 = np.unravel_index(int(np.argmax(s1)), s1.shape)
+        lowest = max((r for r, ok in zip(rows, strong) if ok), default=max(rows))
+        if s1[r1, c1] >= S1_PEAK and (r1 - lowest) * pixel_mm > nms_mm:
+            # the centre of the sacrum blob (the maximum is its upper, anterior end: the promontory)
+            from scipy import ndimage
+
+            blob, _ = ndimage.label(s1 >= 0.5 * s1[r1, c1])
+            sel = blob == blob[r1, c1]
+            w = s1 * sel
+            rr, cc = np.nonzero(sel)
+            row = float((w[rr, cc] * rr).sum() / w[rr, cc].sum())
+            col_a = float((w[rr, cc] * cc).sum() / w[rr, cc].sum())
+            ri = round(row)
+            band = np.maximum(any_c, hc[k_s1])[max(ri - 1, 0):ri + 2].max(axis=0)
+            rows.append(row)
+            cols_a.append(col_a)
+            cols_r.append(int(np.argmax(band)))
+            s1_idx = len(rows) - 1
+            debug(f"sacrum peak {s1[r1, c1]:.2f}: candidate at row {row:.1f}, below the lowest reliable "
+                  f"row {lowest:.1f}")
+    pts, logp, exist, rib, sac, height = [], [], [], [], [], []
+    for n, (row, col_a, col_r_int) in enumerate(zip(rows, cols_a, cols_r)):
+        ri = round(row)
+        is_s1 = n == s1_idx
+        src = np.maximum(any_c, hc[k_s1]) if is_s1 else any_c
+        band = src[max(ri - 1, 0):ri + 2].max(axis=0)
+        if line is not None:
+            exp = float(np.interp(row, rows_arr, line))
+            if abs(col_r_int - exp) > tol:
+                lo_c, hi_c = max(int(np.floor(exp - tol)), 0), min(int(np.ceil(exp + tol)) + 1, band.size)
+                if hi_c > lo_c:
+                    col_r_int = lo_c + int(np.argmax(band[lo_c:hi_c]))
+        row_c, col_r = _subpixel(any_c if not is_s1 else src, ri, col_r_int)
         vs = _peak_value(hs, row, col_a)
         vc = _peak_value(hc, row_c, col_r)
         v = np.sqrt(np.clip(vs * vc, 0, None))
         lab = v[N_FIXED:] + 1e-3
         logp.append(np.log(lab / lab.sum()))
-        height.append(float(np.sqrt(vs[0] * max(vc[0], 0.05))))
-        exist.append(_existence(height[-1]))
+        if is_s1:
+            h1 = float(vs[k_s1])
+            height.append(max(float(np.sqrt(vs[0] * max(vc[0], 0.05))), h1))
+            exist.append(_existence(max(h1, 0.15)))
+            sac.append(float(np.clip(0.5 + h1 / (2 * max(vs[0], h1, 1e-3)), 0.5, 0.9)))
+        else:
+            height.append(float(np.sqrt(vs[0] * max(vc[0], 0.05))))
+            exist.append(_existence(height[-1]))
+            sac.append(float(np.clip(v[k_s1] / max(v[0], 1e-3), 0.0, 1.0)))
         rib.append(float(np.clip(v[1] / max(v[0], 1e-3), 0.0, 1.0)))
-        sac.append(float(np.clip(v[k_s1] / max(v[0], 1e-3), 0.0, 1.0)))
         # heatmap pixel k covers input pixels 2k and 2k + 1
         grid_vox = [STRIDE * col_r + 0.5, STRIDE * col_a + 0.5, STRIDE * (row + row_c) / 2 + 0.5]
         pts.append(geometry.vox2world(view.affine, np.array(grid_vox)))
@@ -603,12 +684,56 @@ def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float
             continue
         level = free & (np.abs(world[:, 2] - world[i, 2]) < nms_mm)  # along the body axis (world S)
         level &= strength < STRONG_PEAK  # strong peaks all stay: the prior picks the smooth chain
+        if 0 <= s1_idx < n:  # the sacrum candidate stays, and suppresses nothing
+            level[s1_idx] = i == s1_idx
+            if i == s1_idx:
+                level[:] = False
         level[i] = True
         keep[i] = True
         free[level] = False
     idx = np.nonzero(keep)[0]
     return Candidates(world[idx], np.array(logp).reshape(n, len(P.PRIOR_LABELS))[idx],
-                      np.array(exist)[idx], np.array(rib)[idx], np.array(sac)[idx])
+                      np.array(exist)[idx], np.array(rib)[idx], np.array(sac)[idx],
+                      int(np.nonzero(idx == s1_idx)[0][0]) if s1_idx in idx else -1)
+
+
+def _chain(cands: Candidates, fixed: dict[int, int], sacrum_level: float | None = None) -> P.ChainLabels:
+    return P.label_chain(cands.world, cands.label_logp, exist_logp=np.log(cands.exist),
+                         rib_prob=cands.rib, sacrum_prob=cands.sacrum, fixed=fixed, sacrum_level=sacrum_level)
+
+
+SACRUM_ABOVE = frozenset((17, 18, 19, 28, 20, 21, 22, 23, 24, 25))  # T10-T13, L1-L6: may end above the sacrum
+
+
+def label_with_sacrum_peak(cands: Candidates, fixed: dict[int, int]) -> tuple[Candidates, P.ChainLabels]:
+    """The prior's chain, anchored by the sacrum peak where the chain stops above it.
+
+    The candidate taken from the sacrum channel alone (:attr:`Candidates.s1_peak`) is
+    not a body centroid: on a real scan the S1 channel marks the top of the tilted
+    sacrum, often in front of or behind the body line. It gives the sacrum's *level*.
+    The chain is labelled without it; if it then ends at a low thoracic or lumbar
+    vertebra with no sacrum candidate, above the peak, the prior runs again with the
+    peak's S coordinate as ``sacrum_level`` (:func:`verse_cli.prior._end_logp`): the
+    last mobile vertebra above the sacrum is L5 unless the gap holds a missed level or
+    the chain has evidence for a variant.
+    """
+    i = cands.s1_peak
+    if i < 0 or i in fixed:  # none, or a user fix took it over: a candidate like any other
+        return cands, _chain(cands, fixed)
+    base = cands.without(i)
+    fixed_b = {k - (k > i): v for k, v in fixed.items()}
+    chain = _chain(base, fixed_b)
+    used = [k for k, lab in enumerate(chain.labels) if lab is not None]
+    if not used:
+        return base, chain
+    last = min(used, key=lambda k: base.world[k, 2])
+    lab = chain.labels[last]
+    level = float(cands.world[i, 2])
+    if lab not in SACRUM_ABOVE or P.SACRUM in chain.labels or base.world[last, 2] <= level:
+        return base, chain
+    debug(f"sacrum level {level - base.world[last, 2]:.0f} mm below the chain's last vertebra ({lab}): "
+          "the chain is numbered from it")
+    return base, _chain(base, fixed_b, sacrum_level=level)
 
 
 # --------------------------------------------------------------------------- evidence on the CT
@@ -727,6 +852,7 @@ def apply_fixes(cands: Candidates, fixes_world: dict[int, np.ndarray], radius_mm
         np.concatenate([cands.exist, np.full(len(extra), 0.98)]),
         np.concatenate([cands.rib, np.full(len(extra), 0.5)]),
         np.concatenate([cands.sacrum, np.full(len(extra), 0.5)]),
+        cands.s1_peak,
     )
     for j, (lab, _) in enumerate(extra):
         fixed[n + j] = lab
@@ -862,8 +988,7 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     if fixes:
         cands, fixed_idx = apply_fixes(cands, fixes)
     try:
-        chain = P.label_chain(cands.world, cands.label_logp, exist_logp=np.log(cands.exist),
-                              rib_prob=cands.rib, sacrum_prob=cands.sacrum, fixed=fixed_idx)
+        cands, chain = label_with_sacrum_peak(cands, fixed_idx)
     except ValueError as exc:
         raise DataError(f"the corrections cannot be satisfied together: {exc}", fix or fix_markers) from None
     keep = [i for i, lab in enumerate(chain.labels)

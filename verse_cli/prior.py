@@ -80,6 +80,13 @@ class PriorParams:
     jump_ratio: float = 0.6
     jump_free_mm: float = 8.0
     jump_sigma_mm: float = 5.0
+    # the sacrum's level seen below the chain (``sacrum_level``): the gap along S from the chain's
+    # last vertebra to it is expected at the path's length minus sacrum_offset_mm (the level marks
+    # the top of the tilted sacrum, above the S1 body centroid), log-normal with sacrum_gap_sigma
+    sacrum_offset_mm: float = 20.0
+    sacrum_gap_sigma: float = 0.45
+    sacrum_no_path_logp: float = float(np.log(1e-4))  # more levels missing than the prior allows
+    below_sacrum_logp: float = float(np.log(0.01))  # a chain ending under the sacrum's level
 
 
 @dataclass
@@ -249,6 +256,7 @@ def label_chain(
     sacrum_prob=None,
     fixed: dict[int, int] | None = None,
     params: PriorParams | None = None,
+    sacrum_level: float | None = None,
 ) -> ChainLabels:
     """Label a chain of candidate vertebrae with the globally best anatomical sequence.
 
@@ -271,6 +279,11 @@ def label_chain(
     fixed : dict, optional
         ``{candidate index: VerSe id}`` hard constraints (user corrections).
     params : PriorParams, optional
+    sacrum_level : float, optional
+        World S coordinate (mm) of the sacrum's level where it is seen below the
+        candidates (not as a candidate): the chain's last vertebra is numbered from it
+        (the last mobile vertebra above the sacrum is L5, unless the gap holds a missed
+        level or the chain has evidence for a variant). See :func:`_end_logp`.
 
     Returns
     -------
@@ -322,12 +335,14 @@ def label_chain(
     best = None
     for scale in params.scales:
         scale_logp = -0.5 * (np.log(scale) / params.scale_sigma) ** 2
-        score, chosen = _viterbi(pos, emis, use, skip, paths, scale, params)
+        end_logp = _end_logp(params, pos, paths, scale, sacrum_level)
+        score, chosen = _viterbi(pos, emis, use, skip, paths, scale, params, end_logp)
         if best is None or score + scale_logp > best[0]:
             best = (score + scale_logp, scale, chosen)
     assert best is not None
     total, scale, chosen = best
-    post = _posteriors(pos, emis, use, skip, paths, scale, params)
+    post = _posteriors(pos, emis, use, skip, paths, scale, params,
+                       _end_logp(params, pos, paths, scale, sacrum_level))
 
     labels_sorted: list[int | None] = [None] * N
     conf_sorted = np.zeros(N)
@@ -382,18 +397,36 @@ def _jump_logp(a: np.ndarray, b: np.ndarray, params) -> float:
     return -0.5 * (excess / params.jump_sigma_mm) ** 2
 
 
-def _end_logp(params) -> np.ndarray:
-    """(K,) log prior of the chain's last used label: L6 needs the sacrum after it."""
-    out = np.zeros(len(PRIOR_LABELS))
-    out[_INDEX[25]] = params.l6_end_logp
+def _end_logp(params, pos: np.ndarray, paths: _Paths, scale: float, sacrum_level: float | None
+              ) -> np.ndarray:
+    """(N, K) log prior of the chain ending at candidate i with label k.
+
+    Without a sacrum level: L6 needs the sacrum after it (``l6_end_logp``). With one (the
+    sacrum seen below the chain): the gap along S from the last vertebra to that level
+    must fit the levels between them, over the same paths as between candidates
+    (missed levels and variants at their prior cost); a last vertebra below the level
+    pays ``below_sacrum_logp``; S1 itself ends the chain freely.
+    """
+    N, K = len(pos), len(PRIOR_LABELS)
+    out = np.zeros((N, K))
+    if sacrum_level is None:
+        out[:, _INDEX[25]] = params.l6_end_logp
+        return out
+    s = _INDEX[SACRUM]
+    gap = pos[:, 2] - float(sacrum_level)  # (N,)
+    expected = np.maximum((paths.mm[:, s, :] - params.sacrum_offset_mm) * scale, 1.0)  # (K, P)
+    z = np.log(np.maximum(gap, 1.0)[:, None, None] / expected[None]) / params.sacrum_gap_sigma
+    fit = np.max(paths.logp[None, :, s, :] - 0.5 * z * z, axis=2)  # (N, K)
+    fit = np.maximum(fit, params.sacrum_no_path_logp)
+    out = np.where(gap[:, None] > 0, fit, params.below_sacrum_logp)
+    out[:, s] = 0.0
     return out
 
 
-def _viterbi(pos, emis, use, skip, paths, scale, params):
+def _viterbi(pos, emis, use, skip, paths, scale, params, end_logp):
     N, K = emis.shape
     sums = _SkipSums(skip)
     unary = emis + use[:, None]
-    end_logp = _end_logp(params)
     V = np.full((N, K), -np.inf)
     back: list[list] = [[None] * K for _ in range(N)]
     window = params.max_skipped + 1
@@ -425,14 +458,13 @@ def _viterbi(pos, emis, use, skip, paths, scale, params):
     return score, chosen[::-1]
 
 
-def _posteriors(pos, emis, use, skip, paths, scale, params) -> np.ndarray:
+def _posteriors(pos, emis, use, skip, paths, scale, params, end_logp) -> np.ndarray:
     """(N, K + 1) log posterior of each label per candidate; column K: candidate false."""
     N, K = emis.shape
     sums = _SkipSums(skip)
     unary = emis + use[:, None]
     window = params.max_skipped + 1
     ends = np.array([sums.after(i, N) for i in range(N)])
-    end_logp = _end_logp(params)
     trans = {}
     for j in range(N):
         for i in range(max(0, j - window), j):
@@ -447,11 +479,11 @@ def _posteriors(pos, emis, use, skip, paths, scale, params) -> np.ndarray:
         alpha[j] = _logsumexp(np.stack(terms), axis=0)
     beta = np.full((N, K), -np.inf)
     for i in range(N - 1, -1, -1):
-        terms = [ends[i] + end_logp]
+        terms = [ends[i] + end_logp[i]]
         for j in range(i + 1, min(N, i + window + 1)):
             terms.append(_logsumexp(trans[i, j] + (unary[j] + beta[j])[None, :], axis=1))
         beta[i] = _logsumexp(np.stack(terms), axis=0)
-    logz = float(_logsumexp((alpha + ends[:, None] + end_logp[None, :]).ravel(), axis=0))
+    logz = float(_logsumexp((alpha + ends[:, None] + end_logp).ravel(), axis=0))
     post = np.full((N, K + 1), -np.inf)
     post[:, :K] = alpha + beta - logz
     used = _logsumexp(post[:, :K], axis=1)

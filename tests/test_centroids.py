@@ -101,6 +101,60 @@ def test_orientation_round_trip_is_lossless_for_mask_and_centroids(real_data, co
     assert max(errors.values()) < 0.5
 
 
+# --------------------------------------------------------------------------- a cervical phantom
+def _cervical_phantom(euler, spacing, lordosis_deg=8.0):
+    """C3-C7 in lordosis with small bodies (18 x 15 x 13 mm) and a thick arch (7 mm laminae,
+    a 14 mm wide spinous process), like the synthetic cervical spines whose ground truth
+    landed on the arch; on a rotated, anisotropic grid. Returns the mask, its affine and
+    each vertebra's body centre and anterior direction (world mm)."""
+    from scipy.spatial.transform import Rotation
+
+    labs = [3, 4, 5, 6, 7]
+    centres, frames, pos, tilt = [], [], np.zeros(3), 0.0
+    for _ in labs:  # from C7 upwards, bending backwards at every disc
+        frame = Rotation.from_euler("x", -tilt, degrees=True).as_matrix()  # columns: right, anterior, up
+        frames.append(frame)
+        centres.append(pos.copy())
+        pos, tilt = pos + frame[:, 2] * 19.0, tilt + lordosis_deg
+    centres, frames = centres[::-1], frames[::-1]
+    rot = Rotation.from_euler("xyz", euler, degrees=True).as_matrix()
+    corners = np.array(np.meshgrid(*zip(np.min(centres, 0) - 48, np.max(centres, 0) + 48), indexing="ij"))
+    g = (corners.reshape(3, -1).T @ rot) / spacing
+    shape = tuple(int(n) for n in np.ceil(g.max(0) - g.min(0)) + 1)
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = rot @ (g.min(0) * np.asarray(spacing))
+    world = geometry.vox2world(affine, np.indices(shape).reshape(3, -1).T)
+    mask = np.zeros(len(world), np.uint8)
+    for lab, c, f in zip(labs, centres, frames):
+        x, y, z = ((world - c) @ f).T
+        ax, az = np.abs(x), np.abs(z)
+        a, b = np.array([12.0, -17.0]), np.array([0.0, -28.0])  # a lamina, pillar to midline
+        p = np.stack([ax, y], -1)
+        s = np.clip(((p - a) @ (b - a)) / ((b - a) @ (b - a)), 0, 1)
+        inside = (((x / 9.0) ** 2 + (y / 7.5) ** 2 <= 1) & (az <= 6.5)  # body
+                  | (ax >= 6) & (ax <= 10) & (y >= -12) & (y <= -3) & (az <= 3.5)  # pedicles
+                  | (ax >= 9) & (ax <= 17) & (y >= -19) & (y <= -10) & (az <= 8)  # articular pillars
+                  | (ax >= 8) & (ax <= 22) & (y >= -6) & (y <= 0) & (az <= 3)  # transverse processes
+                  | (np.linalg.norm(p - (a + s[:, None] * (b - a)), axis=1) <= 3.5) & (az <= 7)  # laminae
+                  | (ax <= 7) & (y >= -42) & (y <= -26) & (z >= -12) & (z <= 6))  # spinous process
+        mask[inside & (mask == 0)] = lab
+    return mask.reshape(shape), affine, dict(zip(labs, centres)), dict(zip(labs, (f[:, 1] for f in frames)))
+
+
+@pytest.mark.parametrize("euler, spacing", [((0, 0, 0), (0.8, 1.0, 2.0)), ((20, -15, 30), (1.0, 0.7, 2.5)),
+                                            ((90, 0, 180), (2.0, 0.9, 0.9))])
+def test_small_cervical_bodies_behind_a_thick_arch_are_found(euler, spacing):
+    # the arch is as thick as the body (an inscribed sphere of 7 mm in the spinous process,
+    # 6.5 mm in the body): the body centroid once landed 32 mm back, on the spinous process
+    mask, affine, centres, anterior = _cervical_phantom(euler, spacing)
+    ctd = body_centroids(mask, affine)
+    assert ctd.labels == [3, 4, 5, 6, 7]
+    for lab, xyz in zip(ctd.labels, ctd.to_world(affine)):
+        assert np.linalg.norm(xyz - centres[lab]) < 2.0, (lab, xyz - centres[lab])
+        assert abs(float((xyz - centres[lab]) @ anterior[lab])) < 1.5
+
+
 # --------------------------------------------------------------------------- formats
 def test_verse2020_json_round_trip_keeps_direction_and_extras(tmp_path):
     ctd = Centroids([20, 8, 28], [[1.5, 2.25, 3], [4, 5, 6], [7, 8, 9]], ("P", "I", "R"),

@@ -451,7 +451,33 @@ def _body_from_canal(grid: np.ndarray, ndimage, is_atlas: bool,
             region, ndimage, canal_centre, anterior)
         if region is None:
             return None, None, 0.0
+        region = _symmetric_part(region, canal_centre, anterior, ndimage)
     return grid & region[None, :, :], anterior, margin
+
+
+#: Least share of the body's silhouette that must mirror onto itself to drop the rest.
+SYMMETRIC_SHARE = 0.4
+#: Sideways pull (mm) of the asymmetric part above which it is dropped; below it the body
+#: is kept whole (a mirror line a few degrees off would otherwise trim the body itself).
+SYMMETRY_SHIFT_MM = 3.0
+
+
+def _symmetric_part(region: np.ndarray, origin: np.ndarray, direction: np.ndarray, ndimage) -> np.ndarray:
+    """The part of ``region`` that its reflection about the midline ``origin + t * direction``
+    covers: a body is symmetric, a transverse process or an anterior tubercle that the
+    opening left attached on one side is not (cervical processes are as thick as the
+    body and sit beside it), and would pull the centroid sideways by up to 10 mm.
+    The region is kept as it is when the asymmetric part moves its centre of mass by
+    no more than ``SYMMETRY_SHIFT_MM`` sideways, or when less than ``SYMMETRIC_SHARE`` of
+    it is symmetric (a mirror line that is off, a crushed or rotated body)."""
+    mirror = 2.0 * np.outer(direction, direction) - np.eye(2)
+    reflected = ndimage.affine_transform(region.view(np.uint8), mirror, offset=origin - mirror @ origin, order=0)
+    sym = region & (reflected > 0)
+    if sym.sum() < SYMMETRIC_SHARE * region.sum():
+        return region
+    side = np.array([-direction[1], direction[0]])
+    shift = (np.array(ndimage.center_of_mass(region)) - np.array(ndimage.center_of_mass(sym))) @ side
+    return sym if abs(shift) * FRAME_STEP_MM > SYMMETRY_SHIFT_MM else region
 
 
 def _anterior_direction(grid, silhouette, canal, canal_centre, coords, ndimage,

@@ -258,12 +258,17 @@ def test_detect_does_not_depend_on_array_orientation(real_data):
     img = nib.load(real_data.joinpath(*VERSE014[:2]))
     data = np.asarray(img.dataobj, dtype=np.float32)
     model = load_model(DEFAULT_MODEL)
-    _, box_pir = detect(nib.Nifti1Image(data, img.affine), model=model, device="cpu")
-    ras, ras_affine = reorient(data, img.affine, "RAS")
-    _, box_ras = detect(nib.Nifti1Image(ras, ras_affine), model=model, device="cpu")
-    assert np.allclose(box_pir["ras_min_mm"], box_ras["ras_min_mm"], atol=1e-3)
-    assert np.allclose(box_pir["ras_max_mm"], box_ras["ras_max_mm"], atol=1e-3)
-    assert box_ras["image_axcodes"] == ["R", "A", "S"]
+    heat_pir, box_pir = detect(nib.Nifti1Image(data, img.affine), model=model, device="cpu")
+    for codes in ("RAS", "LPI", "SAR"):  # every axis flipped at least once, permutations, both memory orders
+        other, other_affine = reorient(data, img.affine, codes)
+        if codes == "LPI":
+            other = np.asfortranarray(other)
+        heat, box = detect(nib.Nifti1Image(other, other_affine), model=model, device="cpu")
+        # same blocks pooled whatever the array order, so the same heatmap, not just a similar box
+        assert np.array_equal(np.asarray(heat.dataobj), np.asarray(heat_pir.dataobj)), codes
+        assert np.allclose(box_pir["ras_min_mm"], box["ras_min_mm"], atol=1e-3), codes
+        assert np.allclose(box_pir["ras_max_mm"], box["ras_max_mm"], atol=1e-3), codes
+        assert box["image_axcodes"] == list(codes)
 
 
 # --------------------------------------------------------------------------- training

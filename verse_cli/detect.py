@@ -86,8 +86,11 @@ def block_mean(data: np.ndarray, affine: np.ndarray, factors) -> tuple[np.ndarra
     if all(f == 1 for f in factors):
         pooled = np.asarray(data, dtype=np.float32)
     else:
-        fortran = not data.flags.c_contiguous and data.flags.f_contiguous
-        arr = data.T if fortran else np.ascontiguousarray(data)
+        if any(st < 0 for st in data.strides):
+            data = np.ascontiguousarray(data)
+        # memory order by strides, so that a sliced view of either order needs no copy either
+        fortran = not data.flags.c_contiguous and abs(data.strides[0]) < abs(data.strides[-1])
+        arr = data.T if fortran else data
         fac = factors[::-1] if fortran else factors
         if arr.dtype != np.float32:
             arr = arr.astype(np.float32)
@@ -111,9 +114,26 @@ def resample_linear(data: np.ndarray, affine: np.ndarray, shape, target_affine: 
 
 
 def to_coarse(data: np.ndarray, affine: np.ndarray, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """A CT on the coarse RAS grid: block mean to ~2/3 of ``spacing_mm``, then linear resampling."""
-    pooled, pooled_affine = block_mean(data, affine, pool_factors(affine, spacing_mm / 1.5))
+    """A CT on the coarse RAS grid: block mean to ~2/3 of ``spacing_mm``, then linear resampling.
+
+    Blocks are laid out as on the array turned to the nearest RAS axes: along an axis that
+    points the other way, the voxels left over by whole blocks are dropped at its start
+    instead of its end. Otherwise a flipped copy of the same scan would be pooled in other
+    blocks, and its heatmap, hence its box, could differ by a coarse voxel.
+    """
+    import nibabel.orientations as nio
+
     shape, grid_affine = coarse_grid(data.shape, affine, spacing_mm)
+    factors = pool_factors(affine, spacing_mm / 1.5)
+    flipped = nio.io_orientation(affine)[:, 1] < 0
+    starts = [(n % f) if flip else 0 for n, f, flip in zip(data.shape[:3], factors, flipped)]
+    if any(starts):
+        data = data[tuple(slice(st, None) for st in starts)]
+        shift = np.eye(4)
+        shift[:3, 3] = starts
+        pooled, pooled_affine = block_mean(data, np.asarray(affine, dtype=np.float64) @ shift, factors)
+    else:
+        pooled, pooled_affine = block_mean(data, affine, factors)
     return resample_linear(pooled, pooled_affine, shape, grid_affine, cval=HU_AIR), grid_affine
 
 

@@ -571,17 +571,28 @@ def test_the_sacrum_channel_below_the_chain_gives_its_level_not_a_centroid():
         hc[k] += blob(r, 32, 0.15)
     cands = LB.candidates(hs, hc, view, sacrum_peak=True)
     assert cands.s1_peak == -1
-    _, chain = LB.label_with_sacrum_peak(cands, {})
+    _, chain, _ = LB.label_with_sacrum_peak(cands, {})
     assert sorted(lab for lab in chain.labels if lab) == [19, 20, 21, 22, 23]
     # a faint sacrum blob in the S1 channel, in front of the body line, 10-15 mm under the last body
     hs[k_s1] += blob(59, 40, 0.08)
     cands = LB.candidates(hs, hc, view)
     assert cands.s1_peak >= 0 and cands.world[cands.s1_peak, 2] < cands.world[:, 2].min() + 1e-6
-    used, chain = LB.label_with_sacrum_peak(cands, {})
+    used, chain, _ = LB.label_with_sacrum_peak(cands, {})
     assert len(used.world) == 5  # the sacrum's level is no centroid
     assert sorted(lab for lab in chain.labels if lab) == [20, 21, 22, 23, 24]
     # a user fix still wins
-    top = int(np.argmax(used.world[:, 2]))
-    _, fixed = LB.label_with_sacrum_peak(cands, {int(np.argmax(cands.world[:, 2])): 19})
-    assert fixed.labels[int(np.argmax(cands.world[:, 2]))] == 19
-    assert top == int(np.argmax(cands.world[:, 2]))
+    low = int(np.argmin(np.where(np.arange(len(cands.world)) == cands.s1_peak, np.inf, cands.world[:, 2])))
+    c2, fixed, fixed_idx = LB.label_with_sacrum_peak(cands, {low: 23})
+    assert list(fixed_idx.values()) == [23]
+    k = next(iter(fixed_idx))
+    assert np.allclose(c2.world[k], cands.world[low]) and fixed.labels[k] == 23
+
+
+def test_levels_the_chain_bridged_are_placed_between_their_neighbours():
+    labels = [20, 21, 24, 26]  # L3 and L4 bridged
+    world = np.array([[0, 0, 0], [0, 0, -33], [0, 0, -135], [0, -10, -170]], float)
+    add_l, add_w = LB.missed_levels(labels, world, [22, 23])
+    assert add_l == [22, 23]
+    assert np.allclose(add_w[:, 2], [-67, -101]) and np.allclose(add_w[:, :2], 0)
+    assert LB.missed_levels(labels, world, [])[0] == []
+    assert LB.missed_levels(labels, world, [21])[0] == []  # already labelled

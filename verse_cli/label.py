@@ -14,7 +14,9 @@ Pipeline
    on the same rows, give 3D points with sub-pixel accuracy; at each point the label
    channels, the rib channel and the sacrum channel give evidence (:func:`candidates`).
 5. **Labels**: the anatomical prior (:mod:`verse_cli.prior`) picks the globally best
-   chain; user corrections (``fix``) are hard constraints there.
+   chain; user corrections (``fix``) are hard constraints there. Ribs found on the CT
+   (:func:`ct_rib_evidence`) and, where the sacrum is too faint to be a candidate, its
+   level from the S1 channel (:func:`label_with_sacrum_peak`) anchor the numbering.
 6. **Refine** each centroid on the CT: the centre of the dense bone around it
    (:func:`refine_on_ct`), and write VerSe 2020 JSON on the input voxel grid with a
    ``confidence`` per vertebra.
@@ -22,6 +24,7 @@ Pipeline
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -624,7 +627,10 @@ def candidates(hs: np.ndarray, hc: np.ndarray, view: SpineView, threshold: float
     if sacrum_peak and len(rows):
         s1 = hs[k_s1]
         r1, c1 = np.unravel_index(int(np.argmax(s1)), s1.shape)
-        lowest = max((r for r, ok in zip(rows, strong) if ok), default=max(rows))
+        # the lowest reliable peak that is not the sacrum itself (a strong S1 "any" peak still
+        # gives the level: the chain may not reach it)
+        lowest = max((r for r, ok in zip(rows, strong) if ok and (r1 - r) * pixel_mm > nms_mm),
+                     default=min(rows))
         if s1[r1, c1] >= S1_PEAK and (r1 - lowest) * pixel_mm > nms_mm:
             # the centre of the sacrum blob (the maximum is its upper, anterior end: the promontory)
             from scipy import ndimage
@@ -705,7 +711,8 @@ def _chain(cands: Candidates, fixed: dict[int, int], sacrum_level: float | None 
 SACRUM_ABOVE = frozenset((17, 18, 19, 28, 20, 21, 22, 23, 24, 25))  # T10-T13, L1-L6: may end above the sacrum
 
 
-def label_with_sacrum_peak(cands: Candidates, fixed: dict[int, int]) -> tuple[Candidates, P.ChainLabels]:
+def label_with_sacrum_peak(cands: Candidates, fixed: dict[int, int]
+                           ) -> tuple[Candidates, P.ChainLabels, dict[int, int]]:
     """The prior's chain, anchored by the sacrum peak where the chain stops above it.
 
     The candidate taken from the sacrum channel alone (:attr:`Candidates.s1_peak`) is
@@ -715,25 +722,26 @@ def label_with_sacrum_peak(cands: Candidates, fixed: dict[int, int]) -> tuple[Ca
     vertebra with no sacrum candidate, above the peak, the prior runs again with the
     peak's S coordinate as ``sacrum_level`` (:func:`verse_cli.prior._end_logp`): the
     last mobile vertebra above the sacrum is L5 unless the gap holds a missed level or
-    the chain has evidence for a variant.
+    the chain has evidence for a variant. Returns the candidates the chain refers to,
+    the chain, and the fixes re-indexed to those candidates.
     """
     i = cands.s1_peak
     if i < 0 or i in fixed:  # none, or a user fix took it over: a candidate like any other
-        return cands, _chain(cands, fixed)
+        return cands, _chain(cands, fixed), fixed
     base = cands.without(i)
     fixed_b = {k - (k > i): v for k, v in fixed.items()}
     chain = _chain(base, fixed_b)
     used = [k for k, lab in enumerate(chain.labels) if lab is not None]
     if not used:
-        return base, chain
+        return base, chain, fixed_b
     last = min(used, key=lambda k: base.world[k, 2])
     lab = chain.labels[last]
     level = float(cands.world[i, 2])
     if lab not in SACRUM_ABOVE or P.SACRUM in chain.labels or base.world[last, 2] <= level:
-        return base, chain
-    debug(f"sacrum level {level - base.world[last, 2]:.0f} mm below the chain's last vertebra ({lab}): "
+        return base, chain, fixed_b
+    debug(f"sacrum level {base.world[last, 2] - level:.0f} mm below the chain's last vertebra ({lab}): "
           "the chain is numbered from it")
-    return base, _chain(base, fixed_b, sacrum_level=level)
+    return base, _chain(base, fixed_b, sacrum_level=level), fixed_b
 
 
 # --------------------------------------------------------------------------- evidence on the CT
@@ -924,8 +932,30 @@ class LabelResult:
     missing: list[int]
 
 
+def missed_levels(labels: list[int], world: np.ndarray, missing: list[int]) -> tuple[list[int], np.ndarray]:
+    """Positions of the levels the chain skipped between two labelled vertebrae.
+
+    The prior bridges a level it found no candidate for (``ChainLabels.missing``); that
+    vertebra is in the scan all the same. Its centroid is placed on the straight line
+    between its labelled neighbours, evenly spaced (levels a few apart have similar
+    heights), so the output has no hole in the chain.
+    """
+    order = {lab: k for k, lab in enumerate(P.PRIOR_LABELS)}
+    miss = sorted((m for m in set(missing) if m in order and m not in labels), key=order.get)
+    pairs = sorted(zip(labels, map(tuple, world)), key=lambda t: order.get(t[0], -1))
+    out_l, out_w = [], []
+    for (la, wa), (lb, wb) in itertools.pairwise(pairs):
+        inner = [m for m in miss if order[la] < order[m] < order[lb]]
+        for k, m in enumerate(inner, start=1):
+            t = k / (len(inner) + 1)
+            out_l.append(int(m))
+            out_w.append((1 - t) * np.asarray(wa) + t * np.asarray(wb))
+    return out_l, np.array(out_w).reshape(-1, 3)
+
+
 def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_markers=None,
-          refine: bool = True, keep_sacrum: bool = True, details: bool = False, ct_ribs: bool = True):
+          refine: bool = True, keep_sacrum: bool = True, details: bool = False, ct_ribs: bool = True,
+          interpolate_missing: bool = True):
     """Labelled vertebral-body centroids of a CT.
 
     Parameters
@@ -943,6 +973,9 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
         The same as an edited marker NIfTI.
     device : str
         ``auto``, ``cpu`` or ``cuda``.
+    interpolate_missing : bool
+        Place the levels the prior bridged (no candidate) between their neighbours
+        (:func:`missed_levels`), with confidence 0 and ``"interpolated": true``.
 
     Returns
     -------
@@ -988,7 +1021,7 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     if fixes:
         cands, fixed_idx = apply_fixes(cands, fixes)
     try:
-        cands, chain = label_with_sacrum_peak(cands, fixed_idx)
+        cands, chain, fixed_idx = label_with_sacrum_peak(cands, fixed_idx)
     except ValueError as exc:
         raise DataError(f"the corrections cannot be satisfied together: {exc}", fix or fix_markers) from None
     keep = [i for i, lab in enumerate(chain.labels)
@@ -1000,6 +1033,15 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
         world = np.where(is_fixed[:, None], world, moved)
     labels = [int(chain.labels[i]) for i in keep]
     extras = {lab: {"confidence": round(float(chain.confidence[i]), 3)} for lab, i in zip(labels, keep)}
+    if interpolate_missing and chain.missing:
+        add_l, add_w = missed_levels(labels, world, chain.missing)
+        if len(add_l):
+            if refine:
+                add_w = refine_on_ct(ct, affine, add_w)
+            for lab in add_l:
+                extras[lab] = {"confidence": 0.0, "interpolated": True}
+            labels = labels + add_l
+            world = np.vstack([world, add_w])
     ctd = Centroids.from_world(labels, world, full_affine, extras).sorted()
     if chain.variants:
         info(f"numbering variants: {', '.join(chain.variants)}")

@@ -457,9 +457,10 @@ def _body_from_canal(grid: np.ndarray, ndimage, is_atlas: bool,
 
 #: Least share of the body's silhouette that must mirror onto itself to drop the rest.
 SYMMETRIC_SHARE = 0.4
-#: Sideways pull (mm) of the asymmetric part above which it is dropped; below it the body
-#: is kept whole (a mirror line a few degrees off would otherwise trim the body itself).
-SYMMETRY_SHIFT_MM = 3.0
+#: Sideways pull of the asymmetric part, as a fraction of the body's inscribed radius, above
+#: which it is dropped; below it the body is kept whole (a body turned a little against its
+#: arch, or a mirror line a few degrees off, would otherwise lose part of itself).
+SYMMETRY_SHIFT = 0.5
 
 
 def _symmetric_part(region: np.ndarray, origin: np.ndarray, direction: np.ndarray, ndimage) -> np.ndarray:
@@ -467,9 +468,10 @@ def _symmetric_part(region: np.ndarray, origin: np.ndarray, direction: np.ndarra
     covers: a body is symmetric, a transverse process or an anterior tubercle that the
     opening left attached on one side is not (cervical processes are as thick as the
     body and sit beside it), and would pull the centroid sideways by up to 10 mm.
-    The region is kept as it is when the asymmetric part moves its centre of mass by
-    no more than ``SYMMETRY_SHIFT_MM`` sideways, or when less than ``SYMMETRIC_SHARE`` of
-    it is symmetric (a mirror line that is off, a crushed or rotated body)."""
+    The region is kept as it is when the asymmetric part moves its centre of mass
+    sideways by no more than ``SYMMETRY_SHIFT`` of its inscribed radius (a large body
+    turned a little against its arch: a synthetic T8 lost 2 mm to the cut), or when
+    less than ``SYMMETRIC_SHARE`` of it is symmetric (a mirror line that is off)."""
     mirror = 2.0 * np.outer(direction, direction) - np.eye(2)
     reflected = ndimage.affine_transform(region.view(np.uint8), mirror, offset=origin - mirror @ origin, order=0)
     sym = region & (reflected > 0)
@@ -477,7 +479,8 @@ def _symmetric_part(region: np.ndarray, origin: np.ndarray, direction: np.ndarra
         return region
     side = np.array([-direction[1], direction[0]])
     shift = (np.array(ndimage.center_of_mass(region)) - np.array(ndimage.center_of_mass(sym))) @ side
-    return sym if abs(shift) * FRAME_STEP_MM > SYMMETRY_SHIFT_MM else region
+    radius = float(ndimage.distance_transform_edt(region).max())
+    return sym if abs(shift) > SYMMETRY_SHIFT * radius else region
 
 
 def _anterior_direction(grid, silhouette, canal, canal_centre, coords, ndimage,

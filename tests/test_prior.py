@@ -326,3 +326,13 @@ def test_without_a_sacrum_level_the_end_of_the_chain_is_free():
     labs = [14, 15, 16, 17, 18]
     base = run(labs, emis=net_says(labs, strength=1.0))
     assert base.labels == labs
+
+
+def test_an_s1_point_on_the_tilted_sacrum_still_follows_l5():
+    # on a real scan the S1 point marks the top of the sacrum: 10-15 mm under L5 and 30 mm in front
+    labs = [20, 21, 22, 23, 24]
+    pos = spine(labs + [26])
+    pos[-1] = pos[-2] + [0.0, 30.0, -12.0]
+    e = np.vstack([net_says(labs, strength=2.0, shift=-1), flat(1)])
+    res = run(labs + [26], pos=pos, emis=e)
+    assert res.labels == labs + [26]

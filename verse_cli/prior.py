@@ -80,11 +80,14 @@ class PriorParams:
     jump_ratio: float = 0.6
     jump_free_mm: float = 8.0
     jump_sigma_mm: float = 5.0
-    # the sacrum's level seen below the chain (``sacrum_level``): the gap along S from the chain's
-    # last vertebra to it is expected at the path's length minus sacrum_offset_mm (the level marks
-    # the top of the tilted sacrum, above the S1 body centroid), log-normal with sacrum_gap_sigma
-    sacrum_offset_mm: float = 20.0
-    sacrum_gap_sigma: float = 0.45
+    # The step to the sacrum (an S1 candidate, or the sacrum's level seen below the chain) is
+    # measured along S only: on a real scan the S1 point marks the top of the tilted sacrum, in
+    # front of or behind the body line and closer than a body centroid. A gap between
+    # (path length - sacrum_window_mm) and 1.1 x path length is free, log-normal outside
+    # (sacrum_gap_sigma); the step may run sacrum_free_mm further across than other steps.
+    sacrum_window_mm: float = 28.0
+    sacrum_gap_sigma: float = 0.3
+    sacrum_free_mm: float = 30.0
     sacrum_no_path_logp: float = float(np.log(1e-4))  # more levels missing than the prior allows
     below_sacrum_logp: float = float(np.log(0.01))  # a chain ending under the sacrum's level
 
@@ -397,6 +400,25 @@ def _jump_logp(a: np.ndarray, b: np.ndarray, params) -> float:
     return -0.5 * (excess / params.jump_sigma_mm) ** 2
 
 
+def _sacrum_step(paths: _Paths, gap_mm, scale: float, params) -> np.ndarray:
+    """(..., K, P) log score of the paths from each label to S1 for gaps along S (``gap_mm``: any shape)."""
+    s = _INDEX[SACRUM]
+    mm = paths.mm[:, s, :] * scale  # (K, P)
+    lo = np.maximum(mm - params.sacrum_window_mm * scale, 4.0)
+    hi = 1.1 * mm
+    g = np.maximum(np.asarray(gap_mm, dtype=np.float64), 1.0)[..., None, None]
+    z = (np.log(np.minimum(g / lo, 1.0)) + np.log(np.maximum(g / hi, 1.0))) / params.sacrum_gap_sigma
+    return paths.logp[:, s, :] - 0.5 * z * z
+
+
+def _sacrum_jump(a: np.ndarray, b: np.ndarray, params) -> float:
+    """The step to the sacrum may run further across (see :class:`PriorParams`)."""
+    dz = abs(float(b[2] - a[2]))
+    dxy = float(np.hypot(b[0] - a[0], b[1] - a[1]))
+    excess = dxy - (params.jump_ratio * dz + params.jump_free_mm + params.sacrum_free_mm)
+    return 0.0 if excess <= 0 else -0.5 * (excess / params.jump_sigma_mm) ** 2
+
+
 def _end_logp(params, pos: np.ndarray, paths: _Paths, scale: float, sacrum_level: float | None
               ) -> np.ndarray:
     """(N, K) log prior of the chain ending at candidate i with label k.
@@ -414,9 +436,7 @@ def _end_logp(params, pos: np.ndarray, paths: _Paths, scale: float, sacrum_level
         return out
     s = _INDEX[SACRUM]
     gap = pos[:, 2] - float(sacrum_level)  # (N,)
-    expected = np.maximum((paths.mm[:, s, :] - params.sacrum_offset_mm) * scale, 1.0)  # (K, P)
-    z = np.log(np.maximum(gap, 1.0)[:, None, None] / expected[None]) / params.sacrum_gap_sigma
-    fit = np.max(paths.logp[None, :, s, :] - 0.5 * z * z, axis=2)  # (N, K)
+    fit = np.max(_sacrum_step(paths, gap, scale, params), axis=2)  # (N, K)
     fit = np.maximum(fit, params.sacrum_no_path_logp)
     out = np.where(gap[:, None] > 0, fit, params.below_sacrum_logp)
     out[:, s] = 0.0
@@ -425,6 +445,7 @@ def _end_logp(params, pos: np.ndarray, paths: _Paths, scale: float, sacrum_level
 
 def _viterbi(pos, emis, use, skip, paths, scale, params, end_logp):
     N, K = emis.shape
+    s1 = _INDEX[SACRUM]
     sums = _SkipSums(skip)
     unary = emis + use[:, None]
     V = np.full((N, K), -np.inf)
@@ -438,6 +459,8 @@ def _viterbi(pos, emis, use, skip, paths, scale, params, end_logp):
                 continue
             T, _ = _transition(paths, float(np.linalg.norm(pos[j] - pos[i])), scale, params.distance_sigma)
             T = T + _jump_logp(pos[i], pos[j], params)
+            T[:, s1] = (np.max(_sacrum_step(paths, pos[i, 2] - pos[j, 2], scale, params), axis=-1)
+                        + _sacrum_jump(pos[i], pos[j], params))
             cand = V[i][:, None] + T + gap  # (K from, K to)
             arg = np.argmax(cand, axis=0)
             val = cand[arg, np.arange(K)] + unary[j]
@@ -461,6 +484,7 @@ def _viterbi(pos, emis, use, skip, paths, scale, params, end_logp):
 def _posteriors(pos, emis, use, skip, paths, scale, params, end_logp) -> np.ndarray:
     """(N, K + 1) log posterior of each label per candidate; column K: candidate false."""
     N, K = emis.shape
+    s1 = _INDEX[SACRUM]
     sums = _SkipSums(skip)
     unary = emis + use[:, None]
     window = params.max_skipped + 1
@@ -468,9 +492,11 @@ def _posteriors(pos, emis, use, skip, paths, scale, params, end_logp) -> np.ndar
     trans = {}
     for j in range(N):
         for i in range(max(0, j - window), j):
-            trans[i, j] = (_transition_sum(paths, float(np.linalg.norm(pos[j] - pos[i])), scale,
-                                           params.distance_sigma) + sums.range(i + 1, j)
-                           + _jump_logp(pos[i], pos[j], params))
+            t = (_transition_sum(paths, float(np.linalg.norm(pos[j] - pos[i])), scale, params.distance_sigma)
+                 + _jump_logp(pos[i], pos[j], params))
+            t[:, s1] = (_logsumexp(_sacrum_step(paths, pos[i, 2] - pos[j, 2], scale, params), axis=-1)
+                        + _sacrum_jump(pos[i], pos[j], params))
+            trans[i, j] = t + sums.range(i + 1, j)
     alpha = np.full((N, K), -np.inf)
     for j in range(N):
         terms = [sums.before(j) + unary[j]]
@@ -496,8 +522,11 @@ def _path_details(pos, chosen, paths, scale, params):
     variants: list[str] = []
     missing: list[int] = []
     for (i, a), (j, b) in itertools.pairwise(chosen):
-        _, arg = _transition(paths, float(np.linalg.norm(pos[j] - pos[i])), scale, params.distance_sigma)
-        p = int(arg[a, b])
+        if b == _INDEX[SACRUM]:
+            p = int(np.argmax(_sacrum_step(paths, pos[i, 2] - pos[j, 2], scale, params)[a]))
+        else:
+            _, arg = _transition(paths, float(np.linalg.norm(pos[j] - pos[i])), scale, params.distance_sigma)
+            p = int(arg[a, b])
         variants.extend(paths.flags[a][b][p])
         missing.extend(paths.missed[a][b][p])
     labs = {PRIOR_LABELS[k] for _, k in chosen}

@@ -708,6 +708,7 @@ def _chain(cands: Candidates, fixed: dict[int, int], sacrum_level: float | None 
                          rib_prob=cands.rib, sacrum_prob=cands.sacrum, fixed=fixed, sacrum_level=sacrum_level)
 
 
+SACRUM_MAX_GAP_MM = 110.0  # farther below the chain's end (3 lumbar levels) the peak is no anchor
 SACRUM_ABOVE = frozenset((17, 18, 19, 28, 20, 21, 22, 23, 24, 25))  # T10-T13, L1-L6: may end above the sacrum
 
 
@@ -720,7 +721,8 @@ def label_with_sacrum_peak(cands: Candidates, fixed: dict[int, int]
     sacrum, often in front of or behind the body line. It gives the sacrum's *level*.
     The chain is labelled without it; if it then ends at a low thoracic or lumbar
     vertebra with no sacrum candidate, above the peak, the prior runs again with the
-    peak's S coordinate as ``sacrum_level`` (:func:`verse_cli.prior._end_logp`): the
+    peak's S coordinate as ``sacrum_level`` (:func:`verse_cli.prior._end_logp`; at most
+    :data:`SACRUM_MAX_GAP_MM` below the chain's end, more than the prior can bridge): the
     last mobile vertebra above the sacrum is L5 unless the gap holds a missed level or
     the chain has evidence for a variant. Returns the candidates the chain refers to,
     the chain, and the fixes re-indexed to those candidates.
@@ -737,7 +739,8 @@ def label_with_sacrum_peak(cands: Candidates, fixed: dict[int, int]
     last = min(used, key=lambda k: base.world[k, 2])
     lab = chain.labels[last]
     level = float(cands.world[i, 2])
-    if lab not in SACRUM_ABOVE or P.SACRUM in chain.labels or base.world[last, 2] <= level:
+    gap = base.world[last, 2] - level
+    if lab not in SACRUM_ABOVE or P.SACRUM in chain.labels or not 0 < gap <= SACRUM_MAX_GAP_MM:
         return base, chain, fixed_b
     debug(f"sacrum level {base.world[last, 2] - level:.0f} mm below the chain's last vertebra ({lab}): "
           "the chain is numbered from it")

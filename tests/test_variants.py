@@ -71,6 +71,8 @@ def phantom(labels=(17, 18, 19, 20, 21), ribs=None, sacrum=True, sp=SPACING, wid
                     tp_lo = zc - 30 + 10 + 2.5  # sacrum top at zc-20: a 1.5 mm cleft
                 elif kind == "fused":
                     tp_lo = zc - 30 + 9
+                elif kind == "near":  # a normal-sized (10 mm) process 1.5 mm above the sacrum
+                    tp_lo, tp_hi = zc - 30 + 10 + 1.5, zc - 30 + 10 + 11.5
                 v |= lat & (np.abs(y + 8) <= 4) & (z >= tp_lo) & (z <= tp_hi)
         ct[v] = 450
         if lab not in unlabel:
@@ -252,3 +254,123 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(tmp_path, verse, kind, wo
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and words in lines[0], proc.stderr
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- fixed bugs
+def test_rib_length_on_a_coarse_anisotropic_grid():
+    """A long oblique rib on 2 x 2 x 2.5 mm voxels: the voxel path's zig-zag and a radius
+    added at a flat tip used to lengthen it by 5-15 mm."""
+    ribs = {17: (100, 80), 18: (90, 60)}
+    ct, mask, aff = phantom(ribs=ribs, sp=(2.0, 2.0, 2.5), width_mm=300)
+    r = rate(ct, mask, aff)
+    for lab, name in ((17, "T10"), (18, "T11")):
+        for side, length in zip(("left", "right"), ribs[lab]):
+            entry = r["ribs"][name]
+            assert entry[f"{side}_status"] == "present", (name, side, entry)
+            assert abs(entry[f"{side}_mm"] - length) <= 4.0, (name, side, entry)  # 2.5 mm voxels
+
+
+def test_head_and_neck_without_shaft_is_not_a_stump_rib():
+    """A short piece of bone beside a vertebra that runs along the spine (a rib head and
+    neck whose shaft was lost, its tip back at the spine) is not a stump rib."""
+    ct, mask, aff = phantom(ribs={17: (120, 120), 18: (120, 120)}, sp=(1.2, 1.2, 1.5))
+    sp = np.array([1.2, 1.2, 1.5])
+    zlen = 30 * 6 + 20
+    zc = zlen - 25 - 30 * 2  # T12, the third level
+    cx, cy = 100.0, 70.0
+    # down the side of T12 and L1, 4 mm off their bodies: its tip stays next to the spine
+    piece = _capsule(ct.shape, sp, np.array([cx - 21.0, cy + 10.0, zc + 6.0]),
+                     np.array([cx - 21.0, cy + 10.0, zc - 16.0]), 3.0) & (mask == 0)
+    ct[piece] = 600
+    r = rate(ct, mask, aff)
+    assert ("T12", "left") not in {(s["vertebra"], s["side"]) for s in r["stump_ribs"]}
+
+
+def test_body_centroid_behind_the_vertebra_is_replaced():
+    """A centroid JSON whose body centroid sits behind the vertebra's centre of mass (on
+    the spinous process, as synthetic C1-C7 were) must not turn the vertebra's frame."""
+    from verse_cli.core.centroids import Centroids
+    from verse_cli.variants import _prepare, vertebra_frames
+
+    _ct, mask, aff = phantom(labels=(17, 18, 19), sacrum=False)
+    img = nib.Nifti1Image(mask, aff)
+    coms = {lab: np.argwhere(mask == lab).mean(axis=0) for lab in (17, 18, 19)}
+    wrong = [coms[lab] + np.array([0.0, -15.0 / SPACING[1], 0.0]) for lab in (17, 18, 19)]  # 15 mm posterior
+    ctd = Centroids([17, 18, 19], np.array(wrong), geometry.axcodes(aff))
+    grid = _prepare(None, img, ctd, None, None)
+    frames = vertebra_frames(grid, [17, 18, 19], ctd, img)
+    for lab in (17, 18, 19):
+        fr = frames[lab]
+        assert float((fr.body - fr.centre) @ fr.anterior) > 3.0
+
+
+def test_normal_transverse_process_near_the_sacrum_is_not_castellvi_2():
+    """Castellvi II and III need an enlarged (>= 19 mm) transverse process: a normal 10 mm
+    process 1.5 mm from the sacrum is grade 0."""
+    ct, mask, aff = phantom(labels=(22, 23, 24), castellvi=("near", "normal"))
+    c = rate(ct, mask, aff)["castellvi"]
+    assert (c["left"], c["right"], c["grade"]) == (0, 0, "0/1"), c
+
+
+def test_cervical_rib_at_c7():
+    ct, mask, aff = phantom(labels=(6, 7, 8, 9), ribs={7: (30, None), 8: (90, 90), 9: (120, 120)}, sacrum=False,
+                            width_mm=260)
+    r = rate(ct, mask, aff)
+    assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
+
+
+# --------------------------------------------------------------------------- synthetic ground truth (fixed bugs)
+def _gt(counts, ribs, in_fov=None, stumps=()):
+    from verse_cli.synth.variants import level_names, variants_json
+
+    order = [n for n, _, _ in level_names(counts)]
+    spec = {"counts": counts, "cervical_ribs": {}, "stumps": list(stumps), "castellvi": {"left": 0, "right": 0}}
+    in_fov = in_fov or {n: "visible" for n in order}
+    full = {n: {"left": (120.0, "present"), "right": (120.0, "present")} for n in order if n.startswith("T")}
+    full.update(ribs)
+    return variants_json(spec, order, in_fov, full, None)
+
+
+def test_gt_double_stump_at_last_thoracic_counts_as_lumbar():
+    """The paper: a vertebra whose ribs are both < 38 mm is lumbar (transitional). The GT
+    used to count it thoracic."""
+    counts = {"cervical": 7, "thoracic": 12, "lumbar": 5}
+    stumps = [{"where": "last_thoracic", "side": s, "vertebra": "T12", "length_mm": 20.0} for s in ("left", "right")]
+    gt = _gt(counts, {"T12": {"left": (20.0, "present"), "right": (25.0, "present")}}, stumps=stumps)
+    assert gt["enumeration"]["thoracic"] == 11 and gt["enumeration"]["lumbar"] == 6
+    assert set(gt["enumeration"]["flags"]) == {"T11", "L6"}
+    assert gt["transitional_thoracolumbar"] == ["T12"]
+    assert gt["counts"]["thoracic"] == 12  # the generated levels, named as in the mask
+    one = _gt(counts, {"T12": {"left": (20.0, "present"), "right": (90.0, "present")}})
+    assert one["enumeration"]["thoracic"] == 12 and one["enumeration"]["lumbar"] == 5
+
+
+def test_gt_boundary_needs_a_rib_of_the_last_thoracic_in_view():
+    """A sliver of T12 at the image edge with none of its ribs in view cannot place the
+    thoracolumbar boundary: the lumbar count is undeterminable."""
+    counts = {"cervical": 7, "thoracic": 12, "lumbar": 5}
+    in_fov = {"T12": "cut", "L1": "cut", "L2": "visible", "L3": "visible", "L4": "visible", "L5": "visible",
+              "S1": "cut"}
+    away = {"T12": {"left": (90.0, "not_in_view"), "right": (90.0, "not_in_view")}}
+    assert _gt(counts, away, in_fov)["enumeration"]["lumbar"] is None
+    seen = {"T12": {"left": (90.0, "cut"), "right": (90.0, "not_in_view")}}
+    assert _gt(counts, seen, in_fov)["enumeration"]["lumbar"] == 5
+
+
+def test_gt_rib_wholly_outside_the_image_is_not_in_view():
+    """A rib with no point inside the image was listed as "cut"."""
+    from types import SimpleNamespace
+
+    from verse_cli.synth.case import _rib_states
+
+    grid = SimpleNamespace(affine=np.eye(4), shape=(50, 50, 50))
+
+    def rib(points):
+        return SimpleNamespace(points=np.array(points, float), radius=4.0, length=50.0, vid=19, side="left")
+
+    states = _rib_states([rib([[10, 10, 10], [10, 30, 20]]), rib([[10, 10, 45], [10, 40, 60]]),
+                          rib([[10, 10, 80], [10, 40, 90]])], [], grid)
+    assert states["T12"]["left"][1] == "not_in_view"
+    states = {r: _rib_states([rib(p)], [], grid)["T12"]["left"][1] for r, p in (
+        ("in", [[10, 10, 10], [10, 30, 20]]), ("cut", [[10, 10, 45], [10, 40, 60]]))}
+    assert states == {"in": "present", "cut": "cut"}

@@ -60,8 +60,9 @@ RAS = ("R", "A", "S")
 STUMP_MM = 38.0
 TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
-TP_LATERAL = 0.6  # transverse process: lateral of this fraction of the vertebra's half width
+HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
+TP_LATERAL = 0.6  # ... or lateral of this fraction of its reach, whichever is nearer the body
 TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
 TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
 RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
@@ -80,6 +81,7 @@ class Grid:
     boxes: dict | None = None
     smooth: np.ndarray | None = None  # the CT smoothed over ~2 mm (ribs.smooth_ct)
     soft_hu: float = 40.0  # median HU of soft tissue
+    bone_hu: float = 400.0  # median HU inside the vertebra masks
 
     def points(self, lab: int) -> np.ndarray:
         """Voxel indices of one label (found in its bounding box, not the whole volume)."""
@@ -118,7 +120,7 @@ def rate_variants(ct_img, mask_img, centroids=None, stump_mm: float = STUMP_MM,
     bone, thr, unlabelled, spine_info = None, None, None, {}
     if grid.ct is not None:
         thr = bone_threshold(grid.ct, grid.mask)
-        grid.soft_hu = tissue_levels(grid.ct, grid.mask)[0]
+        grid.soft_hu, grid.bone_hu = tissue_levels(grid.ct, grid.mask)
         grid.smooth = smooth_ct(grid.ct, grid.sp)
         bone = grid.smooth >= thr
         unlabelled, spine_info = unlabelled_spine(bone, grid, frames, present)
@@ -690,7 +692,7 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         name = _neighbour_name(last, +1) if last != 24 else "L6"
         if last == 25:
             name = "L7?"
-        rated_frame_centre = coords[vert].mean(axis=0)
+        rated_frame_centre = coords[vert].mean(axis=0) if vert.any() else fr.centre
     else:
         vert = in_last
         name = L.name(last)
@@ -698,6 +700,9 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     rel_v = coords - rated_frame_centre
     lat_v = rel_v @ fr.right
     t_v = rel_v @ fr.superior
+    # the body's half width: the median over the last lumbar vertebrae (one enlarged,
+    # asymmetric transverse process can tilt a single vertebra's estimated frame)
+    half_width = float(np.median([frames[lab].half_width for lab in lumbar[-3:]]))
     # the sacral ala: the labelled sacrum lateral of the S1 facets
     sides = {}
     for side, sign in (("left", -1.0), ("right", 1.0)):
@@ -707,7 +712,7 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         if not ala.any():
             sides[side] = {"grade": 0, "note": "no sacral ala on this side"}
             continue
-        sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords)
+        sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords, half_width)
     grades = {s: sides[s]["grade"] for s in sides}
     combined = _combine(grades["left"], grades["right"])
     evidence.update({"sides": sides, "unlabelled_vertebra_voxels": int(vert.sum()) if fused_vertebra else 0})
@@ -728,8 +733,18 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     connected to the column at its level, below its top.
     """
     fr = frames[lumbar[-1]]
-    free = bone & (grid.mask == 0)
     sp = grid.sp
+    free = bone & (grid.mask == 0)
+    # bone within a few mm of the last label is that vertebra's own rim (the label is
+    # drawn a little inside the bone), not sacrum: without it the sacrum found below
+    # does not reach up over the facet joints and transverse processes
+    last_pts = grid.points(lumbar[-1])
+    pad = np.ceil(HALO_MM / sp).astype(int) + 1
+    lo = np.maximum(last_pts.min(axis=0) - pad, 0)
+    hi = np.minimum(last_pts.max(axis=0) + pad + 1, grid.mask.shape)
+    lbox = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    halo = ndimage.distance_transform_edt(grid.mask[lbox] != lumbar[-1], sampling=sp) <= HALO_MM
+    free[lbox] &= ~halo
     down = -fr.superior
     centre = fr.body.copy()
     last_pts = grid.points(lumbar[-1]) * sp
@@ -766,6 +781,13 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         return None, evidence
     lstv = len(runs) > 1 and (runs[0][1] - runs[0][0]) * step_mm <= 45.0 and (runs[1][0] - runs[0][1]) * step_mm <= 20
     evidence["transitional_vertebra"] = bool(lstv)
+    if lstv:
+        # the disc below the transitional body: halfway between the two runs, facing from
+        # the body's middle towards the sacrum's top
+        body_mid = centres[(runs[0][0] + runs[0][1] - 1) // 2]
+        sac_top = centres[min(runs[1][0] + 2, len(centres) - 1)]
+        evidence["disc_point_mm"] = [round(float(v), 2) for v in centres[(runs[0][1] + runs[1][0]) // 2]]
+        evidence["disc_normal"] = [round(float(v), 4) for v in _unit(sac_top - body_mid)]
     k = runs[1][0] if lstv else runs[0][0]
     top_point, seed_point = centres[max(k - 1, 0)], centres[min(k + 3, len(centres) - 1)]
     region, box = _tube(grid, top_point, down, -3.0, 200.0, 80.0)
@@ -816,16 +838,32 @@ def _box_coords(shape, sp, base_mm) -> np.ndarray:
     return idx * sp.astype(np.float32) + base_mm.astype(np.float32)
 
 
-def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords) -> dict:
+def _tp_height(tp: np.ndarray, lat: np.ndarray, t: np.ndarray, sp: np.ndarray, slab_mm: float = 3.0) -> float:
+    """Craniocaudal height of a transverse process: the median height of its lateral
+    slabs. A whole-process extent would add the tilt of a long process to its height,
+    and the innermost slabs may still hold the tall articular processes."""
+    if not tp.any():
+        return 0.0
+    la, ta = lat[tp], t[tp]
+    bins = np.floor((la - la.min()) / slab_mm).astype(int)
+    heights = []
+    pad = float(np.mean(sp))  # voxel centres to outer surfaces
+    for k in np.unique(bins):
+        sel = ta[bins == k]
+        if len(sel) >= 3:
+            heights.append(float(sel.max() - sel.min()) + pad)
+    return float(np.median(heights)) if heights else 0.0
+
+
+def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float) -> dict:
     """Grade one side: transverse process height, gap to the sacrum, fusion."""
     side = vert & (lat > 0)
     if not side.any():
         return {"grade": 0, "note": "no bone on this side"}
-    max_lat = float(lat[side].max())
-    # the transverse process: the lateral part of the vertebra, beyond the facet
+    # the transverse process: the vertebra lateral of its body, beyond the facet
     # joints (which articulate with the sacrum in every spine and must not count)
-    tp = side & (lat >= TP_LATERAL * max_lat)
-    tp_height = float(t[tp].max() - t[tp].min() + sp[2]) if tp.any() else 0.0
+    tp = side & (lat >= min(half_width + 3.0, TP_LATERAL * float(lat[side].max())))
+    tp_height = _tp_height(tp, lat, t, sp)
     from scipy.spatial import cKDTree
 
     if not tp.any():
@@ -857,10 +895,12 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords) -> dict:
     peak = min(float(hu[pos <= p_at + 1e-6].max()), float(hu[pos >= q_at - 1e-6].max()))
     valley = float(hu[mid].min()) if mid.any() else peak
     cleft_mm = float(((hu < min(thr, 0.75 * peak)) & mid).mean() * span)
+    # Castellvi II and III concern an enlarged (dysplastic) transverse process
+    enlarged = tp_height >= TP_HEIGHT_MM
     fused = gap <= 0.5 and valley >= 0.75 * peak
-    if fused:
+    if fused and enlarged:
         grade = 3
-    elif gap <= PSEUDARTHROSIS_MM + 0.5:
+    elif gap <= PSEUDARTHROSIS_MM + 0.5 and enlarged:
         grade = 2
     elif tp_height >= TP_HEIGHT_MM:
         grade = 1

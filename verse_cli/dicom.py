@@ -27,6 +27,7 @@ Examples
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _STRUCTURED_REPORT_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 _DOSE_REPORT_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.67", "1.2.840.10008.5.1.4.1.1.88.68"}
 _LOCALIZER_WORDS = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM"}
+_WARNINGS_LOCK = threading.Lock()  # see _decode_one
 _DOSE_WORDS = {"DOSE", "DOSE_INFO", "SCREEN SAVE", "SCREENSAVE"}
 
 # Geometry tolerances (mm and degrees): DICOM decimal strings carry ~1e-5 mm jitter.
@@ -124,7 +126,7 @@ def read_header(path: Path):
     if not _has_dicom_magic(path):
         return None
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         if any("end of file" in str(w.message).lower() for w in caught):
@@ -365,7 +367,9 @@ def _decode_one(header: SliceHeader) -> np.ndarray:
 
     path = header.path
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        # catch_warnings swaps process-wide state: without the lock, slices read by other
+        # threads can steal or print the "end of file" warning that marks a truncated file
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files

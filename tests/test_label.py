@@ -265,17 +265,7 @@ def test_bad_model_files_are_data_errors(tmp_path):
 
 
 def test_weak_peaks_are_candidates_with_a_low_existence_and_fill_empty_levels_only():
-    shape, aff = LB.spine_grid(np.zeros(3), np.array([60.0, 60.0, 150.0]))
-    view = LB.SpineView(np.zeros((3, shape[2], shape[1]), np.float32), np.zeros((3, shape[2], shape[0]), np.float32),
-                        aff, shape)
-    h, w = shape[2] // OUTPUT_STRIDE, shape[0] // OUTPUT_STRIDE
-    yy, xx = np.mgrid[0:h, 0:w]
-
-    def blob(r, c, height):
-        return height * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * 1.2 ** 2))
-
-    hs = np.zeros((len(CHANNELS), h, w), np.float32)
-    hc = np.zeros_like(hs)
+    view, aff, blob, hs, hc = _blob_view()
     for r, height in ((10, 0.9), (22, 0.9), (34, 0.15)):  # a faint third vertebra
         hs[0] += blob(r, 30, height)
         hc[0] += blob(r, 32, height)

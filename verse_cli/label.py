@@ -212,10 +212,22 @@ class GridVolume:
 def grid_volume(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = SPACING,
                 width: int = WIDTH) -> GridVolume:
     """Resample the box onto the spine grid, with outside-scan voxels marked (preproc 2)."""
+    return finish_grid_volume(*resample_box(ct, ct_affine, lo, hi, spacing, width))
+
+
+def resample_box(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = SPACING, width: int = WIDTH):
+    """``(volume, shape, affine)``: the box on the spine grid in HU, NaN outside the scan.
+
+    The one resampling every input version starts from.
+    """
+    shape, affine = spine_grid(lo, hi, spacing=spacing, width=width)
+    return geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=np.nan), shape, affine
+
+
+def finish_grid_volume(vol: np.ndarray, shape, affine: np.ndarray) -> GridVolume:
+    """:class:`GridVolume` from :func:`resample_box` output (modifies ``vol`` in place)."""
     from scipy import ndimage
 
-    shape, affine = spine_grid(lo, hi, spacing=spacing, width=width)
-    vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=np.nan)
     valid = np.isfinite(vol)
     vol += fix_hu_offset(vol, valid)
     valid &= vol > INVALID_HU  # NaN compares False
@@ -253,9 +265,13 @@ def projections(ct: np.ndarray, ct_affine: np.ndarray, lo, hi, spacing: float = 
     """Resample the box onto the spine grid and project it both ways (see :data:`PREPROC`)."""
     if preproc != 1:
         return project(grid_volume(ct, ct_affine, lo, hi, spacing, width), lo, hi)
-    shape, affine = spine_grid(lo, hi, spacing=spacing, width=width)
-    keep_r, keep_a = slab_masks(lo, hi, affine, width)
-    vol = geometry.resample_to_grid(ct, ct_affine, shape, affine, order=1, cval=-1024.0)
+    return project_v1(*resample_box(ct, ct_affine, lo, hi, spacing, width), lo, hi)
+
+
+def project_v1(resampled: np.ndarray, shape, affine: np.ndarray, lo, hi) -> SpineView:
+    """The preproc-1 projections (MIP, mean; outside the scan = air) of :func:`resample_box` output."""
+    keep_r, keep_a = slab_masks(lo, hi, affine, shape[0])
+    vol = np.where(np.isnan(resampled), np.float32(-1024.0), resampled)
     np.clip(vol, HU_LOW, HU_HIGH, out=vol)
     vol -= HU_LOW
     vol /= HU_HIGH - HU_LOW
@@ -1003,8 +1019,11 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     preproc = getattr(net, "preproc", 1)
     full_affine = affine
     ct, affine = crop_to_grid(ct, affine, lo, hi, spacing, width)  # only the part the stage reads
-    gv = grid_volume(ct, affine, lo, hi, spacing, width)
-    view = project(gv, lo, hi) if preproc != 1 else projections(ct, affine, lo, hi, spacing, width, preproc=1)
+    resampled = resample_box(ct, affine, lo, hi, spacing, width)  # once, for the net's view and the rib evidence
+    view = project_v1(*resampled, lo, hi) if preproc == 1 else None  # before finish_grid_volume edits it
+    gv = finish_grid_volume(*resampled)
+    if view is None:
+        view = project(gv, lo, hi)
     hs, hc = heatmaps(net, view, dev)
     cands = candidates(hs, hc, view)
     debug(f"{len(cands.world)} candidates")

@@ -586,3 +586,40 @@ def test_levels_the_chain_bridged_are_placed_between_their_neighbours():
     assert np.allclose(add_w[:, 2], [-67, -101]) and np.allclose(add_w[:, :2], 0)
     assert LB.missed_levels(labels, world, [])[0] == []
     assert LB.missed_levels(labels, world, [21])[0] == []  # already labelled
+
+
+# --------------------------------------------------------------------------- training
+def _write_box_spine(root, n_cases: int = 3) -> None:
+    """Tiny VerSe-layout cases: a column of bright boxes (L1-L5) with their body centroids."""
+    from verse_cli.core.centroids import body_centroids
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for k in range(n_cases):
+        ct = np.full((50, 50, 110), -50.0, np.float32)
+        mask = np.zeros(ct.shape, np.uint8)
+        for j, lab in enumerate(range(20, 25)):
+            z = 10 + j * 18 + k
+            mask[18:32, 18:32, z:z + 12] = lab
+        ct[mask > 0] = 300
+        sub = f"sub-box{k}"
+        save_ct(ct, affine, root / f"{sub}_ct.nii.gz")
+        save_mask(mask, affine, root / f"{sub}_seg-vert_msk.nii.gz")
+        write_centroids(body_centroids(mask, affine), root / f"{sub}_seg-subreg_ctd.json")
+
+
+def test_train_label_fine_tunes_a_bundle_and_keeps_its_preprocessing(tmp_path):
+    from verse_cli.nets import btrfly
+    from verse_cli.nets.train import load_bundle, save_bundle
+
+    _write_box_spine(tmp_path / "data")
+    torch.manual_seed(0)
+    small = btrfly.BtrflyNet(widths=(4, 8, 8, 8, 8), decoder=(8, 8, 8, 8), preproc=1)
+    save_bundle(tmp_path / "init.pt", btrfly.BtrflyNet.arch, small.config, small.state_dict())
+    out = tmp_path / "tuned.pt"
+    btrfly.train(tmp_path / "data", out, minutes=None, epochs=1, device="cpu", workers=0, real_views=0,
+                 init=tmp_path / "init.pt", lr=1e-3, val_fraction=0.34)
+    _, config, state, meta = load_bundle(out)
+    assert config == small.config and config["preproc"] == 1  # the bundle's inputs, not the default ones
+    assert meta["init"] == str(tmp_path / "init.pt")
+    before = small.state_dict()
+    assert any(not torch.equal(state[k], before[k]) for k in before if before[k].is_floating_point())

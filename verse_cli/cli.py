@@ -333,6 +333,11 @@ def train_label(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
     batch: Annotated[int | None, typer.Option(help="Projection pairs per step (default 32 on CUDA, 8 on CPU).")] = None,
     n_synth: Annotated[int, typer.Option(help="Cases to generate when DATA_DIR is omitted.")] = 200,
+    init: Annotated[Path | None, typer.Option(help="Fine-tune these weights (keeps their input preprocessing).",
+                                              exists=True, dir_okay=False)] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (lower it with --init, e.g. 5e-4).")] = 2e-3,
+    real_views: Annotated[int, typer.Option(help="Real-scan augmented projections per case, besides the plain one.",
+                                            min=0)] = 1,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -342,7 +347,7 @@ def train_label(
     from .nets.btrfly import train
 
     train(data_dir, out=out, minutes=minutes, epochs=epochs, device=device, seed=seed, resume=resume,
-          workers=workers, batch_size=batch, n_synth=n_synth)
+          workers=workers, batch_size=batch, n_synth=n_synth, init=init, lr=lr, real_views=real_views)
 
 
 @train_app.command("segment")

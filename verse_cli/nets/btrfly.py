@@ -161,7 +161,7 @@ SIGMA_MM = 3.6  # Gaussian width of the targets
 TRAIN_HEIGHT_MM = 384.0  # length of a training window along the spine
 
 
-def prepare_case(case, seed: int = 0, augment3d: bool = False) -> dict:
+def prepare_case(case, seed: int = 0, augment3d: bool = False, preproc: int = PREPROC) -> dict:
     """Projections and target points of one training case on disk (a ``CaseFiles``) on the default grid."""
     import numpy as np
 
@@ -180,7 +180,8 @@ def prepare_case(case, seed: int = 0, augment3d: bool = False) -> dict:
         except Exception:  # noqa: BLE001 - an odd variants file only loses the sacrum target
             variants = None
     return prepare_arrays(np.asarray(img.dataobj, dtype=np.float32), img.affine, mask, ctd.labels,
-                          ctd.to_world(img.affine), variants, case.subject, seed, augment3d=augment3d)
+                          ctd.to_world(img.affine), variants, case.subject, seed, augment3d=augment3d,
+                          preproc=preproc)
 
 
 def prepare_arrays(ct, affine, mask, labels, world, variants, subject: str, seed: int = 0,
@@ -495,6 +496,7 @@ SYNTH_TRAIN_SEED = 1000  # on-the-fly training cases use seeds from here (held-o
 def _prepare_one(args):
     kind, item, seed = args[:3]
     aug = bool(args[3]) if len(args) > 3 else False
+    preproc = int(args[4]) if len(args) > 4 else PREPROC
     try:
         if kind == "synth":
             from ..synth import generate_case
@@ -503,15 +505,15 @@ def _prepare_one(args):
             ctd = case.centroids
             return prepare_arrays(np.asarray(case.ct, dtype=np.float32), case.affine, case.mask, ctd.labels,
                                   ctd.to_world(case.affine), case.variants, f"syn{int(item):05d}", seed,
-                                  augment3d=aug)
-        return prepare_case(item, seed, augment3d=aug)
+                                  augment3d=aug, preproc=preproc)
+        return prepare_case(item, seed, augment3d=aug, preproc=preproc)
     except Exception as exc:  # noqa: BLE001 - one unreadable case must not stop a training run
         name = item if kind == "synth" else item.subject
         return {"error": f"{name}: {type(exc).__name__}: {exc}"}
 
 
 def prepare_all(jobs, workers: int = 0) -> list[dict]:
-    """Prepare ``(kind, case or seed, seed[, augment3d])`` jobs, in parallel processes when ``workers > 1``."""
+    """Prepare ``(kind, case or seed, seed[, augment3d[, preproc]])`` jobs, in parallel processes when ``workers > 1``."""
     from ..core.progress import track, warn
 
     if workers > 1:
@@ -532,7 +534,8 @@ def prepare_all(jobs, workers: int = 0) -> list[dict]:
 
 def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = None, device: str = "auto",
           seed: int = 0, resume: bool = False, workers: int = 0, batch_size: int | None = None, lr: float = 2e-3,
-          val_fraction: float = 0.1, n_synth: int = 200, warmup_steps: int = 20, real_views: int = 1) -> dict:
+          val_fraction: float = 0.1, n_synth: int = 200, warmup_steps: int = 20, real_views: int = 1,
+          init=None) -> dict:
     """Train the Btrfly Net on a VerSe-layout dataset (e.g. ``verse synth`` output).
 
     Cases need a CT, a centroid JSON and (for the box) a vertebra mask; a variants
@@ -541,26 +544,37 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
     :data:`SYNTH_TRAIN_SEED`). Each case is projected as it is and ``real_views``
     more times through :func:`_augment_3d` (tilt, limited field of view, HU shifts,
     noise), so the net learns what real scans look like.
+
+    ``init`` fine-tunes a bundle instead of starting from random weights: its
+    architecture and input preprocessing are kept, so the result still reads the
+    projections ``verse label`` makes for that bundle (use a lower ``lr``).
     """
     from ..core.errors import DataError
     from ..core.progress import info
-    from .train import discover_cases, fit, make_loader, pick_device, split_cases
+    from .train import discover_cases, fit, load_bundle, make_loader, pick_device, split_cases
 
     dev = pick_device(device)
+    if init is not None:
+        _arch, init_config, init_state, _meta = load_bundle(init, map_location="cpu")
+        model = build(init_config)
+        model.load_state_dict(init_state)
+    else:
+        model = BtrflyNet()
+    pp = model.preproc
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     if data_dir is None:
         seeds = [SYNTH_TRAIN_SEED + i for i in range(n_synth)]
         n_val = max(1, round(len(seeds) * val_fraction))
-        train_jobs = [("synth", sd, seed + v, v > 0) for sd in seeds[n_val:] for v in range(1 + real_views)]
-        val_jobs = [("synth", sd, seed + 1 + v, v > 0) for sd in seeds[:n_val] for v in range(1 + real_views)]
+        train_jobs = [("synth", sd, seed + v, v > 0, pp) for sd in seeds[n_val:] for v in range(1 + real_views)]
+        val_jobs = [("synth", sd, seed + 1 + v, v > 0, pp) for sd in seeds[:n_val] for v in range(1 + real_views)]
     else:
         cases = [c for c in discover_cases(data_dir) if c.ctd is not None]
         if len(cases) < 2:
             raise DataError("need at least two cases with centroid JSON to train", data_dir)
         train_cases, val_cases = split_cases(cases, val_fraction=val_fraction, seed=seed)
-        train_jobs = [("files", c, seed + v, v > 0) for c in train_cases for v in range(1 + real_views)]
-        val_jobs = [("files", c, seed + 1 + v, v > 0) for c in val_cases for v in range(1 + real_views)]
+        train_jobs = [("files", c, seed + v, v > 0, pp) for c in train_cases for v in range(1 + real_views)]
+        val_jobs = [("files", c, seed + 1 + v, v > 0, pp) for c in val_cases for v in range(1 + real_views)]
     info(f"preparing {len(train_jobs)} training and {len(val_jobs)} validation cases")
     prep_train = prepare_all(train_jobs, workers)
     prep_val = prepare_all(val_jobs, workers)
@@ -568,7 +582,6 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
         raise DataError("no usable training case", data_dir)
     if batch_size is None:
         batch_size = 32 if dev.type == "cuda" else 8
-    model = BtrflyNet()
     repeats = max(1, 64 // max(1, len(prep_train)))  # short epochs on tiny sets still validate
     train_ds = HeatmapDataset(prep_train, seed=seed, augment=True, repeats=repeats)
     val_ds = HeatmapDataset(prep_val, seed=seed, augment=False)
@@ -577,7 +590,7 @@ def train(data_dir, out, *, minutes: float | None = 10.0, epochs: int | None = N
     val_dl = make_loader(val_ds, batch_size=batch_size, shuffle=False, workers=0, seed=seed, device=dev)
     meta = {"data": str(data_dir) if data_dir is not None else f"synth x{n_synth}", "n_train": len(prep_train), "n_val": len(prep_val),
             "spacing_mm": 1.5, "width_px": 128, "channels": list(CHANNELS), "preproc": model.preproc,
-            "real_views": real_views}
+            "real_views": real_views, "init": str(init) if init is not None else None}
     return fit(model, train_dl, val_dl if len(prep_val) else None, step_fn, val_fn if len(prep_val) else None,
                out=out, epochs=epochs, minutes=minutes, lr=lr, seed=seed, resume=resume, device=dev,
                meta=meta, arch=BtrflyNet.arch, config=model.config, warmup_steps=warmup_steps)

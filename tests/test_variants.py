@@ -319,6 +319,22 @@ def test_cervical_rib_at_c7():
     assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
 
 
+def test_first_rib_touching_only_c7_is_not_a_cervical_rib():
+    """A first rib whose head touches only C7's label was read as a cervical rib, with T1
+    left without a rib (synth cases 90016, 90030, 90046). T1 always has a rib: a lone
+    'C7 rib' beside an absent T1 rib is the first rib; a C7 rib above a T1 rib stays."""
+    from verse_cli.variants import _first_rib_from_c7
+
+    ribs = {7: {"left_mm": 85.5, "left_status": "present", "right_mm": 30.0, "right_status": "present"},
+            8: {"left_mm": None, "left_status": "absent", "right_mm": 110.0, "right_status": "present"}}
+    evidence = {"C7": {"left": {"length_mm": 85.5}, "right": {"length_mm": 30.0}}}
+    _first_rib_from_c7(ribs, evidence)
+    assert ribs[8]["left_status"] == "present" and ribs[8]["left_mm"] == 85.5
+    assert ribs[7]["left_status"] == "absent" and ribs[7]["left_mm"] is None
+    assert ribs[7]["right_status"] == "present" and ribs[8]["right_mm"] == 110.0
+    assert evidence["T1"]["left"]["length_mm"] == 85.5 and "left" not in evidence["C7"]
+
+
 # --------------------------------------------------------------------------- synthetic ground truth (fixed bugs)
 def _gt(counts, ribs, in_fov=None, stumps=()):
     from verse_cli.synth.variants import level_names, variants_json

@@ -412,7 +412,31 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
             else:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = round(rib.length_mm, 1), "present"
         out[lab] = entry
+    _first_rib_from_c7(out, evidence)
     return out, evidence
+
+
+def _first_rib_from_c7(ribs: dict, evidence: dict) -> None:
+    """A 'C7 rib' on a side where T1 has none is the first rib.
+
+    The first thoracic rib is always there; its head sits high on T1, next to the
+    C7/T1 disc, and may touch only C7's label. A cervical rib comes on top of a first
+    rib, never instead of it, so a C7 rib beside an absent T1 rib is moved to T1.
+    """
+    if 7 not in ribs or 8 not in ribs:
+        return
+    c7, t1 = ribs[7], ribs[8]
+    for side in SIDES:
+        if c7.get(f"{side}_status") in ("present", "cut", "undeterminable") and t1.get(f"{side}_status") == "absent":
+            for key in (f"{side}_mm", f"{side}_status", f"{side}_visible_mm"):
+                if key in c7:
+                    t1[key] = c7.pop(key)
+                else:
+                    t1.pop(key, None)
+            c7[f"{side}_mm"], c7[f"{side}_status"] = None, "absent"
+            ev = evidence.get("C7", {}).pop(side, None)
+            if ev is not None:
+                evidence.setdefault("T1", {})[side] = {**ev, "moved_from": "C7 (T1 had no rib on this side)"}
 
 
 def _joint_at_body(rib, frame: Frame) -> bool:

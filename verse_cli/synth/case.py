@@ -233,12 +233,15 @@ def _castellvi(levels, spec):
         s = 1.0 if side == "right" else -1.0
         if grade == 0:
             continue
-        if grade == 1:
-            sides[side] = {"height": 21.0 + 3.0 * (len(levels) % 3), "thick": 1.3}
-            continue
-        g = last.dims
         # the ala's upper surface just lateral of the S1 body, in the last lumbar frame
         ala_top = sac.to_world([s * (sac.dims["W"] / 2 + 14), -9.0, -sac.dims["H"] / 2 + 16.0])
+        if grade == 1:
+            # enlarged but clear of the ala (Castellvi I): a process that touched it would
+            # show a grade II or III while the ground truth says I
+            sides[side] = {"height": 21.0 + 3.0 * (len(levels) % 3), "thick": 1.3, "drop": 2.0,
+                           "min_gap": 4.0, "contact": ala_top}
+            continue
+        g = last.dims
         q = (ala_top - last.centre) @ last.R
         height = 24.0
         zp = 0.12 * g["H"]
@@ -398,7 +401,8 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
 
 def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
     """Move each enlarged transverse process until its measured gap to the sacral ala is
-    the target: 1.2 mm (grade 2, pseudarthrosis <= 2 mm) or -4 mm (grade 3, fused).
+    the target: 1.2 mm (grade 2, pseudarthrosis <= 2 mm) or -4 mm (grade 3, fused); a grade-1
+    process closer than ``min_gap`` (4 mm) is raised until it is that far from the ala.
 
     For distance fields the gap between two solids is twice the minimum over points of
     max(d1, d2) (reached midway between them; negative when they overlap); it is
@@ -406,18 +410,21 @@ def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
     """
     out = {}
     for side, tp in lv.extra["tp_sides"].items():
-        if "gap" not in tp:
+        if "gap" not in tp and "min_gap" not in tp:
             continue
         s = 1.0 if side == "right" else -1.0
         c = np.asarray(tp["contact"], dtype=float)
-        pts = (c + rng.uniform(-18, 18, (40000, 3))).astype(F32)
+        # grade I draws its probe points from its own generator: the case's stream is unchanged
+        pts = (c + (rng if "gap" in tp else np.random.default_rng(0)).uniform(-18, 18, (40000, 3))).astype(F32)
         local = lv.local(pts)
         pts = pts[local[:, 0] * s > lv.dims["W"] / 2 + 6]  # lateral of the body and facet joints
         gap = None
         for _ in range(6):
             d = np.maximum(vshape.sdf(pts), sshape.sdf(pts))
             gap = 2.0 * float(d.min())
-            err = gap - tp["gap"]
+            if "min_gap" in tp and gap >= tp["min_gap"]:
+                break
+            err = gap - tp.get("gap", tp.get("min_gap"))
 
             if abs(err) < 0.15:
                 break

@@ -390,3 +390,16 @@ def test_gt_rib_wholly_outside_the_image_is_not_in_view():
     states = {r: _rib_states([rib(p)], [], grid)["T12"]["left"][1] for r, p in (
         ("in", [[10, 10, 10], [10, 30, 20]]), ("cut", [[10, 10, 45], [10, 40, 60]]))}
     assert states == {"in": "present", "cut": "cut"}
+
+
+def test_synth_castellvi_grade_1_process_stays_clear_of_the_ala():
+    """The generator's grade-1 (enlarged) transverse process touched or fused with the
+    sacral ala, so the image showed grade II/III while the ground truth said I. It is
+    now kept at least ~4 mm away (the sdf gap measured before the last correction)."""
+    from verse_cli.synth import generate_case
+
+    case = generate_case(90007, region="lumbar", variant="castellvi_1", scale=0.25)
+    sides = case.variants["castellvi"]
+    gaps = case.meta["castellvi_gap_mm"]
+    graded = [s for s in ("left", "right") if sides[s] == 1]
+    assert graded and all(gaps[s] >= 2.5 for s in graded), (sides, gaps)

@@ -11,7 +11,9 @@ Metrics (the VerSe definitions, :func:`verse_cli.evaluate.get_hits`):
 * identification rate: hits / ground-truth vertebrae, over all cases;
 * localisation distance: mean distance between predicted and true centroid of the
   identified vertebrae (and, for reference, of every label present in both);
-* variant correct: in a variant case, the variant's defining labels are identified
+* variant correct: in a variant case whose ground truth flags the variant as determinable
+  (the random field of view can still cut the levels that show it; such cases are counted
+  as ``variant_not_in_view``), the variant's defining labels are identified
   (T13: 28; L6: 25; T11: T11 and L1 with no T12 predicted; L4: L4 and S1 with no L5
   predicted).
 
@@ -178,8 +180,12 @@ def main() -> None:
                "determinable": flags, "gt": sorted(gt), "pred": sorted(pred), "hits": int(sum(hits.values())),
                "n_gt": len(gt), "dist_hits": [dist[k] for k in common if hits[k]], "dist_common": list(dist.values()),
                "variants_found": res.variants, "seconds": round(t_label, 2), "render_s": round(t_render, 1)}
-        if variant != "none":
+        if variant != "none" and variant in flags:
             row["variant_ok"] = bool(variant_ok(variant, hits, set(pred)))
+        elif variant != "none":
+            # the random field of view cut the levels that show the variant (the ground truth
+            # flags it as not determinable): no labelling can be right or wrong about it
+            row["variant_not_in_view"] = True
         rows.append(row)
         print(f"{seed} {region:13s} {variant or '':5s} hits {row['hits']}/{row['n_gt']} "
               f"d {np.mean(row['dist_hits']) if row['dist_hits'] else float('nan'):.2f} mm "
@@ -195,6 +201,7 @@ def main() -> None:
         "mean_dist_identified_mm": float(np.mean(d_hits)) if d_hits else None,
         "mean_dist_common_mm": float(np.mean(d_common)) if d_common else None,
         "variant_cases": len(var_rows), "variant_correct": sum(r["variant_ok"] for r in var_rows),
+        "variant_not_in_view": sum(bool(r.get("variant_not_in_view")) for r in rows),
         "seconds_per_case": float(np.mean([r["seconds"] for r in rows])) if rows else None,
     }
     real = eval_real(args.real, net, refine=not args.no_refine) if args.real else []

@@ -45,11 +45,13 @@ def toy_spine():
     return ct, mask, aff, cents
 
 
-def write_toy_patches(tmp_path, mask, aff, cents, island: bool = False):
+def write_toy_patches(tmp_path, mask, aff, cents, island: bool = False, shrink: int = 0):
+    """Blurred per-vertebra probabilities; ``shrink`` erodes each vertebra first (a net that stops short)."""
     cfg = DEFAULT_CONFIG
     results = []
     for lab in LABELS:
-        prob = ndimage.gaussian_filter((mask == lab).astype(np.float32), 1.0)
+        own = ndimage.binary_erosion(mask == lab, iterations=shrink) if shrink else mask == lab
+        prob = ndimage.gaussian_filter(own.astype(np.float32), 1.0)
         paff = patch_affine(aff, cents[lab], cfg)
         patch = sample_patch(prob, aff, cfg["patch_shape"], paff, order=1, cval=0.0)
         if island and lab == 20:
@@ -81,6 +83,29 @@ def test_merge_separates_touching_vertebrae(tmp_path):
     assert not np.isin(out[core], [20, 21]).any()
 
 
+def test_refine_grows_to_the_bone_edge_but_not_beyond(tmp_path):
+    """Probabilities one voxel short of the bone: the merge moves the boundary onto the CT's edge,
+    without taking dark voxels or a bright bone that no patch wins (a sacrum without centroid, 2 mm of
+    disc below L3)."""
+    ct, mask, aff, cents = toy_spine()
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in mask.shape], indexing="ij"), -1).astype(float)
+    x, y, z = np.moveaxis(ijk @ aff[:3, :3].T + aff[:3, 3], -1, 0)
+    sacrum = ((x - 6) ** 2 + y**2 < 16**2) & (z <= -44.0) & (mask == 0)
+    assert sacrum.sum() > 1000
+    ct = np.where(sacrum, 400.0, ct).astype(np.float32)
+    pdir = write_toy_patches(tmp_path, mask, aff, cents, shrink=1)
+    plain = merge(nib.Nifti1Image(ct, aff), pdir, refine=False)
+    refined = merge(nib.Nifti1Image(ct, aff), pdir)
+    for lab in LABELS:
+        before, after = dice(plain == lab, mask == lab), dice(refined == lab, mask == lab)
+        assert after > before + 0.03 and after > 0.95, (lab, before, after)
+    assert not refined[ct < 200].any()  # nothing dark is taken
+    assert (refined[sacrum] > 0).sum() < 0.05 * sacrum.sum()  # the unclaimed bone stays unlabelled
+    # touching bodies stay apart
+    core = ndimage.binary_erosion(mask == 22, iterations=2)
+    assert not np.isin(refined[core], [20, 21]).any()
+
+
 def test_edited_binary_patch_replaces_probabilities(tmp_path):
     ct, mask, aff, cents = toy_spine()
     pdir = write_toy_patches(tmp_path, mask, aff, cents)
@@ -91,6 +116,8 @@ def test_edited_binary_patch_replaces_probabilities(tmp_path):
     save_nifti(nib.Nifti1Image(edited, paff), pdir / "L2_prob.nii.gz")
     out = merge(nib.Nifti1Image(ct, aff), pdir)
     l2 = out == 21
+    # the painted boundary is the user's: the bone-edge refinement leaves it alone
+    assert l2.sum() == (merge(nib.Nifti1Image(ct, aff), pdir, refine=False) == 21).sum()
     assert l2.sum() > 0.2 * (mask == 21).sum()
     assert l2.sum() < 0.8 * (mask == 21).sum()
     assert dice(out == 20, mask == 20) > 0.95

@@ -21,6 +21,8 @@ from verse_cli.segment import (
     sample_patch,
     slab_layout,
     slabs_of,
+    spine_tangents,
+    tilt_rotation,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,49 @@ def test_patch_centre_lands_on_centroid():
     paff = patch_affine(aff, centroid, cfg)
     assert np.allclose(geometry.vox2world(paff, cfg["centre_index"]), centroid)
     assert np.allclose(geometry.spacing(paff), 1.0)
+
+
+def test_spine_tangents_follow_the_centroids_head_ward():
+    # a lordotic arc in the sagittal (y, z) plane, given out of order and with a gap (no L2)
+    angles = np.radians([-30.0, -15.0, 15.0, 30.0])
+    labels = [20, 22, 23, 24]
+    world = {lab: np.array([5.0, 200.0 * np.cos(a) - 200.0, 200.0 * np.sin(a)]) * np.array([1, 1, -1])
+             for lab, a in zip(labels, angles)}
+    tangents = spine_tangents(dict(reversed(world.items())))
+    for lab in labels:
+        t = tangents[lab]
+        assert np.isclose(np.linalg.norm(t), 1.0) and t[2] > 0.5  # points to the head
+        assert abs(t[0]) < 1e-9
+    # L3 sits between L1 and L4 near the arc's middle: the tangent there is nearly vertical
+    assert tangents[22][2] > 0.95
+    # the ends lean the arc's way
+    assert tangents[20][1] * tangents[24][1] < 0
+    assert spine_tangents({22: np.zeros(3)}) == {22: None}
+
+
+def test_tilt_rotation_turns_the_patch_onto_the_spine():
+    from verse_cli import segment as seg
+
+    aff = oblique_affine(tilt_deg=0.0)
+    up = patch_directions(aff)[:, 2]
+    assert tilt_rotation(aff, None) is None
+    assert tilt_rotation(aff, up * -1.0) is None  # upright (either sign): nothing to turn
+    for deg in (10.0, 40.0, 80.0):
+        t = np.array([0.0, np.sin(np.radians(deg)), np.cos(np.radians(deg))])
+        rot = tilt_rotation(aff, t)
+        if deg <= seg.FREE_TILT_DEG:
+            assert rot is None  # within the training augmentation: the CT's own axes
+            continue
+        assert np.allclose(rot @ rot.T, np.eye(3), atol=1e-9) and np.isclose(np.linalg.det(rot), 1.0)
+        left = np.degrees(np.arccos(np.clip((rot @ up) @ t, -1, 1)))
+        expected = seg.FREE_TILT_DEG + max(0.0, deg - seg.MAX_TILT_DEG)
+        assert np.isclose(left, expected, atol=1e-6), (deg, left)
+        # the patch stays centred on the centroid and keeps 1 mm orthonormal axes
+        cfg = DEFAULT_CONFIG
+        centroid = np.array([3.0, -8.0, 20.0])
+        paff = patch_affine(aff, centroid, cfg, rotation=rot)
+        assert np.allclose(geometry.vox2world(paff, cfg["centre_index"]), centroid)
+        assert np.allclose(paff[:3, :3].T @ paff[:3, :3], np.eye(3), atol=1e-9)
 
 
 @pytest.mark.parametrize("codes", ["PIR", "RAS", "LPI", "SAL"])

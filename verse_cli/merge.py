@@ -3,13 +3,30 @@
 Every patch listed in ``patches.json`` is resampled (linear on the probability) onto
 the part of the CT grid it covers - never onto the whole volume - and compared with
 the best probability seen so far there. So memory stays at two bytes per CT voxel
-(best probability and its label, both uint8) whatever the number of vertebrae, and
-no voxel can receive two labels. Then:
+(best probability and its label, both uint8) whatever the number of vertebrae, plus
+the CT itself (float32) for the edge refinement, and no voxel can receive two labels.
+Then:
 
 1. a voxel keeps the most probable vertebra if that probability exceeds 0.5;
-2. each label keeps only its largest connected component (26-connectivity), which
+2. edge refinement on the CT (``refine=True``): each vertebra grows, by up to
+   ``GROW_VOXELS`` voxels, into the neighbouring voxels that it wins (it is the most
+   probable vertebra there, though below 0.5) and that are clearly bone by the CT:
+   at least ``EDGE_FRACTION`` (3/4) of the way from the soft tissue around that
+   vertebra (median of a shell 3-4 voxels outside it) to its own boundary layer
+   (median of its outermost voxels). Both levels are measured per vertebra and per
+   scan, so the rule adapts to osteoporotic bone, kernel, dose and to data not in HU;
+   nothing is set in absolute HU. Why: on real CT the net puts the boundary about
+   one voxel inside the cortex (verse014: 40 k voxels missed against 5 k extra, the
+   missed ones with a median of 335 HU; expert masks take in the whole cortex).
+   The half-way point (the half-maximum edge) gains more on real CT but costs our
+   synthetic cases 1-2 % Dice (their masks stop inside the blurred edge); at 3/4 the
+   synthetic score is unchanged (-0.002 on 8 cases) and verse014 still gains 0.05.
+   The growth never takes a voxel another vertebra wins, nor crosses a dark disc to
+   an unclaimed bone (a sacrum without centroid); a vertebra whose patch is an edited
+   binary mask keeps the boundary the user painted;
+3. each label keeps only its largest connected component (26-connectivity), which
    removes islands stolen from a neighbour;
-3. holes of a label smaller than ``max_hole_mm3`` that no other label claims are filled.
+4. holes of a label smaller than ``max_hole_mm3`` that no other label claims are filled.
 
 Edited patches: a patch whose file holds plain integers with a single non-zero value
 (e.g. 0/1 painted in ITK-SNAP) is read as a binary mask, i.e. probability 1 inside.
@@ -30,6 +47,10 @@ from .core.progress import debug, info, track
 
 THRESHOLD = 0.5
 MAX_HOLE_MM3 = 500.0
+EDGE_FRACTION = 0.75  # of the way from the soft tissue to the bone boundary layer: clearly bone
+GROW_VOXELS = 4
+GROW_MIN_PROB = 0.05  # a grown voxel must carry this much probability of the vertebra that wins it
+MIN_EDGE_CONTRAST = 100.0  # HU between bone boundary and soft tissue, below which no refinement is tried
 
 
 def read_index(patch_dir) -> list[dict]:
@@ -128,7 +149,8 @@ def resample_into(prob: np.ndarray, patch_aff: np.ndarray, shape, affine: np.nda
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), np.rint(values).astype(np.uint8)
 
 
-def merge(ct_img, patch_dir, threshold: float = THRESHOLD, max_hole_mm3: float = MAX_HOLE_MM3) -> np.ndarray:
+def merge(ct_img, patch_dir, threshold: float = THRESHOLD, max_hole_mm3: float = MAX_HOLE_MM3,
+          refine: bool = True) -> np.ndarray:
     """Merge the patches of ``patch_dir`` into a uint8 VerSe-id mask on the CT grid.
 
     Parameters
@@ -141,6 +163,9 @@ def merge(ct_img, patch_dir, threshold: float = THRESHOLD, max_hole_mm3: float =
         A voxel is labelled only where its best probability exceeds this.
     max_hole_mm3 : float
         Enclosed holes up to this volume are filled.
+    refine : bool
+        Move each vertebra's boundary onto the CT's bone edge (step 2 above); reads the
+        CT's voxels, not only its header.
 
     Returns
     -------
@@ -155,6 +180,7 @@ def merge(ct_img, patch_dir, threshold: float = THRESHOLD, max_hole_mm3: float =
     best = np.zeros(shape, dtype=np.uint8)
     label_map = np.zeros(shape, dtype=np.uint8)
     boxes: dict[int, tuple[slice, ...]] = {}
+    edited: set[int] = set()
     for e in track(entries, "merging", total=len(entries)):
         label = int(e["label"])
         prob, paff = read_patch(patch_dir / str(e["file"]))
@@ -167,15 +193,79 @@ def merge(ct_img, patch_dir, threshold: float = THRESHOLD, max_hole_mm3: float =
         best[sl][wins] = values[wins]
         label_map[sl][wins] = label
         boxes[label] = sl
+        if not np.any((prob > 0) & (prob < 255)):
+            edited.add(label)  # a painted mask: its boundary is the user's, not refined
     cut = int(np.floor(threshold * 255))
-    label_map[best <= cut] = 0
-    del best
+    if refine and boxes:
+        weak = (best <= cut) & (best > int(np.floor(GROW_MIN_PROB * 255)))
+        winner = np.where(weak, label_map, 0)  # who would take each weak voxel
+        del weak
+        label_map[best <= cut] = 0
+        del best
+        ct = _ct_values(ct_img)
+        for label in boxes:
+            if label not in edited:
+                _grow_to_bone_edge(label_map, winner, ct, label)
+        del ct, winner
+    else:
+        label_map[best <= cut] = 0
+        del best
     voxel_mm3 = float(np.prod(geometry.spacing(affine)))
     for label, sl in boxes.items():
         _clean_label(label_map, label, sl, max(1, int(max_hole_mm3 / voxel_mm3)))
     found = sorted(set(np.unique(label_map).tolist()) - {0})
     info(f"merged {len(found)} vertebrae: {', '.join(L.name(x) for x in L.sort_anatomical(found))}")
     return label_map
+
+
+def _ct_values(ct_img) -> np.ndarray:
+    """The CT's voxel values (float32, header scaling applied)."""
+    from .core.io import load_ct
+
+    if isinstance(ct_img, (str, os.PathLike)):
+        ct_img = load_ct(ct_img)
+    return np.asarray(ct_img.get_fdata(dtype=np.float32) if hasattr(ct_img, "get_fdata") else ct_img,
+                      dtype=np.float32)
+
+
+def _grow_to_bone_edge(label_map: np.ndarray, winner: np.ndarray, ct: np.ndarray, label: int) -> int:
+    """Grow ``label`` into the weak voxels it wins that are clearly bone by the CT, in place.
+
+    Works in the label's bounding box plus a margin. Returns the number of voxels added.
+    """
+    from scipy import ndimage
+
+    where = np.nonzero(label_map == label)
+    if len(where[0]) < 27:
+        return 0
+    pad = GROW_VOXELS + 1
+    sl = tuple(slice(max(int(w.min()) - pad, 0), min(int(w.max()) + pad + 1, n))
+               for w, n in zip(where, label_map.shape))
+    view, hu = label_map[sl], ct[sl]
+    own = view == label
+    six = ndimage.generate_binary_structure(3, 1)
+    boundary = own & ~ndimage.binary_erosion(own, six)
+    shell = ndimage.binary_dilation(own, six, iterations=4) & ~ndimage.binary_dilation(own, six, iterations=2)
+    shell &= view == 0
+    if not boundary.any() or not shell.any():
+        return 0
+    soft, bone = float(np.median(hu[shell])), float(np.median(hu[boundary]))
+    if bone - soft < MIN_EDGE_CONTRAST:
+        return 0
+    edge = soft + EDGE_FRACTION * (bone - soft)
+    cand = (winner[sl] == label) & (hu >= edge) & (view == 0)
+    added = 0
+    for _ in range(GROW_VOXELS):
+        step = cand & ndimage.binary_dilation(own, six)
+        n = int(step.sum())
+        if not n:
+            break
+        own |= step
+        cand &= ~step
+        added += n
+    view[own & (view == 0)] = label
+    debug(f"{L.name(label)}: soft tissue {soft:.0f}, bone edge {bone:.0f}, threshold {edge:.0f}; grew {added} voxels")
+    return added
 
 
 def _clean_label(label_map: np.ndarray, label: int, sl: tuple[slice, ...], max_hole: int) -> None:

@@ -319,6 +319,29 @@ def test_cervical_rib_at_c7():
     assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
 
 
+def test_cervical_rib_joined_to_the_first_rib():
+    """A cervical rib that meets the first rib makes one bone with it. In synth cases
+    90014, 90035, 90044 and 90059 (cervical-rib misses) the heads lay so close that the
+    bone went whole to T1; now the part away from the first rib's centreline that starts
+    at C7 is the cervical rib. (This phantom's heads are farther apart, so it guards the
+    joined case and the first rib's length rather than reproducing the merge.)"""
+    labels, width = (6, 7, 8, 9), 260
+    ct, mask, aff = phantom(labels=labels, ribs={8: (90, 90), 9: (120, 120)}, sacrum=False, width_mm=width)
+    sp = np.asarray(SPACING)
+    zlen = 30 * len(labels) + 20
+    cx, cy = width / 2, 70.0
+    z7, z8 = zlen - 25 - 30 * 1, zlen - 25 - 30 * 2
+    d = np.array([-0.8, 0.55, -0.25])
+    d /= np.linalg.norm(d)
+    meet = np.array([cx - 17.0, cy + 4.0, z8 + 3.0]) + d * 35.0  # on the left first rib
+    start = np.array([cx - 17.0, cy + 4.0, z7 + 3.0])
+    rib = _capsule(ct.shape, sp, start, meet, 3.5) & (mask == 0)
+    ct[rib] = 600
+    r = rate(ct, mask, aff)
+    assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
+    assert r["ribs"]["T1"]["left_status"] == "present" and r["ribs"]["T1"]["left_mm"] > 80, r["ribs"]["T1"]
+
+
 def test_first_rib_touching_only_c7_is_not_a_cervical_rib():
     """A first rib whose head touches only C7's label was read as a cervical rib, with T1
     left without a rib (synth cases 90016, 90030, 90046). T1 always has a rib: a lone

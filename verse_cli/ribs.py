@@ -79,6 +79,7 @@ class Rib:
     tip_gap_mm: float = float("inf")  # distance of the tip from the nearest vertebra label
     radius_mm: float = 0.0  # mean radius, from the volume over the centreline length
     bridges: int = 0  # hidden stretches (costotransverse region) bridged by a curve
+    line: np.ndarray | None = field(default=None, repr=False)  # the centreline, mm (not in the evidence)
 
     def evidence(self) -> dict:
         return {
@@ -569,7 +570,7 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     length = centreline + joint_gap + tip_ext
     n_pts = sum(len(u) for u in used)
     return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_ext,
-               line[0].tolist(), tip_point.tolist(), len(used) - 1, tip_gap, radius, n_bridges)
+               line[0].tolist(), tip_point.tolist(), len(used) - 1, tip_gap, radius, n_bridges, line)
 
 
 def bridge_curves(points_mm: np.ndarray, idx: np.ndarray, sp: np.ndarray, span_mm: float = 6.0):

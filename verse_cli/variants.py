@@ -64,6 +64,7 @@ HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 TP_LATERAL = 0.6  # ... or lateral of this fraction of its reach, whichever is nearer the body
 TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
+FIRST_RIB_MIN_MM = 60.0  # a shorter first rib was not measured whole: no cervical rib is split off it
 TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
 RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
 THORACOLUMBAR = {17, 18, 19, 28, 20}  # T10-T13, L1: where the rib rule moves the boundary
@@ -381,6 +382,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
     zone = np.zeros(grid.mask.shape, dtype=bool)
     zone.flat[info.pop("removed")] = True
     evidence["segmentation"] = info
+    measured: dict = {}
     for lab in wanted:
         entry: dict = {}
         for side in SIDES:
@@ -392,6 +394,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                               ct=grid.ct, thr=thr, smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside,
                               zone=zone)
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
+            measured[(lab, side)] = rib
             if rib.cut:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
@@ -412,8 +415,59 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
             else:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = round(rib.length_mm, 1), "present"
         out[lab] = entry
+    if 7 in out and 8 in out:
+        for side in SIDES:
+            # only beside a first rib measured whole (adult first ribs run 100-150 mm)
+            if (out[7][f"{side}_status"] == "absent" and out[8][f"{side}_status"] == "present"
+                    and out[8][f"{side}_mm"] >= FIRST_RIB_MIN_MM):
+                _cervical_rib_on_first_rib(grid, out, evidence, components[(8, side)], measured[(8, side)], frames,
+                                           side, joint_distance, thr, outside, zone)
     _first_rib_from_c7(out, evidence)
     return out, evidence
+
+
+def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames, side, joint_distance, thr,
+                               outside, zone, reach_mm: float = 6.0) -> None:
+    """A cervical rib joined to the first rib (by a joint or a bony bridge, as is common).
+
+    The joined bone went whole to T1. Its part farther than 1.8 rib radii (and a voxel)
+    from the first rib's centreline is not the first rib; a piece of it that starts
+    within ``reach_mm`` of C7's label, beside its body, and is a rib of its own
+    (``MIN_RIB_MM`` long, not cut) is a cervical rib. A first rib whose head merely
+    touches C7 leaves only specks there.
+    """
+    from scipy.spatial import cKDTree
+
+    if first.line is None or len(first.line) < 2:
+        return
+    sp = grid.sp
+    idx = np.array(np.unravel_index(np.concatenate(pieces), grid.mask.shape)).T
+    d, _ = cKDTree(first.line).query(idx * sp, k=1)
+    rest = idx[d > 1.8 * first.radius_mm + float(sp.max())]
+    c7 = grid.points(7)
+    if len(rest) == 0 or len(c7) == 0:
+        return
+    lo = rest.min(axis=0)
+    local = np.zeros(tuple(rest.max(axis=0) - lo + 1), dtype=bool)
+    local[tuple((rest - lo).T)] = True
+    comps, n = ndimage.label(local, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return
+    near = cKDTree(c7 * sp).query(rest * sp, k=1)[0] <= reach_mm + float(sp.max())
+    ids = np.unique(comps[tuple((rest[near] - lo).T)])
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        return
+    sizes = ndimage.sum(np.ones_like(comps), comps, ids)
+    best = int(ids[int(np.argmax(sizes))])
+    part = np.argwhere(comps == best) + lo
+    flat = np.ravel_multi_index(tuple(part.T), grid.mask.shape)
+    rib = measure_rib([flat], grid.mask.shape, sp, joint_distance, frames[7], side=side, ct=grid.ct, thr=thr,
+                      smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone)
+    ok = not rib.cut and rib.length_mm >= MIN_RIB_MM and _joint_at_body(rib, frames[7])
+    evidence.setdefault("C7", {})[f"{side}_joined_to_first_rib"] = {**rib.evidence(), "accepted": bool(ok)}
+    if ok:
+        ribs[7][f"{side}_mm"], ribs[7][f"{side}_status"] = round(rib.length_mm, 1), "present"
 
 
 def _first_rib_from_c7(ribs: dict, evidence: dict) -> None:

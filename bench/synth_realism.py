@@ -12,7 +12,10 @@ voxels are compared at the same scale. Then, per case:
 * ``post``: HU p50 in the posterior elements (TPTBox subregions 41-48, else vertebra
   voxels more than 28 mm from the body centroid);
 * ``musc``/``fat``: HU p50 of soft tissue 6-40 mm from the spine whose 3 mm-smoothed HU
-  lies in 10..100 (muscle) or -160..-50 (fat);
+  lies in 10..100 (muscle) or -160..-50 (fat); ``musc`` also takes enhanced organs
+  (kidney, vena cava) of contrast cases, so
+* ``para``: HU p50 of that muscle-range tissue dorsal to the spine only (more than 30 mm
+  behind the body centroid of the nearest vertebra, in world y): the paraspinal muscles;
 * ``noise``: median local standard deviation (3x3x3 voxels) in that muscle, and in fat;
 * ``tex``: standard deviation of the high-pass HU (HU minus its 1.5 mm Gaussian) in
   trabecular bone, a simple texture measure.
@@ -35,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "data" / "real"
-COLS = ["trab5", "trab50", "trab95", "cort50", "cort95", "post50", "musc50", "fat50", "noiseM", "noiseF", "tex"]
+COLS = ["trab5", "trab50", "trab95", "cort50", "cort95", "post50", "musc50", "para50", "fat50", "noiseM", "noiseF", "tex"]
 
 
 def resample(ct, mask, sub, affine, mm):
@@ -75,10 +78,23 @@ def stats(ct, mask, sub, affine, mm=1.5) -> dict:
     trab = ndimage.binary_erosion(body, iterations=2)
     cort = body & ~ndimage.binary_erosion(body) & ndimage.binary_dilation(trab, iterations=4)
     spine = mask > 0
-    dist = ndimage.distance_transform_edt(~spine) * mm
+    dist, near_idx = ndimage.distance_transform_edt(~spine, return_indices=True)
+    dist *= mm
     near = (dist > 6) & (dist < 40)
     smooth = ndimage.gaussian_filter(ct, 2.0 / mm)
     musc = near & (smooth > 10) & (smooth < 100)
+    # dorsal: world y (anterior) more than 30 mm behind the nearest vertebra's body centroid
+    para = np.zeros_like(musc)
+    if musc.any() and ctd:
+        vox = np.argwhere(musc)
+        lab = mask[tuple(near_idx[:, musc])]
+        cy = np.full(int(mask.max()) + 1, np.nan)
+        for k, c in ctd.items():
+            cy[k] = (A[:3, :3] @ np.asarray(c, float) + A[:3, 3])[1]
+        wy = vox @ A[1, :3] + A[1, 3]
+        keep = wy - cy[lab] < -30
+        para[tuple(vox[keep].T)] = True
+    del near_idx
     fat = near & (smooth > -160) & (smooth < -50)
     m1 = ndimage.uniform_filter(ct, 3)
     m2 = ndimage.uniform_filter(ct * ct, 3)
@@ -92,7 +108,8 @@ def stats(ct, mask, sub, affine, mm=1.5) -> dict:
         return float(np.median(arr[region])) if region.sum() > 20 else float("nan")
 
     return {"trab5": q(trab, 5), "trab50": q(trab, 50), "trab95": q(trab, 95), "cort50": q(cort, 50),
-            "cort95": q(cort, 95), "post50": q(post, 50), "musc50": q(musc, 50), "fat50": q(fat, 50),
+            "cort95": q(cort, 95), "post50": q(post, 50), "musc50": q(musc, 50),
+            "para50": q(para, 50), "fat50": q(fat, 50),
             "noiseM": med(lstd, musc), "noiseF": med(lstd, fat),
             "tex": float(hp[trab].std()) if trab.sum() > 20 else float("nan")}
 

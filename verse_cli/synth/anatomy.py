@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import morphometry as M
-from .engine import Shape, capsule, ellipse2d, ellipsoid, extrude, plate, polyline, smax, smin
+from .engine import Shape, capsule, ellipse2d, ellipsoid, extrude, plate, polyline, side_rng, smax, smin
 
 F32 = np.float32
 
@@ -174,6 +174,15 @@ class BoneHU:
     rot: np.ndarray | None = None  # tile axes: breaks the tile's periodicity along the grid axes
     endplate_hu: float = 0.0  # sclerotic (denser) endplates, per case
     endplate_mm: float = 2.0
+    # marrow heterogeneity (see ``marrow_tile``): HU deviations on a periodic tile, offset per vertebra
+    hetero: np.ndarray | None = None
+    hetero_mm: float = 1.0
+    seed: int = 0
+    level_sd: float = 0.0  # spread of the mean trabecular HU between vertebrae
+    vein_hu: float | None = None  # basivertebral vein (a dark channel behind the body centre)
+    vein_r: float = 3.0
+    vein_len: float = 0.35
+    centre_drop: float = 0.0  # the body centre is less dense than its periphery
 
     def fit_to_grid(self, spacing_mm, psf_mm: float = 0.0) -> None:
         """Blur the bone fraction by the voxel size and PSF, then scale it to HU."""
@@ -188,21 +197,35 @@ class BoneHU:
         contrast = self.texture_amp / max(self.bvtv, 0.05)
         self.tile = ((f - f.mean()) * F32(contrast)).astype(F32)
 
-    def material(self, cortex_mm: float | None = None, trab: float | None = None, cortex=None):
+    def material(self, cortex_mm: float | None = None, trab: float | None = None, cortex=None, key: int = 0):
+        """HU inside a bone at points ``p`` with SDF ``d``: cortical shell, compact bone just under
+        it, trabecular core with the plate/rod texture and the marrow heterogeneity. ``key``
+        (e.g. the vertebra id) shifts the heterogeneity tile and the mean HU per bone."""
         t = F32(cortex_mm if cortex_mm is not None else self.cortex_mm)
         tr = F32(trab if trab is not None else self.trabecular)
         co = F32(cortex if cortex is not None else self.cortex)
         tile = self.tile.astype(F32).ravel()
-        R = (self.rot if self.rot is not None else np.eye(3)) / self.tile_mm
-        R = R.astype(F32)
+        rot = self.rot if self.rot is not None else np.eye(3)
+        R = (rot / self.tile_mm).astype(F32)
+        het = None
+        shift = np.zeros(6, F32)
+        if self.hetero is not None:  # both 64^3 tiles, looked up with one matrix product
+            kr = np.random.default_rng([self.seed, int(key) & 0xFFFF])
+            het = self.hetero.astype(F32).ravel()
+            R = np.concatenate([R, (rot[:, ::-1] / self.hetero_mm).astype(F32)], axis=1)
+            shift[3:] = kr.uniform(0, 64, 3)
+            tr = tr + F32(kr.normal(0, self.level_sd) if key else 0.0)
+            tr = F32(max(float(tr), 5.0))
 
         def mat(p, d):
             depth = -d - t
             inner = np.clip(depth / F32(0.7) + F32(0.5), 0, 1)  # 0 in the shell, 1 in the core
             # thin parts (processes, laminae) are mostly compact bone: brighter just under the shell
             dense = np.clip(F32(1) - depth / F32(2.5), 0, 1) * F32(0.3) * (co - tr)
-            ijk = np.floor(p @ R).astype(np.int32) & 63
+            ijk = np.floor(p @ R + shift).astype(np.int32) & 63
             tex = tile[(ijk[:, 0] << 12) | (ijk[:, 1] << 6) | ijk[:, 2]]
+            if het is not None:  # marrow heterogeneity fades in below the compact layer
+                tex += het[(ijk[:, 3] << 12) | (ijk[:, 4] << 6) | ijk[:, 5]] * np.clip(depth / F32(2.0), 0, 1)
             return co + (tr + dense + tex - co) * inner
 
         return mat
@@ -232,11 +255,53 @@ def _trabecular_fraction(rng: np.random.Generator, bvtv: float, rodness: float) 
     return ndimage.gaussian_filter(frac, 0.5, mode="wrap")
 
 
+def marrow_tile(rng: np.random.Generator, trab: float, n: int = 64, mm: float = 1.0) -> tuple[np.ndarray, dict]:
+    """Periodic (n^3, ``mm`` per voxel) HU deviations of the marrow around its mean, drawn per case.
+
+    Real vertebral bodies are far from even (real CT at 1.5 mm: p5-p95 of about 300 HU inside
+    the body, against ~60 HU of noise): coarse density variation (4-10 mm), mottling at
+    1-3 mm (trabecular clusters seen at CT resolution), focal fatty marrow (down to fat HU
+    in older patients) and, rarely, small dense bone islands. All amplitudes are random
+    per case, from an almost even body to a very heterogeneous one. The spectrum is shaped
+    in the Fourier domain (fast for a periodic tile)."""
+    f = [np.fft.fftfreq(n, d=mm)] * 2 + [np.fft.rfftfreq(n, d=mm)]
+    k2 = (f[0][:, None, None] ** 2 + f[1][None, :, None] ** 2 + f[2][None, None, :] ** 2).astype(F32)
+    g = lambda s: np.exp(F32(-2 * np.pi ** 2 * s * s) * k2)  # Gaussian of sigma s mm
+
+    def field(spec):
+        w = np.fft.rfftn(rng.standard_normal((n, n, n)).astype(F32))
+        out = np.fft.irfftn(w * spec, s=(n, n, n), axes=(0, 1, 2)).astype(F32)
+        return out / max(float(out.std()), 1e-6)
+
+    s_mid = float(rng.uniform(0.8, 1.4))
+    p = {"mid": float(rng.uniform(10, 55)), "coarse": float(rng.uniform(15, 85)),
+         "coarse_mm": float(rng.uniform(3.5, 9.0)), "fat_frac": float(rng.choice([0.0, rng.uniform(0.02, 0.2)],
+                                                                                 p=[0.45, 0.55])),
+         "fat_hu": float(rng.uniform(-110, 20)), "islands": float(rng.choice([0.0, rng.uniform(150, 500)],
+                                                                             p=[0.8, 0.2]))}
+    h = p["mid"] * field(g(s_mid) - g(2.6 * s_mid)) + p["coarse"] * field(g(p["coarse_mm"]))
+    if p["fat_frac"] > 0:  # fatty foci: soft-edged blobs of 3-12 mm
+        fz = field(g(float(rng.uniform(1.2, 3.0))))
+        t = np.quantile(fz, 1 - p["fat_frac"])
+        w = np.clip((fz - t) / F32(0.5), 0, 1)
+        h += w * F32(min(p["fat_hu"] - trab, 0.0))
+    if p["islands"] > 0:  # enostoses: a few dense foci of 2-6 mm
+        bz = field(g(float(rng.uniform(0.8, 1.6))))
+        t = np.quantile(bz, 0.997)
+        h += np.clip((bz - t) / F32(0.4), 0, 1) * F32(p["islands"])
+    h -= F32(h.mean())
+    return h.astype(F32), p
+
+
 def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
-    """Random bone HU, domain-randomised per case: trabecular ~60 (osteoporotic) to ~350 HU
-    (dense), cortex 450-1100 HU and 0.5-1.5 mm, a plate/rod trabecular pattern, and
-    sclerotic endplates of random strength."""
-    trab = float(max(rng.uniform(90, 330) - 120 * age_factor ** 1.5, 55.0))
+    """Random bone HU, domain-randomised per case: trabecular ~20 (osteoporotic, fatty marrow)
+    to ~300 HU (dense), cortex 450-1100 HU and 0.5-1.5 mm, a plate/rod trabecular pattern,
+    marrow heterogeneity (:func:`marrow_tile`), a basivertebral vein, a less dense body
+    centre, and sclerotic endplates of random strength. Reference ranges: trabecular L1
+    HU ~200-250 in young adults, ~100-150 in the elderly, < 100 in osteoporosis
+    (Pickhardt et al., Ann Intern Med 2013); the real fixtures: verse014 p50 ~120 HU,
+    the TPTBox crop ~50 HU."""
+    trab = float(max(rng.uniform(75, 310) - 135 * age_factor ** 1.5, 20.0))
     bvtv = float(np.clip(0.06 + trab / 1500 + rng.normal(0, 0.02), 0.06, 0.35))
     rodness = float(np.clip(age_factor + rng.normal(0, 0.2), 0, 1))
     frac = _trabecular_fraction(rng, bvtv, rodness)
@@ -250,6 +315,15 @@ def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
                tile_mm=float(rng.uniform(0.28, 0.55)), frac=frac, bvtv=bvtv, rot=rot,
                endplate_hu=float(rng.choice([0.0, rng.uniform(40, 260)], p=[0.3, 0.7])),
                endplate_mm=float(rng.uniform(1.0, 3.0)))
+    # intensity-only draws: a side stream, so that the anatomy drawn after this stays the same
+    sr = side_rng(rng, 0xB0E)
+    b.hetero, _ = marrow_tile(sr, trab)
+    b.seed = int(sr.integers(0, 2 ** 31))
+    b.level_sd = float(sr.uniform(0, 25))
+    b.vein_hu = float(sr.uniform(-30, 90)) if sr.random() < 0.85 else None
+    b.vein_r = float(sr.uniform(1.5, 4.0))
+    b.vein_len = float(sr.uniform(0.2, 0.5))
+    b.centre_drop = float(sr.uniform(0, 70))
     b.fit_to_grid([0.8, 0.8, 0.8], 0.4)
     return b
 
@@ -434,20 +508,46 @@ def world_box(lv: Level, lo, hi, margin=0.0) -> tuple[np.ndarray, np.ndarray]:
 def vertebra_shape(lv: Level, bone: BoneHU, rng: np.random.Generator, deform_mm: float) -> Shape:
     sdf, _ = vertebra_sdf_factory(lv, rng, deform_mm)
     lo, hi = world_box(lv, *local_box(lv), margin=4.0)
-    mat = bone.material(trab=bone.trabecular + lv.extra.get("trab_shift", 0.0))
+    mat = bone.material(trab=bone.trabecular + lv.extra.get("trab_shift", 0.0), key=lv.vid)
     scl = lv.extra.get("sclerosis")
     amp, width = (350.0, scl) if scl else (bone.endplate_hu, bone.endplate_mm)
-    if scl or (amp > 0 and lv.region != "C"):
+    if not (scl or (amp > 0 and lv.region != "C")):
+        amp = 0.0
+    vein = bone.vein_hu is not None and lv.name not in ("C1", "C2")
+    if amp > 0 or vein or bone.centre_drop > 0:
         base = mat
-        Hh = F32(lv.dims["H"] / 2)
-        back = F32(-lv.dims["D"] / 2)
+        g = lv.dims
+        Hh = F32(g["H"] / 2)
+        back = F32(-g["D"] / 2)
         amp, width = F32(amp), F32(width)
+        inv_ax = (F32(2 / g["W"]), F32(2 / g["D"]), F32(1 / Hh))
+        drop = F32(bone.centre_drop * min(1.0, g["D"] / 30.0))
+        y0 = -0.88 * g["D"] / 2 - 1.0
+        va, vb = (0.0, y0, 0.0), (0.0, y0 + bone.vein_len * g["D"], 0.0)
+        vr = F32(min(bone.vein_r, g["H"] / 6))
+        vhu = F32(bone.vein_hu if vein else 0.0)
 
         def mat(p, d, base=base, amp=amp, width=width):
-            q = lv.local(p)
+            out = base(p, d)
+            # only the body's inside needs the rest (the box also holds the arch and soft tissue)
+            sel = np.flatnonzero(d < 0)
+            q = lv.local(p[sel])
             az = np.abs(q[:, 2])
-            band = np.clip(1 - (Hh - az) / width, 0, 1) * ((q[:, 1] > back) & (az < Hh + F32(3)))
-            return base(p, d) + band * amp
+            sel_body = (q[:, 1] > back - F32(3)) & (az < Hh + F32(3))
+            sel, q, az = sel[sel_body], q[sel_body], az[sel_body]
+            o = out[sel]
+            if amp > 0:
+                band = np.clip(1 - (Hh - az) / width, 0, 1) * (q[:, 1] > back)
+                o += band * amp
+            if drop > 0:  # the centre of the body is less dense than its rim
+                r2 = (q[:, 0] * inv_ax[0]) ** 2 + (q[:, 1] * inv_ax[1]) ** 2 + (q[:, 2] * inv_ax[2]) ** 2
+                o -= drop * np.clip(1 - r2, 0, 1)
+            if vein:  # the basivertebral vein runs from the posterior foramen toward the centre
+                dv = capsule(q, va, vb, 0.0, scale=(1.0, 1.0, 1.4))
+                w = np.clip(F32(1.3) - dv / vr, 0, 1) * (o < F32(400))
+                o += w * (vhu - o)
+            out[sel] = o
+            return out
     return Shape(sdf=sdf, lo=lo, hi=hi, material=mat, core_depth=None,
                  label=lv.vid if lv.labelled else 0, channel="vert" if lv.labelled else "")
 

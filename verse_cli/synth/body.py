@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .anatomy import Level, tube_through
-from .engine import Shape, capsule, ellipse2d, ellipsoid
+from .engine import Shape, capsule, ellipse2d, ellipsoid, side_rng
 
 F32 = np.float32
 _BACK = 0.92 * 0.9  # the flat back lies at cy - _BACK * b (see outline_sdf)
@@ -115,7 +115,12 @@ def soft_tissue(levels: list[Level], hab: dict, hu: dict, rng: np.random.Generat
     prof = body_profile(levels, hab)
     zlo, zhi = zr
     lo, hi = _box(prof, zlo, zhi, 12)
-    shapes = [Shape(sdf=outline_sdf(prof), lo=lo, hi=hi, value=hu["fat"], core_depth=0.0)]
+    # soft-tissue HU spread drawn on a side stream (the main stream decides the anatomy); fat
+    # in real CT: about -70 to -130 HU, visceral fat a little denser than subcutaneous fat
+    sr = side_rng(rng, 0xB0D1)
+    fat = hu["fat"] + float(sr.uniform(-12, 8))
+    vfat = fat + float(sr.uniform(-5, 20))
+    shapes = [Shape(sdf=outline_sdf(prof), lo=lo, hi=hi, value=fat, core_depth=0.0)]
     shapes.append(Shape(sdf=outline_sdf(prof, hab["fat_mm"]), lo=lo, hi=hi, value=hu["muscle"], core_depth=0.0))
     # the visceral cavity in front of the spine (retroperitoneum and thorax contents)
     pts, lv_sorted = spine_track(levels)
@@ -131,12 +136,15 @@ def soft_tissue(levels: list[Level], hab: dict, hu: dict, rng: np.random.Generat
         fy = np.interp(p[:, 2], sz, front).astype(F32)
         return np.maximum(base_out(p), fy - p[:, 1])
 
-    shapes.append(Shape(sdf=cavity, lo=lo, hi=hi, value=hu["visceral_fat"], core_depth=0.0))
+    shapes.append(Shape(sdf=cavity, lo=lo, hi=hi, value=vfat, core_depth=0.0))
+    retro = _retroperitoneum(levels, prof, base_out)
+    if retro is not None:  # below the ribs and above the pelvis the back of the trunk is fat and muscles
+        shapes.append(Shape(sdf=retro[0], lo=retro[1], hi=retro[2], value=vfat, core_depth=0.0))
     by_name = {lv.name: lv for lv in levels}
     shapes += _abdomen(levels, by_name, prof, hab, hu, rng, cavity)
     shapes += _thorax(levels, by_name, prof, hab, hu, rng, cavity)
     shapes += _vessels(levels, by_name, hu, rng)
-    shapes += _muscles(levels, hab, hu)
+    shapes += _muscles(levels, hab, hu, sr)
     shapes += _head(levels, by_name, hab, hu, rng)
     shapes.append(_table(prof, hab, hu, zr))
     return shapes
@@ -299,8 +307,118 @@ def _vessels(levels, by_name, hu, rng):
     return shapes
 
 
-def _muscles(levels, hab, hu):
+def _retroperitoneum(levels, prof: Profile, base_out):
+    """The inside of the trunk wall between the lowest ribs and the iliac crests (kidneys,
+    psoas, quadratus lumborum and the paraspinal muscles lie in fat there), or None."""
+    th = [lv for lv in levels if lv.region == "T"]
+    lum = [lv for lv in levels if lv.region == "L"]
+    if not lum:
+        return None
+    z_top = F32((th[-1].centre[2] - 10) if th else lum[0].centre[2] + 60)
+    z_bot = F32(lum[-1].centre[2] - 5)
+    cx = F32(np.mean([lv.centre[0] for lv in lum]))
+
+    def sdf(p):
+        r = ((p[:, 0] - cx) / F32(150)) ** 2
+        top = p[:, 2] - (z_top - F32(35) * np.clip(r, 0, 1))  # the lowest ribs reach further down laterally
+        bot = (z_bot + F32(25) * np.clip(r, 0, 1)) - p[:, 2]  # the iliac crests rise laterally
+        return np.maximum(base_out(p), np.maximum(top, bot))
+
+    lo, hi = _box(prof, float(z_bot) - 5, float(z_top) + 5, 5)
+    return sdf, lo, hi
+
+
+def _track(levels, local_pt, a_of, b_of):
+    """Centres (world x, y) and half axes along z of a muscle following the spine: one
+    ellipse per level at ``local_pt(lv)`` in the vertebra's frame, interpolated in z."""
+    rows = []
+    for lv in levels:
+        c = lv.to_world(local_pt(lv))
+        rows.append((c[2], c[0], c[1], a_of(lv), b_of(lv)))
+    rows.sort()
+    return np.array(rows, F32).T
+
+
+def _ellipse_tube(track, z0, z1, taper: float = 8.0):
+    z, x, y, a, b = track
+    z0, z1, tp = F32(z0), F32(z1), F32(taper)
+
+    def sdf(p):
+        pz = p[:, 2]
+        cx = np.interp(pz, z, x)
+        cy = np.interp(pz, z, y)
+        aa = np.interp(pz, z, a)
+        bb = np.interp(pz, z, b)
+        # ends: the cross-section shrinks over ``taper`` mm beyond z0 / z1
+        shrink = np.clip(np.maximum(z0 - pz, pz - z1) / tp, 0, 1)
+        d = ellipse2d(p[:, 0] - cx, p[:, 1] - cy, np.maximum(aa * (1 - shrink), 2), np.maximum(bb * (1 - shrink), 2))
+        return np.maximum(d, np.maximum(z0 - tp - pz, pz - z1 - tp))
+
+    r = float(max(a.max(), b.max())) + 5
+    lo = np.array([x.min() - r, y.min() - r, z0 - taper - 2])
+    hi = np.array([x.max() + r, y.max() + r, z1 + taper + 2])
+    return sdf, lo, hi
+
+
+def _paraspinal(levels, hab, hu, sr) -> list[Shape]:
+    """Multifidus and erector spinae on each side of the spinous processes, and the quadratus
+    lumborum beside the lumbar transverse processes, each a tube of elliptic section that
+    follows the spine. Their HU is the muscle HU less a random fatty infiltration (common
+    in older patients: paraspinal muscle at 20-50 HU in real CT)."""
+    spine = [lv for lv in levels if lv.region in ("C", "T", "L") and lv.name != "C1"]
+    if len(spine) < 2:
+        return []
+    bulk = hab["muscle_bulk"]
+    infil = float(sr.uniform(0, 22)) if sr.random() < 0.75 else 0.0
     shapes = []
+    zs = [lv.centre[2] for lv in spine]
+    zt, zb = max(zs), min(zs)
+    if levels[-1].region == "S":
+        zb = min(zb, levels[-1].centre[2] - 10)
+
+    def y_lam(lv):
+        g = lv.dims
+        return -g["D"] / 2 - g["cd"] - g.get("lam_t", 5.0) / 2
+
+    def width(lv):  # lateral extent of the whole complex on one side
+        k = {"C": 0.6, "T": 0.75, "L": 0.9}.get(lv.region, 0.9)
+        return k * lv.dims["tp"] * bulk
+
+    def depth(lv):  # half of its antero-posterior depth
+        g = lv.dims
+        return (0.5 * g["sl"] * np.cos(np.radians(g["sa"])) + 7) * bulk
+
+    def y_tp(lv):
+        return -lv.dims["D"] / 2 - lv.dims["pl"]
+
+    gap = float(sr.uniform(0.5, 2.0))
+    for s in (1, -1):
+        side_hu = hu["muscle"] - infil + float(sr.uniform(-4, 4))
+        # multifidus: on the laminae, against the spinous processes
+        mf = _track(spine, lambda lv, s=s: [s * (3 + 0.28 * width(lv)), y_lam(lv) - 0.75 * depth(lv), 0],
+                    lambda lv: 0.28 * width(lv), lambda lv: depth(lv))
+        # erector spinae (longissimus, iliocostalis): behind the transverse processes
+        es = _track(spine, lambda lv, s=s: [s * (3 + 0.56 * width(lv) + gap + 0.42 * width(lv)),
+                                            y_tp(lv) - 0.85 * depth(lv), 0],
+                    lambda lv: 0.42 * width(lv), lambda lv: 0.9 * depth(lv))
+        for tr, dv in ((mf, 0.0), (es, float(sr.uniform(-6, 6)))):
+            sdf, lo, hi = _ellipse_tube(tr, zb, zt)
+            shapes.append(Shape(sdf=sdf, lo=lo, hi=hi, value=side_hu + dv, core_depth=0.0))
+    lum = [lv for lv in levels if lv.region == "L"]
+    if len(lum) >= 2:
+        for s in (1, -1):
+            ql = _track(lum, lambda lv, s=s: [s * (lv.dims["tp"] + 4), -lv.dims["D"] / 2 - 4, 0],
+                        lambda lv: 0.35 * lv.dims["tp"] * bulk, lambda lv: 9.0 * bulk)
+            z0 = min(lum[0].centre[2], lum[-1].centre[2])
+            z1 = max(lum[0].centre[2], lum[-1].centre[2]) + 20
+            sdf, lo, hi = _ellipse_tube(ql, z0, z1, 25.0)
+            shapes.append(Shape(sdf=sdf, lo=lo, hi=hi, value=hu["muscle"] - infil * 0.5, core_depth=0.0))
+    return shapes
+
+
+def _muscles(levels, hab, hu, sr):
+    shapes = _paraspinal(levels, hab, hu, sr)
+    psoas_hu = hu["muscle"] - float(sr.uniform(-4, 10))
     lum = [lv for lv in levels if lv.region == "L"]
     th = [lv for lv in levels if lv.region == "T"]
     if lum:
@@ -317,7 +435,7 @@ def _muscles(levels, hab, hu):
 
             lo = np.minimum(a, b) - r1 - 5
             hi = np.maximum(a, b) + r1 + 5
-            shapes.append(Shape(sdf=psoas, lo=lo, hi=hi, value=hu["muscle"] - 3))
+            shapes.append(Shape(sdf=psoas, lo=lo, hi=hi, value=psoas_hu))
     return shapes
 
 

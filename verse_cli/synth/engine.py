@@ -28,6 +28,19 @@ _CHUNK_POINTS = 1 << 20
 _LIPSCHITZ_MARGIN = 1.5
 
 
+def side_rng(rng: np.random.Generator, *tags: int) -> np.random.Generator:
+    """A generator seeded from ``rng``'s current state and ``tags``, without advancing ``rng``.
+
+    Intensity-only randomness (texture, tissue HU spread) draws from it, so that adding or
+    changing such draws never shifts the main stream, which decides the anatomy and its
+    ground truth (masks, centroids, variants, affine).
+    """
+    st = rng.bit_generator.state.get("state", {})
+    key = st.get("state", 0) if isinstance(st, dict) else 0
+    words = [(int(key) >> (32 * i)) & 0xFFFFFFFF for i in range(4)]
+    return np.random.default_rng(np.random.SeedSequence(words + [int(t) & 0xFFFFFFFF for t in tags]))
+
+
 # --------------------------------------------------------------------------- SDF primitives
 def smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
     """Polynomial smooth minimum (union with a fillet of about ``k`` mm)."""

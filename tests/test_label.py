@@ -335,6 +335,29 @@ def test_ribs_are_found_on_the_ct_where_they_are_in_view():
     assert np.all(LB.ct_rib_evidence(gv_n, geometry.world2vox(gv_n.affine, pts)) == 0.5)
 
 
+def _with_iliac_wings(ct, aff, centre, height=70.0, hu=450.0):
+    """Two tall thin-walled plates beside a point, out to 110 mm: iliac wings (cortex only)."""
+    world = geometry.vox2world(aff, np.indices(ct.shape).reshape(3, -1).T).reshape(*ct.shape, 3)
+    rel = world - centre
+    lateral, ap, up = np.abs(rel[..., 0]), rel[..., 1], rel[..., 2]
+    wall = (np.abs(ap + 20) <= 1.2) | (np.abs(ap + 30) <= 1.2)  # two cortical sheets, marrow between
+    out = ct.copy()
+    out[wall & (lateral >= 26) & (lateral <= 110) & (up >= -height / 2) & (up <= height / 2)] = hu
+    return out
+
+
+def test_a_tall_thin_walled_plate_beside_the_spine_is_no_rib():
+    pts = spine_points()  # T12, L1-L5, S1
+    aff = tilted_affine(angle_deg=0.0)
+    ct, aff = phantom(pts, shape=(130, 220, 120), affine=aff)  # 240 mm left-right
+    ct = _with_iliac_wings(ct, aff, pts[5])  # beside L5, as the ilium is
+    box = box_around(pts)
+    gv = LB.grid_volume(ct, aff, *box)
+    found = LB.ct_rib_evidence(gv, geometry.world2vox(gv.affine, pts))
+    # its section is as small as a rib's; its height at one lateral distance is not
+    assert not np.any(found > 0.5), found
+
+
 # --------------------------------------------------------------------------- candidates and the stage
 def test_ideal_heatmaps_give_exact_centroids_on_the_input_grid():
     pts = spine_points()

@@ -769,6 +769,24 @@ CORE_MM = 24.0  # half-width of the vertebral core (body, arch, articular pillar
 CONTACT_MM = 36.0  # a rib's medial part (neck, tubercle) lies within this of the midline
 RIB_REACH_MM = 58.0  # a rib of >= 38 mm from its joint reaches this far from the midline
 RIB_MAX_SECTION = 110  # voxels per grid step of lateral distance: a rib, not a pelvic or scapular plate
+RIB_MAX_HEIGHT_MM = 32.0  # cranio-caudal span at one lateral distance: a rib (10-20 mm, sloping), not the ilium
+
+
+def _median_height(comp: np.ndarray, col: np.ndarray, row: np.ndarray, n: int, sp: float) -> np.ndarray:
+    """Per piece, the median over its columns (lateral positions) of its cranio-caudal span in mm.
+
+    A rib crossed at one lateral distance is a bar 10-20 mm tall, a little more where it
+    slopes down; the iliac wing and the scapula are plates several centimetres tall there,
+    however thin their cortex makes their section.
+    """
+    from scipy import ndimage
+
+    key = (comp.astype(np.int64) - 1) * (int(col.max()) + 1) + col
+    keys, inv = np.unique(key, return_inverse=True)
+    span = (ndimage.maximum(row, inv, np.arange(len(keys))) - ndimage.minimum(row, inv, np.arange(len(keys)))
+            + 1) * sp
+    owner = keys // (int(col.max()) + 1)
+    return np.array([np.median(span[owner == k]) if np.any(owner == k) else 0.0 for k in range(n)])
 
 
 def ct_rib_evidence(gv: GridVolume, grid_pts: np.ndarray) -> np.ndarray:
@@ -778,7 +796,8 @@ def ct_rib_evidence(gv: GridVolume, grid_pts: np.ndarray) -> np.ndarray:
     :data:`CORE_MM`, following the candidates) and without anything more than 15 mm in
     front of the bodies (the sternum would join left and right ribs), is split into
     connected pieces. A piece is a rib when it reaches :data:`RIB_REACH_MM` from the
-    midline, stays thin, and starts within :data:`CONTACT_MM` of it; it belongs to the
+    midline, stays thin (in section, and :data:`RIB_MAX_HEIGHT_MM` cranio-caudally at one
+    lateral distance, which the iliac wing is not), and starts within :data:`CONTACT_MM` of it; it belongs to the
     candidate nearest to the level of its medial end (ribs run down as they go out, so
     their medial end is their highest part and the closest to their own vertebra). A candidate with no rib
     counts as rib-free only where the scan shows the lateral region on some side (a
@@ -810,7 +829,8 @@ def ct_rib_evidence(gv: GridVolume, grid_pts: np.ndarray) -> np.ndarray:
         inner = ndimage.minimum(dist, comp, np.arange(1, nlab + 1))
         size = np.bincount(comp, minlength=nlab + 1)[1:]
         section = size / ((np.asarray(reach) - np.maximum(inner, CORE_MM)) / sp + 1)
-        ok = (np.asarray(reach) >= RIB_REACH_MM) & (section <= RIB_MAX_SECTION)
+        ok = ((np.asarray(reach) >= RIB_REACH_MM) & (section <= RIB_MAX_SECTION)
+              & (_median_height(comp, idx[0], idx[2], nlab, sp) <= RIB_MAX_HEIGHT_MM))
         for k in np.nonzero(ok)[0] + 1:
             if inner[k - 1] > CONTACT_MM:
                 continue  # a piece of rib whose medial part is not next to the spine

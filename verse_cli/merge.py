@@ -203,9 +203,9 @@ def merge(ct_img, patch_dir, threshold: float = THRESHOLD, max_hole_mm3: float =
         label_map[best <= cut] = 0
         del best
         ct = _ct_values(ct_img)
-        for label in boxes:
+        for label, box in boxes.items():
             if label not in edited:
-                _grow_to_bone_edge(label_map, winner, ct, label)
+                _grow_to_bone_edge(label_map, winner, ct, label, box)
         del ct, winner
     else:
         label_map[best <= cut] = 0
@@ -228,19 +228,21 @@ def _ct_values(ct_img) -> np.ndarray:
                       dtype=np.float32)
 
 
-def _grow_to_bone_edge(label_map: np.ndarray, winner: np.ndarray, ct: np.ndarray, label: int) -> int:
+def _grow_to_bone_edge(label_map: np.ndarray, winner: np.ndarray, ct: np.ndarray, label: int,
+                       patch_box: tuple[slice, ...]) -> int:
     """Grow ``label`` into the weak voxels it wins that are clearly bone by the CT, in place.
 
-    Works in the label's bounding box plus a margin. Returns the number of voxels added.
+    Works in the label's bounding box (found inside its patch's box) plus a margin.
+    Returns the number of voxels added.
     """
     from scipy import ndimage
 
-    where = np.nonzero(label_map == label)
+    where = np.nonzero(label_map[patch_box] == label)
     if len(where[0]) < 27:
         return 0
     pad = GROW_VOXELS + 1
-    sl = tuple(slice(max(int(w.min()) - pad, 0), min(int(w.max()) + pad + 1, n))
-               for w, n in zip(where, label_map.shape))
+    sl = tuple(slice(max(int(w.min()) + b.start - pad, 0), min(int(w.max()) + b.start + pad + 1, n))
+               for w, b, n in zip(where, patch_box, label_map.shape))
     view, hu = label_map[sl], ct[sl]
     own = view == label
     six = ndimage.generate_binary_structure(3, 1)

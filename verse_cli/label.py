@@ -786,7 +786,7 @@ def _median_height(comp: np.ndarray, col: np.ndarray, row: np.ndarray, n: int, s
     span = (ndimage.maximum(row, inv, np.arange(len(keys))) - ndimage.minimum(row, inv, np.arange(len(keys)))
             + 1) * sp
     owner = keys // (int(col.max()) + 1)
-    return np.array([np.median(span[owner == k]) if np.any(owner == k) else 0.0 for k in range(n)])
+    return np.asarray(ndimage.median(span, owner, np.arange(n)), dtype=np.float64)
 
 
 def ct_rib_evidence(gv: GridVolume, grid_pts: np.ndarray) -> np.ndarray:

@@ -199,7 +199,7 @@ def sample_scanner(rng: np.random.Generator) -> Scanner:
     sharpen = float(rng.uniform(0.4, 1.4)) if kernel == "sharp" else 0.0
     # noise as measured at 1.5 mm (see ``noise_level``); real CT there: 26 HU (verse014), 66 HU
     # (TPTBox crop); routine to low-dose scanners span about 10-100 HU
-    base = {"smooth": (10, 50), "standard": (14, 75), "sharp": (22, 105)}[kernel]
+    base = {"smooth": (10, 50), "standard": (14, 70), "sharp": (22, 90)}[kernel]
     noise = float(np.exp(rng.uniform(np.log(base[0]), np.log(base[1]))))
     corr = {"smooth": rng.uniform(0.55, 1.0), "standard": rng.uniform(0.4, 0.7), "sharp": rng.uniform(0.25, 0.45)}[kernel]
     hp = {"smooth": rng.uniform(0.2, 0.6), "standard": rng.uniform(0.4, 0.75), "sharp": rng.uniform(0.6, 0.9)}[kernel]
@@ -357,11 +357,15 @@ def tissue_texture(img: np.ndarray, grid: Grid, rng: np.random.Generator, fat_hu
     from scipy import ndimage
 
     sp = np.sqrt((grid.affine[:3, :3] ** 2).sum(0))
-    cshape = tuple(int(max(np.ceil(n * s / 3.5), 4)) for n, s in zip(img.shape, sp))
+    # white noise is drawn on a ~3.5 mm grid (this fixes how far ``rng`` advances), then block-
+    # averaged onto a grid no finer than 1.5 voxels (small, coarse-voxel cases stay cheap)
+    cshape0 = tuple(int(max(np.ceil(n * s / 3.5), 4)) for n, s in zip(img.shape, sp))
+    kb = [max(c // max(int(np.ceil(n / 1.5)), 4), 1) for c, n in zip(cshape0, img.shape)]
+    cshape = tuple(c // f for c, f in zip(cshape0, kb))
     csp = sp * np.array(img.shape) / np.array(cshape)
 
     def band(lo_mm, hi_mm):
-        w = rng.standard_normal(cshape).astype(np.float32)
+        w = block_mean(rng.standard_normal(cshape0).astype(np.float32), kb)
         lo = np.maximum(lo_mm / csp, 0.5)
         hi = np.sqrt(lo ** 2 + np.maximum((hi_mm / csp) ** 2 - lo ** 2, 0.25))
         b = band_pass(w, lo, hi)

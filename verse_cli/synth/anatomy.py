@@ -277,13 +277,13 @@ def marrow_tile(rng: np.random.Generator, trab: float, n: int = 64, mm: float = 
     p = {"mid": float(rng.uniform(10, 55)), "coarse": float(rng.uniform(15, 85)),
          "coarse_mm": float(rng.uniform(3.5, 9.0)), "fat_frac": float(rng.choice([0.0, rng.uniform(0.02, 0.2)],
                                                                                  p=[0.45, 0.55])),
-         "fat_hu": float(rng.uniform(-110, 20)), "islands": float(rng.choice([0.0, rng.uniform(150, 500)],
+         "fat_hu": float(rng.uniform(-80, 40)), "islands": float(rng.choice([0.0, rng.uniform(150, 500)],
                                                                              p=[0.8, 0.2]))}
     h = p["mid"] * field(g(s_mid) - g(2.6 * s_mid)) + p["coarse"] * field(g(p["coarse_mm"]))
     if p["fat_frac"] > 0:  # fatty foci: soft-edged blobs of 3-12 mm
         fz = field(g(float(rng.uniform(1.2, 3.0))))
         t = np.quantile(fz, 1 - p["fat_frac"])
-        w = np.clip((fz - t) / F32(0.5), 0, 1)
+        w = np.clip((fz - t) / F32(0.9), 0, 1)
         h += w * F32(min(p["fat_hu"] - trab, 0.0))
     if p["islands"] > 0:  # enostoses: a few dense foci of 2-6 mm
         bz = field(g(float(rng.uniform(0.8, 1.6))))

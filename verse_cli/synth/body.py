@@ -32,8 +32,37 @@ class Profile:
     z_cap: float | None = None
 
     def at(self, z):
-        return (np.interp(z, self.z, self.cx).astype(F32), np.interp(z, self.z, self.cy).astype(F32),
-                np.interp(z, self.z, self.a).astype(F32), np.interp(z, self.z, self.b).astype(F32))
+        if np.size(z) < 4096:  # layout queries (grid bounds, organ placement): exact
+            return (np.interp(z, self.z, self.cx).astype(F32), np.interp(z, self.z, self.cy).astype(F32),
+                    np.interp(z, self.z, self.a).astype(F32), np.interp(z, self.z, self.b).astype(F32))
+        if not hasattr(self, "_tab"):  # rendering: a fine table
+            self._tab = ZTable(self.z, [self.cx, self.cy, self.a, self.b])
+        return self._tab(z)
+
+
+class ZTable:
+    """Piecewise-linear functions of z sampled on a fine uniform table (0.5 mm): one index and
+    one gather per point for all of them (much cheaper than an ``np.interp`` each)."""
+
+    def __init__(self, z, values, step: float = 0.5):
+        z = np.asarray(z, float)
+        order = np.argsort(z)
+        z = z[order]
+        self.z0 = float(z[0])
+        n = max(int(np.ceil((z[-1] - z[0]) / step)) + 2, 2)
+        zs = self.z0 + step * np.arange(n)
+        self.inv = np.float32(1.0 / step)
+        self.tab = np.stack([np.interp(zs, z, np.asarray(v, float)[order]) for v in values], 1).astype(F32)
+        self.n = n
+
+    def __call__(self, z):
+        t = (np.asarray(z, F32) - np.float32(self.z0)) * self.inv
+        np.clip(t, 0, self.n - 1.001, out=t)
+        i = t.astype(np.int32)
+        w = (t - i)[:, None]
+        lo = self.tab[i]
+        out = lo + (self.tab[i + 1] - lo) * w
+        return tuple(out[:, k] for k in range(out.shape[1]))
 
 
 def spine_track(levels: list[Level]):
@@ -342,13 +371,11 @@ def _track(levels, local_pt, a_of, b_of):
 def _ellipse_tube(track, z0, z1, taper: float = 8.0):
     z, x, y, a, b = track
     z0, z1, tp = F32(z0), F32(z1), F32(taper)
+    tab = ZTable(z, [x, y, a, b])
 
     def sdf(p):
         pz = p[:, 2]
-        cx = np.interp(pz, z, x)
-        cy = np.interp(pz, z, y)
-        aa = np.interp(pz, z, a)
-        bb = np.interp(pz, z, b)
+        cx, cy, aa, bb = tab(pz)
         # ends: the cross-section shrinks over ``taper`` mm beyond z0 / z1
         shrink = np.clip(np.maximum(z0 - pz, pz - z1) / tp, 0, 1)
         d = ellipse2d(p[:, 0] - cx, p[:, 1] - cy, np.maximum(aa * (1 - shrink), 2), np.maximum(bb * (1 - shrink), 2))

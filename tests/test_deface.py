@@ -196,8 +196,8 @@ def test_empty_mask_fails_cleanly(tmp_path, verse):
 
 # --------------------------------------------------------------------------- synthetic cases
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [2, 8])
-def test_auto_on_synthetic_heads(seed):
+@pytest.mark.parametrize("seed", [2, 8, 12, 14, 36])  # 12: flexed neck; 14: C1 thin below the skull base;
+def test_auto_on_synthetic_heads(seed):  # 36: the skull fills the upper half of the spine track
     """``verse synth`` heads (face mask recorded): >= 95% of the face becomes air, no vertebra voxel changes."""
     from verse_cli.deface import auto_face_mask
     from verse_cli.synth import generate_case
@@ -217,5 +217,16 @@ def test_auto_on_a_synthetic_thoracic_scan_changes_nothing():
     from verse_cli.synth import generate_case
 
     case = generate_case(2, region="thoracic", scale=0.4)
+    removed, report = auto_face_mask(case.ct.astype(np.float32), case.affine, margin_mm=5.0)
+    assert not report.face_found and not removed.any()
+
+
+@pytest.mark.slow
+def test_auto_on_a_slim_synthetic_lumbar_scan_changes_nothing():
+    """A slim abdomen is as narrow as a head and its pelvis fits a sphere: the "skull" holds bone, not brain."""
+    from verse_cli.deface import auto_face_mask
+    from verse_cli.synth import generate_case
+
+    case = generate_case(6, region="lumbar", scale=0.4)
     removed, report = auto_face_mask(case.ct.astype(np.float32), case.affine, margin_mm=5.0)
     assert not report.face_found and not removed.any()

@@ -11,22 +11,29 @@ Automatic defacing works on an axis-aligned RAS+ copy of the scan at 3 mm, so th
    its axial slices stay narrower than a head or neck (230 mm). No such zone: no face.
 2. **The cervical spine** is the bony column that spans most of the neck; its midline
    band is tracked upward to the skull base, recognised by the jump in midline bone
-   where the skull meets C1. Its anterior surface ``y_front`` is measured below that
-   jump, may drift forward by at most 35 degrees (so bone touching the column cannot
-   drag it), and never retreats going up.
+   (behind the column's front: a jaw touching the track in front does not count) where
+   the skull meets C1, up to 30 mm above the thin run of C1's arches and dens. Its
+   anterior surface ``y_front`` is measured below that jump, may drift forward by at
+   most 35 degrees (so bone touching the column cannot drag it), and takes the most
+   anterior front within about a vertebra's height (a disc cannot pull it back, the
+   lordosis may bring C1 back). For protecting the spine and for judging the chin the
+   front never retreats going up, and above the measured slices it carries on with the
+   column's own slope up to C1 (a flexed neck carries C1 forward).
 3. **The head's axis** runs from the top of C1 to the centre of a sphere fitted to the
-   skull vault (least squares, so a vault cut by the field of view still works).
+   skull vault (least squares, so a vault cut by the field of view still works). A skull
+   holds a brain: a "skull" whose core holds bone (a pelvis or rib cage of a slim
+   patient, narrow enough to pass for a head) means no head and no face.
 4. **The chin** is where the body reaches at least 25 mm further in front of the spine
    than at the shallowest neck level (slices whose front is cut by the edge of the
-   scanned volume, as at the top of an oblique or short scan, are never the neck); with a skull found, also everything above a
-   plane across the head's axis 55 mm below the top of C1 (tilted heads carry their
-   chin with them). Neither: no face.
+   scanned volume, as at the top of an oblique or short scan, are never the neck); with
+   a skull found, also everything above a plane across the head's axis 55 mm below the
+   top of C1 (tilted heads carry their chin with them). Neither: no face.
 5. **The cut** is ``y_front + 9 mm`` below the top of the spine track (C1) and, from
    15 mm above it (skull only), a line 10 mm behind C1's front; above C1 it runs
    parallel to the head's axis when a skull was fitted (vertical otherwise): the face's
-   back plane runs through the skull base, behind the front of C1. Everything in front of the cut and above the chin goes (nose, lips,
-   eyes, chin, jaw, and the front of the skull), except a 12 mm shell around the
-   tracked spine, which is never touched. Less than 20 cm3 of tissue in front of the
+   back plane runs through the skull base, behind the front of C1. Everything in front
+   of the cut and above the chin goes (nose, lips, eyes, chin, jaw, and the front of the
+   skull), except a 12 mm shell around the tracked spine, which is never touched. Less than 20 cm3 of tissue in front of the
    cut means the face lies outside the field of view: nothing changes.
 
 The result is mapped back to the scan's own grid (nearest neighbour) and the voxel
@@ -66,6 +73,9 @@ SKULL_ONLY_ABOVE_C1_MM = 15.0  # ... from this far above its top (C1's arch or t
 PROTECT_ABOVE_SKULL_BASE_MM = 6.0  # a body front this close to the scanned volume's front edge is cut by it
 HEAD_RADIUS_MM = (50.0, 130.0)
 HEAD_MAX_SLOPE = 1.0
+SKULL_CORE = 0.6  # the core of the fitted skull sphere, as a share of its radius ...
+SKULL_CORE_MIN_CM3 = 50.0  # ... judged when at least this much of it was scanned ...
+SKULL_CORE_MAX_BONE = 0.06  # ... holds brain, not bone (heads: under 2 %; a pelvis fitted as a sphere: 19 %)
 
 
 @dataclass
@@ -155,18 +165,29 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- detection
 SPINE_MAX_SLOPE = 0.7  # mm forward per mm up that the spine front may move (35 degrees)
 SPINE_SHELL_LAG_MM = 15.0
+SPINE_EXTEND_FIT_MM = 45.0
+SPINE_FRONT_HALF_WINDOW_MM = 15.0
 
 
-def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> tuple[np.ndarray, float]:
-    """Anterior surface (y, mm) of the tracked spine for every axial slice, and the top (z, mm)
-    of the slices where it was measured on the column itself.
+def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray,
+                extend_to: float | None = None) -> tuple[np.ndarray, float, np.ndarray]:
+    """Anterior surface (y, mm) of the tracked spine for every axial slice, the top (z, mm)
+    of the slices where it was measured on the column itself, and the same surface made
+    never to retreat going up (for judging what protrudes in front of the neck: a thoracic
+    kyphosis bending back must not make the chest look like a chin).
 
     Per slice the most anterior spine voxel, followed up from the lowest slices (their
     median) with the forward step limited to ``SPINE_MAX_SLOPE`` per mm: bone that
     touches the column (skull base, jaw) may not drag the front forward faster than the
-    cervical lordosis does. Going up the front never retreats, so nothing behind the
-    column (brainstem, occiput) is ever cut.
+    cervical lordosis does. A disc or a thin slice never pulls it back: each slice takes
+    the most anterior front within ``SPINE_FRONT_HALF_WINDOW_MM`` (about a vertebra's
+    height) either side, while the lordosis itself may still bring C1 back. Above the
+    measured slices, up to ``extend_to`` (the top of C1, where the skull base hides the column's front), the front
+    carries on with the column's slope over its last ``SPINE_EXTEND_FIT_MM``: a flexed neck
+    carries C1 forward.
     """
+    from scipy import ndimage
+
     _, y_max = _extent(spine.any(axis=0), ys)
     known = np.flatnonzero(~np.isnan(y_max))
     raw = y_max[known]
@@ -175,10 +196,28 @@ def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> tuple[np.n
     rises = SPINE_MAX_SLOPE * np.diff(zs[known])
     for i in range(1, len(raw)):  # a few dozen coarse slices
         limited[i] = min(raw[i], limited[i - 1] + rises[i - 1])
-    y_front = np.maximum.accumulate(np.interp(np.arange(len(zs)), known, limited))
+    y_front = np.interp(np.arange(len(zs)), known, limited)
+    rise = np.zeros(len(zs))
+    if extend_to is not None and extend_to > zs[known[-1]]:
+        recent = known[zs[known] >= zs[known[-1]] - SPINE_EXTEND_FIT_MM]
+        slope = 0.0
+        if recent.size >= 3:
+            from scipy.stats import theilslopes  # robust: a jaw touching the top slices cannot tip it
+
+            slope = float(np.clip(theilslopes(limited[-recent.size:], zs[recent])[0], 0.0, SPINE_MAX_SLOPE))
+        z_end = min(float(extend_to), float(zs[-1]))
+        rise = slope * (np.clip(zs, zs[known[-1]], z_end) - zs[known[-1]])
+    y_up = np.maximum.accumulate(y_front + rise)
+    # A disc or a thin slice must not pull the front back: the front is the most anterior
+    # within a vertebra's height either side (the lordosis itself may bring C1 back again).
+    if SPINE_FRONT_HALF_WINDOW_MM > 0:
+        half = max(1, round(SPINE_FRONT_HALF_WINDOW_MM / float(zs[1] - zs[0])))
+        y_front = ndimage.maximum_filter1d(y_front, size=2 * half + 1, mode="nearest")
+    else:
+        y_front = np.maximum.accumulate(y_front)
     z_last = zs[known[-1]]
     on_column = known[raw >= y_front[known] - SPINE_SHELL_LAG_MM]
-    return y_front, float(zs[on_column[-1]] if on_column.size else z_last)
+    return y_front, float(zs[on_column[-1]] if on_column.size else z_last), y_up
 
 
 def tallest_column(bone: np.ndarray, lower: slice, step: float) -> np.ndarray | None:
@@ -205,6 +244,9 @@ def tallest_column(bone: np.ndarray, lower: slice, step: float) -> np.ndarray | 
 
 
 SKULL_BASE_SPIKE = 1.35  # cross-section jump where the skull base meets C1
+SKULL_BASE_LOOKBACK_MM = 9.0  # the column's front just below a slice ...
+SKULL_BASE_AHEAD_MM = 10.0  # ... and how far in front of it a skull base's bone may reach
+C1_GAP_MM = 30.0  # C1 (arches and dens) is thin in the midline band: a jump this far above a thin run counts
 C1_SLICES_MM = 21.0  # keep this much of the track above the jump (all of C1 and the dens)
 
 
@@ -214,22 +256,39 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
 
     Within the midline band the cervical column has a steady cross-section. Where the
     skull base sits on C1 the band suddenly holds much more bone (a jump above
-    ``SKULL_BASE_SPIKE`` times the typical cross-section); above it lies only the skull
-    shell. Without a jump, the column ends where two consecutive slices hold less than
-    half the typical cross-section (the scan reaches above C1 without a skull base in
-    the band), or at the top of the track.
+    ``SKULL_BASE_SPIKE`` times a vertebra's cross-section below, counting only bone behind the
+    column's front just below plus ``SKULL_BASE_AHEAD_MM``, so that a jaw touching the
+    track in front does not count); above it lies only the skull shell. C1 itself (two
+    arches and the dens) is thin in the band, so a jump up to ``C1_GAP_MM`` above a thin run is still the skull base.
+    Without a jump, the column ends where two consecutive slices hold less than half the
+    typical cross-section (the scan reaches above C1 without a skull base in the band),
+    or at the top of the track.
     """
     counts = spine.sum(axis=(0, 1))
     present = np.flatnonzero(counts > 0)
     if present.size < 6:
         return spine, False, spine.shape[2]
-    lower = present[2: max(5, present.size // 2)]
+    # The typical cross-section comes from the lower third of the track: a head tilted forward
+    # or a long view of the skull can fill its upper half.
+    lower = present[2: max(5, present.size // 3)]
     typical = float(np.median(counts[lower]))
     start = int(lower[-1]) + 1
-    spikes = np.flatnonzero(counts[start:] > SKULL_BASE_SPIKE * typical) + start
+    # Bone that joins the track well in front of the column just below (a jaw touching the skull)
+    # is no skull base: count only what lies behind that front plus a margin.
+    profile = spine.sum(axis=0)  # (y, z)
+    has = profile > 0
+    front = np.where(has.any(axis=0), spine.shape[1] - 1 - has[::-1].argmax(axis=0), -1)
+    look = max(1, round(SKULL_BASE_LOOKBACK_MM / step))
+    prev = np.full_like(front, -1)
+    for lag in range(1, look + 1):  # a handful of shifted copies of a 1D array
+        prev[lag:] = np.maximum(prev[lag:], front[:-lag])
+    limit = np.where(prev >= 0, prev + round(SKULL_BASE_AHEAD_MM / step), spine.shape[1] - 1)
+    behind = np.cumsum(profile, axis=0)[np.clip(limit, 0, spine.shape[1] - 1), np.arange(spine.shape[2])]
+    full = float(np.percentile(counts[lower], 75))  # a vertebra's cross-section, not a disc's
+    spikes = np.flatnonzero(behind[start:] > SKULL_BASE_SPIKE * full) + start
     thin = counts < 0.5 * typical
     drops = np.flatnonzero(thin[start:-1] & thin[start + 1:]) + start
-    if spikes.size and (not drops.size or spikes[0] < drops[0]):
+    if spikes.size and (not drops.size or spikes[0] * step <= drops[0] * step + C1_GAP_MM):
         end, skull, clean = int(spikes[0]) + max(1, round(C1_SLICES_MM / step)), True, int(spikes[0])
     elif drops.size:
         end, skull, clean = int(drops[0]), False, int(drops[0])
@@ -256,16 +315,21 @@ def column_midline(column: np.ndarray, xs: np.ndarray, zs: np.ndarray) -> np.nda
 
 
 def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray, z_c1: float,
-              y_front: np.ndarray) -> float | None:
-    """Forward tilt (dy/dz) of the line from C1 to the centre of the skull, or None.
+              y_front: np.ndarray, inside: np.ndarray | None = None) -> tuple[float | None, bool]:
+    """Forward tilt (dy/dz) of the line from C1 to the centre of the skull (or None), and
+    whether the fitted "skull" is plainly something else.
 
     The skull shell (bone above C1) is fitted with a sphere by linear least squares,
-    which copes with a vault cut by the field of view. Implausible fits give None.
+    which copes with a vault cut by the field of view. Implausible fits give None. A skull
+    holds the brain: when the scanned part of the sphere's inner core (``SKULL_CORE``
+    of its radius, at least ``SKULL_CORE_MIN_CM3``) holds more than
+    ``SKULL_CORE_MAX_BONE`` bone, the shell was a pelvis or a rib cage, and the second
+    value is True.
     """
     above = bone & body & (zs[None, None, :] > z_c1 + 10.0)
     pts = np.argwhere(above)
     if len(pts) < 200:
-        return None
+        return None, False
     step = float(ys[1] - ys[0])
     xyz = pts * step
     a = np.c_[2 * xyz, np.ones(len(xyz))]
@@ -274,10 +338,23 @@ def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray
     centre = sol[:3]
     radius = float(np.sqrt(max(sol[3] + centre @ centre, 0.0)))
     if not HEAD_RADIUS_MM[0] <= radius <= HEAD_RADIUS_MM[1] or centre[2] <= z_c1 + 20.0:
-        return None
+        return None, False
+    # the sphere's core, in its bounding box only
+    lo = np.maximum(np.floor((centre - SKULL_CORE * radius) / step).astype(int), 0)
+    hi = np.minimum(np.ceil((centre + SKULL_CORE * radius) / step).astype(int) + 1, bone.shape)
+    if np.all(hi > lo):
+        grid = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        dist2 = sum((g * step - c) ** 2 for g, c in zip(grid, centre))
+        core = dist2 <= (SKULL_CORE * radius) ** 2
+        if inside is not None:
+            core = core & inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        if core.sum() * step ** 3 / 1000.0 >= SKULL_CORE_MIN_CM3:
+            bone_share = float(bone[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][core].mean())
+            if bone_share > SKULL_CORE_MAX_BONE:
+                return None, True
     y_c1 = float(np.interp(z_c1, zs, y_front))
     slope = (centre[1] - y_c1) / (centre[2] - z_c1)
-    return float(np.clip(slope, -HEAD_MAX_SLOPE, HEAD_MAX_SLOPE))
+    return float(np.clip(slope, -HEAD_MAX_SLOPE, HEAD_MAX_SLOPE)), False
 
 
 def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.0,
@@ -337,15 +414,16 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     has_spine = spine.any(axis=(0, 1))
     measured = spine.copy()
     measured[:, :, clean:] = False  # the skull base touching C1 would drag the front forward
-    y_front, spine_top = spine_front(measured if measured.any() else spine, ys, zs)
-    spine_top = max(spine_top, float(zs[np.flatnonzero(has_spine)[-1]]))
+    track_top = float(zs[np.flatnonzero(has_spine)[-1]])
+    y_front, spine_top, y_front_up = spine_front(measured if measured.any() else spine, ys, zs, extend_to=track_top)
+    spine_top = max(spine_top, track_top)
     # Bone that merely touches the column (jaw, skull base) is not spine: trim it before the shell,
     # generously, so that a front lagging behind a steep lordosis still protects the vertebrae.
-    spine &= ys[None, :, None] <= (y_front + SPINE_SHELL_LAG_MM)[None, None, :]
+    spine &= ys[None, :, None] <= (y_front_up + SPINE_SHELL_LAG_MM)[None, None, :]
 
     # 3. the chin: the body reaches clearly further forward than the neck does
     _, y_mid_front = _extent((body & midline[:, None, :]).any(axis=0), ys)
-    protrusion = np.nan_to_num(y_mid_front - y_front, nan=0.0)
+    protrusion = np.nan_to_num(y_mid_front - y_front_up, nan=0.0)
     # The neck is where the body is shallowest in front of the spine (below it: chest; above: face).
     smooth = ndimage.uniform_filter1d(protrusion, size=3, mode="nearest")
     in_zone = np.flatnonzero(zone & has_spine & (zs <= spine_top))
@@ -367,11 +445,18 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     threshold = max(neck + CHIN_EXTRA_OVER_NECK_MM, CHIN_MIN_PROTRUSION_MM)
     above_neck = zone & (np.arange(nz) > neck_level)
     runs = [(a, b) for a, b in _runs((protrusion > threshold) & above_neck) if (b - a + 1) * step >= CHIN_MIN_RUN_MM]
-    details = {"zone_mm": zone_mm, "neck_protrusion_mm": round(neck, 1), "neck_z_mm": float(zs[neck_level]), "threshold_mm": round(threshold, 1),
+    details = {"zone_mm": zone_mm, "neck_protrusion_mm": round(neck, 1), "neck_z_mm": float(zs[neck_level]),
+               "threshold_mm": round(threshold, 1),
                "max_protrusion_mm": round(float(protrusion[zone].max()), 1),
-               "spine_top_z_mm": round(float(spine_top), 1), "skull_base_seen": skull_base}
+               "spine_top_z_mm": round(float(spine_top), 1), "skull_base_seen": skull_base,
+               "skull_base_z_mm": float(zs[min(clean, nz - 1)]) if skull_base else None}
     # A skull above C1 gives the head's orientation (the face turns with it).
-    axis = head_axis(coarse > BONE_HU, body, ys, zs, spine_top, y_front) if skull_base else None
+    axis, not_a_skull = (head_axis(coarse > BONE_HU, body, ys, zs, spine_top, y_front, inside)
+                         if skull_base else (None, False))
+    if not_a_skull:
+        details["skull_core_bony"] = True
+        return None, FaceReport(False, "the bone shell above the spine encloses bone, not a brain: no head, no face",
+                                details)
     if not runs and axis is None:
         return None, FaceReport(False, "nothing protrudes in front of the spine like a face: no face", details)
     z_c1 = spine_top

@@ -301,7 +301,7 @@ def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
     HU ~200-250 in young adults, ~100-150 in the elderly, < 100 in osteoporosis
     (Pickhardt et al., Ann Intern Med 2013); the real fixtures: verse014 p50 ~120 HU,
     the TPTBox crop ~50 HU."""
-    trab = float(max(rng.uniform(75, 310) - 135 * age_factor ** 1.5, 20.0))
+    trab = float(max(rng.uniform(75, 310) - 135 * age_factor ** 1.5, 30.0))
     bvtv = float(np.clip(0.06 + trab / 1500 + rng.normal(0, 0.02), 0.06, 0.35))
     rodness = float(np.clip(age_factor + rng.normal(0, 0.2), 0, 1))
     frac = _trabecular_fraction(rng, bvtv, rodness)
@@ -323,7 +323,7 @@ def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
     b.vein_hu = float(sr.uniform(-30, 90)) if sr.random() < 0.85 else None
     b.vein_r = float(sr.uniform(1.5, 4.0))
     b.vein_len = float(sr.uniform(0.2, 0.5))
-    b.centre_drop = float(sr.uniform(0, 70))
+    b.centre_drop = float(sr.uniform(0, 70) * np.clip(trab / 150, 0.25, 1.0))  # relative to the density
     b.fit_to_grid([0.8, 0.8, 0.8], 0.4)
     return b
 

@@ -7,8 +7,10 @@ Automatic defacing works on an axis-aligned RAS+ copy of the scan at 3 mm, so th
 "anterior" and "superior" come from the affine, whatever the voxel order:
 
 1. **Is there a head?** The body (largest component above -400 HU once thin plates
-   such as the table are opened away) is followed down from the top of the scan while
-   its axial slices stay narrower than a head or neck (230 mm). No such zone: no face.
+   such as the table are opened away, and a table the head lies on is recognised as
+   the wide band that is the same in every slice) is followed down from the top of the
+   scan while its axial slices stay narrower than a head or neck (230 mm). No such
+   zone: no face.
 2. **The cervical spine** is the bony column that spans most of the neck; its midline
    band is tracked upward to the skull base, recognised by the jump in midline bone
    (behind the column's front: a jaw touching the track in front does not count) where
@@ -137,6 +139,41 @@ def body_mask(tissue: np.ndarray) -> np.ndarray:
     if not core.any():
         return _largest_component(tissue)
     return tissue & ndimage.binary_dilation(core, structure=ball, iterations=3)
+
+
+TABLE_MIN_WIDTH_MM = 150.0  # wider than any neck
+TABLE_MAX_THICKNESS_MM = 60.0
+TABLE_MIN_SHARE = 0.95
+
+
+def table_columns(tissue: np.ndarray, inside: np.ndarray | None, step: float) -> np.ndarray:
+    """(x, y) bool: the patient table, where the body touches it.
+
+    A table is the same in every axial slice: tissue in (nearly) all scanned slices of an
+    (x, y) column, in rows whose run along x is wider than any neck (``TABLE_MIN_WIDTH_MM``),
+    forming one band no thicker than ``TABLE_MAX_THICKNESS_MM``. The patient changes from
+    head to neck to shoulders, so none of it is invariant over such a width.
+    """
+    from scipy import ndimage
+
+    nz = tissue.shape[2]
+    if inside is None:
+        seen = np.full(tissue.shape[:2], nz)
+        hits = tissue.sum(axis=2)
+    else:
+        seen = inside.sum(axis=2)
+        hits = (tissue & inside).sum(axis=2)
+    inv = (seen >= 0.5 * nz) & (hits >= TABLE_MIN_SHARE * np.maximum(seen, 1))
+    # longest run along x per row y: an opening with a line as long as the table is wide
+    line = np.ones((max(1, round(TABLE_MIN_WIDTH_MM / step)), 1), bool)
+    wide = ndimage.binary_opening(inv, structure=line)
+    rows = wide.any(axis=0)
+    if not rows.any():
+        return np.zeros(tissue.shape[:2], bool)
+    runs = _runs(rows)
+    if len(runs) != 1 or (runs[0][1] - runs[0][0] + 1) * step > TABLE_MAX_THICKNESS_MM:
+        return np.zeros(tissue.shape[:2], bool)
+    return wide
 
 
 def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:
@@ -376,7 +413,9 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
 
     nx, ny, nz = coarse.shape
     xs, ys, zs = (np.arange(n) * step for n in (nx, ny, nz))
-    body = _fill_axial_holes(body_mask(coarse > BODY_HU))
+    tissue = coarse > BODY_HU
+    tissue &= ~table_columns(tissue, inside, step)[:, :, None]
+    body = _fill_axial_holes(body_mask(tissue))
     present = body.any(axis=(0, 1))
     if not present.any():
         return None, FaceReport(False, "no body in the scan")

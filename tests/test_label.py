@@ -646,3 +646,20 @@ def test_train_label_fine_tunes_a_bundle_and_keeps_its_preprocessing(tmp_path):
     assert meta["init"] == str(tmp_path / "init.pt")
     before = small.state_dict()
     assert any(not torch.equal(state[k], before[k]) for k in before if before[k].is_floating_point())
+
+
+# --------------------------------------------------------------------------- the bundled net on real CT
+def test_bundled_net_identifies_l1_to_l5_of_verse014_in_the_detect_box(verse, tmp_path, real_data):
+    """The acceptance case: the real verse014 through `verse detect` and `verse label` with the bundled weights."""
+    from verse_cli.evaluate import get_hits
+
+    folder = real_data / "verse014"
+    ct = folder / "sub-verse014_ct.nii.gz"
+    verse("detect", ct, "--heatmap", tmp_path / "h.nii.gz", "--bbox", tmp_path / "b.json", "--device", "cpu",
+          check=True)
+    verse("label", ct, "--bbox", tmp_path / "b.json", "-o", tmp_path / "ctd.json", "--device", "cpu", check=True)
+    affine = nib.load(ct).affine
+    gt = read_centroids(folder / "sub-verse014_seg-vb_ctd.json", ref_affine=affine)
+    pred = read_centroids(tmp_path / "ctd.json", ref_affine=affine)
+    hits = get_hits(dict(zip(gt.labels, gt.to_world(affine))), dict(zip(pred.labels, pred.to_world(affine))))
+    assert sorted(lab for lab, hit in hits.items() if hit) == [20, 21, 22, 23, 24], (pred.labels, hits)

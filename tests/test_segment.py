@@ -297,3 +297,29 @@ def test_train_segment_writes_a_loadable_bundle(tmp_path):
     assert summary["epochs"] == 1 and out.is_file()
     _, cfg, meta = load_model(out)
     assert meta["n_train"] == 1 and cfg["n_out"] == DEFAULT_CONFIG["n_out"]
+
+
+def test_train_segment_fine_tunes_a_bundle_and_keeps_its_patch_configuration(tmp_path):
+    """``init`` starts from a bundle: its configuration wins over ``config`` and its weights move."""
+    import torch
+
+    from verse_cli.nets.train import load_bundle
+    from verse_cli.nets.train_segment import train
+
+    for n in range(2):
+        case_dir = tmp_path / "data" / f"c{n}"
+        case_dir.mkdir(parents=True)
+        ct, ctd = toy_case(case_dir)
+        ct.rename(case_dir / f"sub-t{n}_ct.nii.gz")
+        (case_dir / "msk.nii.gz").rename(case_dir / f"sub-t{n}_seg-vert_msk.nii.gz")
+        ctd.rename(case_dir / f"sub-t{n}_seg-subreg_ctd.json")
+    small = {"decoder_channels": [16, 16, 16, 16, 16], "patch_shape": [40, 64, 64], "centre_index": [19.5, 40.0, 32.0]}
+    first, tuned = tmp_path / "first.pt", tmp_path / "tuned.pt"
+    common = {"minutes": None, "epochs": 1, "device": "cpu", "workers": 0, "batch": 1, "vertebrae": 1, "slabs": 2, "items_per_epoch": 1}
+    train(tmp_path / "data", out=first, config=small, **common)
+    train(tmp_path / "data", out=tuned, init=first, lr=1e-3, config={"patch_shape": [48, 64, 64]}, **common)
+    _, cfg0, state0, _ = load_bundle(first)
+    _, cfg1, state1, meta = load_bundle(tuned)
+    assert cfg1 == cfg0 and cfg1["patch_shape"] == [40, 64, 64]
+    assert meta["init"] == str(first)
+    assert any(not torch.equal(state0[k], state1[k]) for k in state0 if state0[k].is_floating_point())

@@ -361,6 +361,9 @@ def train_segment(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
     batch: Annotated[int, typer.Option(help="Cases per step (each gives 16 slabs).")] = 2,
     crop: Annotated[int | None, typer.Option(help="Train on CROP x CROP windows (cheaper CPU steps).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Fine-tune these weights (keeps their patch configuration).",
+                                              exists=True, dir_okay=False)] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (lower it with --init, e.g. 5e-4).")] = 2e-3,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -370,7 +373,7 @@ def train_segment(
     from .nets.train_segment import train
 
     train(data_dir, out=out, minutes=minutes, epochs=epochs, device=device, seed=seed, resume=resume,
-          workers=workers, batch=batch, crop=crop)
+          workers=workers, batch=batch, crop=crop, init=init, lr=lr)
 
 
 # --------------------------------------------------------------------------- entry point

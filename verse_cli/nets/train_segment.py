@@ -357,15 +357,16 @@ def synth_default_set(n: int = 60, seed: int = 20000) -> Path:
 def train(data_dir, out="models/segment.pt", minutes: float | None = 15.0, epochs: int | None = None,
           device: str = "auto", seed: int = 0, resume: bool = False, workers: int = 2, batch: int = 2,
           lr: float = 2e-3, vertebrae: int = 4, slabs: int = 4, val_fraction: float = 0.1,
-          config: dict | None = None, items_per_epoch: int = 64, crop: int | None = None) -> dict:
+          config: dict | None = None, items_per_epoch: int = 64, crop: int | None = None, init=None) -> dict:
     """Train the segmentation U-Net on a VerSe-layout folder (e.g. ``verse synth`` output).
 
     ``batch`` cases per step, each giving ``vertebrae x slabs`` slabs (default 2 x 4 x 4
-    = 32 slabs of 128 x 128).
+    = 32 slabs of 128 x 128). ``init`` fine-tunes a bundle (its configuration wins over
+    ``config``, so the patch geometry ``verse segment`` uses for it is kept; lower ``lr``).
     """
     import torch
 
-    from .train import discover_cases, fit, make_loader, pick_device, split_cases
+    from .train import discover_cases, fit, load_bundle, make_loader, pick_device, split_cases
     from .unet import build_model
 
     if data_dir is None:
@@ -377,7 +378,11 @@ def train(data_dir, out="models/segment.pt", minutes: float | None = 15.0, epoch
     dev = pick_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
+    if init is not None:
+        _arch, config, init_state, _meta = load_bundle(init, map_location="cpu")
     model = build_model(config)
+    if init is not None:
+        model.load_state_dict(init_state)
     cfg = model.config
     repeats = max(1, items_per_epoch // max(1, len(train_cases)))
     train_ds = SegmentSlabs(train_cases, cfg, vertebrae, slabs, seed=seed, augment=True, repeats=repeats, crop=crop)
@@ -391,7 +396,8 @@ def train(data_dir, out="models/segment.pt", minutes: float | None = 15.0, epoch
     if len(train_cases) < 20:
         warn(f"only {len(train_cases)} training cases; expect a weak model")
     meta = {"data": str(Path(data_dir)), "n_train": len(train_cases), "n_val": len(val_cases), "crop": crop,
-            "vertebrae_per_case": vertebrae, "slabs_per_vertebra": slabs, "batch_cases": batch}
+            "vertebrae_per_case": vertebrae, "slabs_per_vertebra": slabs, "batch_cases": batch,
+            "init": str(init) if init is not None else None}
     return fit(model, train_dl, val_dl, step_fn, val_fn if val_cases else None, out=out, epochs=epochs,
                minutes=minutes, lr=lr, seed=seed, resume=resume, device=dev, meta=meta,
                monitor="dice" if val_cases else "loss", mode="max" if val_cases else "min", warmup_steps=30)

@@ -5,9 +5,14 @@
 # on one H200 (see the model cards: 222 + 61 cases were rendered in 140 s on 16 cores there).
 # label is a fine-tune of the bundled label weights (LABEL_INIT), as the bundled label.pt was: its
 # input preprocessing is kept, and the fresh synth ground truth has the corrected body centroids.
+# segment is then fine-tuned twice, as the bundled segment.pt was: (1) SEG_FT_MINUTES at lr 1e-3 on a fresh
+# synthetic set (seeds 50000 and 60000); (2) SEG_FT2_MINUTES at lr 5e-4 on another fresh set (seed 52000)
+# plus SynthSeg-style renders (`verse synth --from-masks`) of the real verse004 expert mask, when
+# $SHARED/data/real is present, so that real vertebral shapes are seen.
 # Tunables via environment:
 #   DATA=work/synth_train N=222 FINE=work/synth_fine NF=61 JOBS=<cores> MINUTES=6 SEG_MINUTES=9 OUTDIR=models
-#   LABEL_INIT=models/label.pt LABEL_MINUTES=30
+#   LABEL_INIT=models/label.pt LABEL_MINUTES=30 SEG_FT=work/synth_segft NFT=156 NFTF=41 SEG_FT_MINUTES=6.3
+#   NFT2=124 NMASK=9 SEG_FT2_MINUTES=2.3 SHARED=../shared
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-work/synth_train}    # all regions, grid capped at 40 M x 0.6^3 voxels: detect, label, segment
@@ -21,6 +26,16 @@ OUTDIR=${OUTDIR:-models}
 VERSE=${VERSE:-verse}
 LABEL_INIT=${LABEL_INIT:-models/label.pt}
 LABEL_MINUTES=${LABEL_MINUTES:-30}
+SEG_FT=${SEG_FT:-work/synth_segft}
+NFT=${NFT:-156}
+NFTF=${NFTF:-41}
+SEG_FT_MINUTES=${SEG_FT_MINUTES:-6.3}
+SEG_FT2_MINUTES=${SEG_FT2_MINUTES:-2.3}
+NFT2=${NFT2:-124}
+NMASK=${NMASK:-9}
+SHARED=${SHARED:-../shared}
+
+has_cuda() { python3 -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
 
 render() {  # folder, n, seed, scale
   if [ ! -f "$1/.complete" ]; then
@@ -30,11 +45,26 @@ render() {  # folder, n, seed, scale
 }
 render "$DATA" "$N" 10000 0.6
 render "$FINE" "$NF" 30000 0.8
+render "${SEG_FT}_a" "$NFT" 50000 0.6
+render "${SEG_FT}_b" "$NFTF" 60000 0.8
 mkdir -p "$OUTDIR"
 cp "$LABEL_INIT" "$OUTDIR/.label_init.pt"  # OUTDIR may hold the init itself: keep a copy to read
 SEG_DATA=${DATA}_plus_fine
 mkdir -p "$SEG_DATA"
 ln -sf "$PWD/$DATA"/sub-* "$PWD/$FINE"/sub-* "$SEG_DATA"/
+mkdir -p "$SEG_FT"
+ln -sf "$PWD/${SEG_FT}_a"/sub-* "$PWD/${SEG_FT}_b"/sub-* "$SEG_FT"/
+render "${SEG_FT}2_a" "$NFT2" 52000 0.6
+mkdir -p "${SEG_FT}2"
+ln -sf "$PWD/${SEG_FT}2_a"/sub-* "${SEG_FT}2"/
+VERSE004=$SHARED/data/real/verse004/sub-verse004_seg-vert_msk.nii.gz
+if [ -f "$VERSE004" ] && [ ! -f "${SEG_FT}2_m/.complete" ]; then
+  mkdir -p "${SEG_FT}2_masks"
+  ln -sf "$(realpath "$VERSE004")" "${SEG_FT}2_masks/"
+  $VERSE synth "${SEG_FT}2_m" --from-masks "${SEG_FT}2_masks" --n "$NMASK" --seed 70000 --no-qc --jobs "$JOBS" --quiet
+  touch "${SEG_FT}2_m/.complete"
+fi
+if [ -d "${SEG_FT}2_m" ]; then ln -sf "$PWD/${SEG_FT}2_m"/sub-* "${SEG_FT}2"/; fi
 
 train() {  # name, data, minutes, extra args
   local name=$1 data=$2 minutes=$3; shift 3
@@ -42,7 +72,7 @@ train() {  # name, data, minutes, extra args
     > "$OUTDIR/$name.train.log" 2>&1
 }
 
-if python3 -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+if has_cuda; then
   W=$(( JOBS / 4 > 1 ? JOBS / 4 : 1 ))
   train detect "$DATA" "$MINUTES" --workers "$W" --batch 4 &
   train label "$DATA" "$LABEL_MINUTES" --workers "$W" --init "$OUTDIR/.label_init.pt" --lr 5e-4 --real-views 2 &
@@ -53,5 +83,15 @@ else
   train label "$DATA" "$LABEL_MINUTES" --workers 2 --init "$OUTDIR/.label_init.pt" --lr 5e-4 --real-views 2
   train segment "$SEG_DATA" "$SEG_MINUTES" --workers 2
 fi
-rm -f "$OUTDIR/.label_init.pt"
+cp "$OUTDIR/segment.pt" "$OUTDIR/.segment_init.pt"
+SEG_FT_WORKERS=2
+if has_cuda; then SEG_FT_WORKERS=$(( JOBS > 2 ? JOBS - 2 : 1 )); fi  # the GPU waits on slab sampling
+$VERSE train segment "$SEG_FT" --out "$OUTDIR/segment.pt" --init "$OUTDIR/.segment_init.pt" --lr 1e-3 \
+  --minutes "$SEG_FT_MINUTES" --device auto --seed 1 --workers "$SEG_FT_WORKERS" --batch 4 \
+  > "$OUTDIR/segment_ft.train.log" 2>&1
+cp "$OUTDIR/segment.pt" "$OUTDIR/.segment_init.pt"
+$VERSE train segment "${SEG_FT}2" --out "$OUTDIR/segment.pt" --init "$OUTDIR/.segment_init.pt" --lr 5e-4 \
+  --minutes "$SEG_FT2_MINUTES" --device auto --seed 2 --workers "$SEG_FT_WORKERS" --batch 4 \
+  > "$OUTDIR/segment_ft2.train.log" 2>&1
+rm -f "$OUTDIR/.label_init.pt" "$OUTDIR/.segment_init.pt"
 echo "weights written to $OUTDIR (logs: $OUTDIR/*.train.log)"

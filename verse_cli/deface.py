@@ -202,6 +202,11 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- detection
 SPINE_MAX_SLOPE = 0.7  # mm forward per mm up that the spine front may move (35 degrees)
 SPINE_SHELL_LAG_MM = 15.0
+# Bone further than this in front of the spine's front is trimmed from the track before the shell is
+# grown: vertebrae reach at most ~13 mm past that front (C1's arch in a 45-degree flexed neck), which
+# the shell still covers, while the skull base's plate in front of C1 (no vertebra) gets no shell that
+# would reach into the face, whose back lies 20-30 mm in front of C1.
+SPINE_TRIM_MM = 8.0
 SPINE_EXTEND_FIT_MM = 45.0
 SPINE_FRONT_HALF_WINDOW_MM = 15.0
 
@@ -456,9 +461,9 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     track_top = float(zs[np.flatnonzero(has_spine)[-1]])
     y_front, spine_top, y_front_up = spine_front(measured if measured.any() else spine, ys, zs, extend_to=track_top)
     spine_top = max(spine_top, track_top)
-    # Bone that merely touches the column (jaw, skull base) is not spine: trim it before the shell,
-    # generously, so that a front lagging behind a steep lordosis still protects the vertebrae.
-    spine &= ys[None, :, None] <= (y_front_up + SPINE_SHELL_LAG_MM)[None, None, :]
+    # Bone that merely touches the column (jaw, skull base) is not spine: trim it before the shell
+    # (a front lagging behind a steep lordosis leaves the vertebrae within the shell's reach).
+    spine &= ys[None, :, None] <= (y_front_up + SPINE_TRIM_MM)[None, None, :]
 
     # 3. the chin: the body reaches clearly further forward than the neck does
     _, y_mid_front = _extent((body & midline[:, None, :]).any(axis=0), ys)

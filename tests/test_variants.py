@@ -286,6 +286,23 @@ def test_head_and_neck_without_shaft_is_not_a_stump_rib():
     assert ("T12", "left") not in {(s["vertebra"], s["side"]) for s in r["stump_ribs"]}
 
 
+def test_thin_speck_of_bone_beside_l1_is_not_a_stump_rib():
+    """A thin sliver of bone where a rib would leave L1 (a few voxels: noise, a
+    calcification) is not a stump rib; a real short rib beside it still is."""
+    ct, mask, aff = phantom(ribs={17: (120, 120), 18: (120, 120), 19: (120, 120), 20: (20, None)})
+    sp = np.asarray(SPACING)
+    zlen = 30 * 6 + 20
+    zc = zlen - 25 - 30 * 3  # L1, the fourth level
+    p0 = np.array([100.0 + 17.0, 70.0 + 4.0, zc + 3.0])
+    d = np.array([0.8, 0.55, -0.25])
+    speck = _capsule(ct.shape, sp, p0, p0 + d / np.linalg.norm(d) * 14.0, 1.2) & (mask == 0)
+    ct[speck] = 600
+    r = rate(ct, mask, aff)
+    stumps = {(s["vertebra"], s["side"]) for s in r["stump_ribs"]}
+    assert ("L1", "right") not in stumps
+    assert ("L1", "left") in stumps
+
+
 def test_body_centroid_behind_the_vertebra_is_replaced():
     """A centroid JSON whose body centroid sits behind the vertebra's centre of mass (on
     the spinous process, as synthetic C1-C7 were) must not turn the vertebra's frame."""

@@ -62,6 +62,7 @@ TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
+MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 mm radius)
 TP_LATERAL = 0.6  # ... or lateral of this fraction of its reach, whichever is nearer the body
 TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
 FIRST_RIB_MIN_MM = 60.0  # a shorter first rib was not measured whole: no cervical rib is split off it
@@ -399,6 +400,12 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.length_mm < MIN_RIB_MM:
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
+            elif (L.region(lab) != "C" and rib.length_mm < stump_mm
+                  and rib.voxels * float(np.prod(grid.sp)) < MIN_STUMP_MM3):
+                # a speck of bone by the spine (noise, a calcification), far thinner than a
+                # rib: its length is mostly the joint gap and the tip extension. At T1 this
+                # leaves the first rib to be found where its head touched only C7
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
             elif L.region(lab) != "T" and not _joint_at_body(rib, frames[lab]):
                 # a rib of C7 or L1 must start at the body: a lower rib running past

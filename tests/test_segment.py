@@ -323,3 +323,52 @@ def test_train_segment_fine_tunes_a_bundle_and_keeps_its_patch_configuration(tmp
     assert cfg1 == cfg0 and cfg1["patch_shape"] == [40, 64, 64]
     assert meta["init"] == str(first)
     assert any(not torch.equal(state0[k], state1[k]) for k in state0 if state0[k].is_floating_point())
+
+
+def _patch_entry(label, body_offset_mm, size=(31, 25, 21)):
+    """A fake first-pass patch: a solid block (the 'body') centred ``body_offset_mm`` from the patch centre."""
+    cfg = DEFAULT_CONFIG
+    aff = patch_affine(np.eye(4), np.zeros(3), cfg)
+    centre = np.asarray(cfg["centre_index"]) + np.asarray(body_offset_mm)  # 1 mm patch voxels
+    prob = np.zeros(tuple(cfg["patch_shape"]), np.uint8)
+    lo = np.round(centre - np.asarray(size) / 2).astype(int)  # odd sizes: the block is centred exactly
+    prob[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]] = 240
+    return {"label": label, "prob": prob, "affine": aff, "centre_world": [0.0, 0.0, 0.0]}
+
+
+def test_recentring_moves_only_patches_whose_body_lies_3_to_15_mm_away():
+    from verse_cli.segment import recentred_centres
+
+    entries = [_patch_entry(20, (0, 0, 7)), _patch_entry(21, (0, 0, 1)), _patch_entry(22, (0, 0, 25)),
+               {**_patch_entry(23, (0, 0, 0)), "prob": np.zeros(tuple(DEFAULT_CONFIG["patch_shape"]), np.uint8)}]
+    moved = recentred_centres(entries)
+    assert sorted(moved) == [20]
+    # the block's centre, in world mm (the patch grid is 1 mm, superior along its third axis)
+    assert np.allclose(moved[20], [0, 0, 7], atol=1.0), moved[20]
+
+
+@needs_model
+@pytest.mark.slow
+def test_recentring_recovers_a_vertebra_whose_centroid_sits_on_its_endplate(real_data, tmp_path):
+    """verse014's L3 centroid moved 12 mm up the spine: the second patch is centred near the body again."""
+    case = real_data / "verse014"
+    ct = nib.load(case / "sub-verse014_ct.nii.gz")
+    gt = np.asarray(nib.load(case / "sub-verse014_seg-vert_msk.nii.gz").dataobj)
+    ctd = body_centroids(gt, ct.affine)
+    world = dict(zip(ctd.labels, ctd.to_world(ct.affine)))
+    up = world[21] - world[23]
+    shifted = dict(world)
+    shifted[22] = world[22] + 12.0 * up / np.linalg.norm(up)
+    moved = Centroids.from_world(list(shifted), np.array(list(shifted.values())), ct.affine)
+    from verse_cli.merge import merge
+    from verse_cli.segment import segment
+
+    dice = {}
+    for recentre in (False, True):
+        out = tmp_path / f"p{int(recentre)}"
+        (entry,) = segment(ct, moved, only=[22], device="cpu", recentre=recentre, out_dir=out)
+        assert np.allclose(entry["centroid_world"], shifted[22], atol=0.01)  # what the file said
+        if recentre:
+            assert np.linalg.norm(np.asarray(entry["centre_world"]) - world[22]) < 3.0, entry["centre_world"]
+        dice[recentre] = _dice(merge(ct, out) == 22, gt == 22)
+    assert dice[True] > dice[False] + 0.02, dice

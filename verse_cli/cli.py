@@ -150,6 +150,8 @@ def segment(
     model: Annotated[Path | None, typer.Option(help="Model weights (default: bundled).")] = None,
     only: Annotated[str | None, typer.Option(help="Comma-separated vertebrae to (re)run, e.g. L3,L4.")] = None,
     batch: Annotated[int, typer.Option(help="Patches per forward pass.")] = 4,
+    recentre: Annotated[bool, typer.Option(help="Segment a vertebra again around the body its patch found when "
+                                                "that lies 3-15 mm from the given centroid.")] = True,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -158,7 +160,7 @@ def segment(
     _setup(quiet, verbose)
     from .segment import segment as segment_patches
 
-    segment_patches(ct, ctd, model=model, only=only, batch=batch, device=device, out_dir=output)
+    segment_patches(ct, ctd, model=model, only=only, batch=batch, device=device, out_dir=output, recentre=recentre)
 
 
 @app.command()

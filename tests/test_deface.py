@@ -233,3 +233,42 @@ def test_auto_on_a_slim_synthetic_lumbar_scan_changes_nothing():
     case = generate_case(6, region="lumbar", scale=0.4)
     removed, report = auto_face_mask(case.ct.astype(np.float32), case.affine, margin_mm=5.0)
     assert not report.face_found and not removed.any()
+
+
+@pytest.mark.slow
+# Thin-slice and sharp-kernel grids: per-voxel noise once speckled the brain with "bone", so the
+# skull's core looked bony (85) or the speckle touching the column dragged the spine's front (97)
+@pytest.mark.parametrize(("seed", "spacing", "codes"), [(85, (1.2, 1.2, 3.0), "LPS"), (97, (2.0, 2.0, 1.0), "PIR")])
+def test_auto_on_synthetic_heads_on_other_grids(seed, spacing, codes):
+    from verse_cli.deface import auto_face_mask
+    from verse_cli.synth import generate_case
+
+    case = generate_case(seed, region="cervical", scale=0.4, spacing=spacing, orientation=codes)
+    assert case.face_mask is not None and case.face_mask.any()
+    removed, report = auto_face_mask(case.ct.astype(np.float32), case.affine, margin_mm=5.0)
+    after = np.where(removed, -1024, case.ct)
+    assert report.face_found, report.reason
+    assert (after[case.face_mask > 0] <= -1000).mean() >= 0.95
+    assert not removed[case.mask > 0].any()
+
+
+def test_averaged_coarse_grid_drops_noise_but_keeps_a_skull():
+    """Averaging over the coarse voxel removes brain "bone" from 150 HU noise, on an anisotropic LPS grid."""
+    from verse_cli.deface import BONE_HU, coarse_ras
+
+    rng = np.random.default_rng(0)
+    sp = np.array([1.0, 1.0, 2.5])
+    shape = (120, 120, 48)
+    affine = np.diag([-sp[0], -sp[1], sp[2], 1.0])
+    g = np.indices(shape).astype(np.float32) * sp[:, None, None, None] - (np.array(shape) * sp / 2)[:, None, None, None]
+    r = np.sqrt((g ** 2).sum(axis=0))
+    hu = np.where(r < 45, 40.0, np.where(r < 52, 1000.0, -1000.0)) + rng.normal(0, 150, shape)
+    plain, grid = coarse_ras(hu.astype(np.float32), affine)
+    mean, _ = coarse_ras(hu.astype(np.float32), affine, averaged=True)
+    centre = (affine @ np.r_[np.array(shape) / 2, 1.0])[:3]
+    w = np.indices(plain.shape) * 3.0 + (grid[:3, 3] - centre)[:, None, None, None]
+    rc = np.sqrt((w ** 2).sum(axis=0))
+    brain, skull = rc < 35, (rc > 47) & (rc < 50)
+    assert (plain[brain] > BONE_HU).mean() > 0.05
+    assert (mean[brain] > BONE_HU).mean() < 0.005
+    assert (mean[skull] > BONE_HU).mean() > 0.95

@@ -4,7 +4,10 @@ With a mask (the VerSe way: a face mask drawn in ITK-SNAP) the voxels inside the
 mask, dilated by ``margin_mm``, become ``fill`` (air).
 
 Automatic defacing works on an axis-aligned RAS+ copy of the scan at 3 mm, so that
-"anterior" and "superior" come from the affine, whatever the voxel order:
+"anterior" and "superior" come from the affine, whatever the voxel order. A second copy
+averages each 3 mm voxel over the scan: bone is a voxel over 200 HU whose 3 mm mean
+passes 100 HU, and the skull is fitted and its brain judged on the mean alone, so that
+per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
 
 1. **Is there a head?** The body (largest component above -400 HU once thin plates
    such as the table are opened away, and a table the head lies on is recognised as
@@ -58,6 +61,9 @@ from .core.progress import debug, info
 COARSE_MM = 3.0
 BODY_HU = -400.0
 BONE_HU = 200.0
+# A voxel over BONE_HU counts as bone only if its mean over COARSE_MM passes this too: one noisy
+# voxel in a brain does not, while thin or low-density vertebrae (cortex over cancellous bone) do.
+BONE_SOLID_HU = 100.0
 HEAD_NECK_MAX_WIDTH_MM = 230.0
 MIN_ZONE_MM = 30.0
 MIDLINE_HALF_WIDTH_MM = 25.0
@@ -90,9 +96,16 @@ class FaceReport:
 
 
 # --------------------------------------------------------------------------- coarse RAS grid
-def coarse_ras(hu: np.ndarray, affine: np.ndarray, step: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
-    """The scan resampled onto an axis-aligned RAS+ grid of ``step`` mm covering it."""
-    from .core.geometry import resample_to_grid, vox2world
+def coarse_ras(hu: np.ndarray, affine: np.ndarray, step: float = COARSE_MM,
+               averaged: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The scan resampled onto an axis-aligned RAS+ grid of ``step`` mm covering it.
+
+    ``averaged``: each coarse voxel is the mean over about ``step`` mm of the scan, not an
+    interpolation between its nearest voxels. Linear interpolation keeps each fine voxel's
+    noise (100-200 HU in a thin-slice or sharp-kernel scan), which speckles a brain with
+    "bone"; the mean over a 3 mm box does not, while a skull keeps its bone.
+    """
+    from .core.geometry import resample_to_grid, spacing, vox2world
 
     shape = np.asarray(hu.shape[:3])
     corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
@@ -103,6 +116,12 @@ def coarse_ras(hu: np.ndarray, affine: np.ndarray, step: float = COARSE_MM) -> t
     out_shape = tuple(int(v) for v in np.floor((hi - lo) / step) + 1)
     grid = np.diag([step, step, step, 1.0])
     grid[:3, 3] = lo
+    if averaged:
+        from scipy import ndimage
+
+        box = [max(1, round(step / float(sp))) for sp in spacing(affine)]
+        if max(box) > 1:
+            hu = ndimage.uniform_filter(hu.astype(np.float32, copy=False), size=box, mode="nearest")
     coarse = resample_to_grid(hu, affine, out_shape, grid, order=1, cval=-1024.0)
     return coarse, grid
 
@@ -400,7 +419,8 @@ def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray
 
 
 def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.0,
-              inside: np.ndarray | None = None) -> tuple[np.ndarray | None, FaceReport]:
+              inside: np.ndarray | None = None,
+              averaged: np.ndarray | None = None) -> tuple[np.ndarray | None, FaceReport]:
     """Face mask on the coarse RAS grid (or None) and a report of how it was found.
 
     Parameters
@@ -413,6 +433,11 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
         Bool, the coarse voxels inside the scanned volume (:func:`scan_coverage`). Slices
         whose front is cut by the field of view (an oblique or short scan) then never
         count as the neck, the shallowest level in front of the spine.
+    averaged : ndarray, optional
+        The same grid with each voxel the mean over ``step`` mm (``coarse_ras(...,
+        averaged=True)``): the skull and the brain are judged on it, so that per-voxel noise
+        is no bone in the brain. The spine is tracked on ``coarse`` where the mean passes
+        ``BONE_SOLID_HU`` only (not ``BONE_HU``: thin, low-density vertebrae fall under it).
     """
     from scipy import ndimage
 
@@ -445,6 +470,8 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     zone = np.zeros(nz, bool)
     zone[zone_lo:] = True  # up to the top edge: the head may be cut by the field of view
     bone = (coarse > BONE_HU) & body & zone[None, None, :]
+    if averaged is not None:  # noise in the brain or the neck: bone only where its surroundings are dense too
+        bone &= averaged > BONE_SOLID_HU
     lower = slice(zone_lo, zone_lo + max(2, int((top - zone_lo) * 0.6)) + 1)
     column = tallest_column(bone, lower, step)
     if column is None:
@@ -495,7 +522,9 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
                "spine_top_z_mm": round(float(spine_top), 1), "skull_base_seen": skull_base,
                "skull_base_z_mm": float(zs[min(clean, nz - 1)]) if skull_base else None}
     # A skull above C1 gives the head's orientation (the face turns with it).
-    axis, not_a_skull = (head_axis(coarse > BONE_HU, body, ys, zs, spine_top, y_front, inside)
+    # the skull and the brain's core are judged on the averaged scan alone: brain noise is no bone there
+    skull_bone = (coarse if averaged is None else averaged) > BONE_HU
+    axis, not_a_skull = (head_axis(skull_bone, body, ys, zs, spine_top, y_front, inside)
                          if skull_base else (None, False))
     if not_a_skull:
         details["skull_core_bony"] = True
@@ -544,7 +573,9 @@ def auto_face_mask(hu: np.ndarray, affine: np.ndarray, margin_mm: float = 0.0) -
     from .core.geometry import resample_to_grid
 
     coarse, grid = coarse_ras(hu, affine)
-    face, report = find_face(coarse, margin_mm=margin_mm, inside=scan_coverage(hu.shape, affine, grid, coarse.shape))
+    averaged, _ = coarse_ras(hu, affine, averaged=True)
+    face, report = find_face(coarse, margin_mm=margin_mm, inside=scan_coverage(hu.shape, affine, grid, coarse.shape),
+                             averaged=averaged)
     if face is None:
         return np.zeros(hu.shape, bool), report
     full = resample_to_grid(face.astype(np.uint8), grid, hu.shape, affine, is_mask=True)

@@ -375,6 +375,43 @@ def test_first_rib_touching_only_c7_is_not_a_cervical_rib():
     assert evidence["T1"]["left"]["length_mm"] == 85.5 and "left" not in evidence["C7"]
 
 
+
+def test_long_c7_rib_beside_a_t1_speck_is_the_first_rib():
+    """A first rib whose head went to C7 while a speck of it went to T1 (synth case 90059:
+    'C7 ribs' of 100 mm, T1 pieces of 8-14 mm) is the first rib, and its bone
+    moves with it so that a cervical rib joined to it can still be split off."""
+    from verse_cli.variants import _first_rib_from_c7
+
+    ribs = {7: {"left_mm": 100.8, "left_status": "present", "right_mm": 30.0, "right_status": "present"},
+            8: {"left_mm": 8.2, "left_status": "present",
+                "right_mm": None, "right_status": "undeterminable", "right_visible_mm": 14.1}}
+    components = {(7, "left"): ["first rib"], (8, "left"): ["speck"], (7, "right"): ["c7"], (8, "right"): ["t1"]}
+    measured = {(7, "left"): "first rib", (8, "left"): "speck"}
+    _first_rib_from_c7(ribs, {}, components, measured)
+    assert ribs[8]["left_status"] == "present" and ribs[8]["left_mm"] == 100.8
+    assert ribs[7]["left_status"] == "absent"
+    assert components[(8, "left")] == ["first rib"] and (7, "left") not in components
+    assert measured[(8, "left")] == "first rib"
+    # a C7 rib too short to be a first rib stays a cervical rib
+    assert ribs[7]["right_status"] == "present" and ribs[8]["right_status"] == "undeterminable"
+
+
+def test_centreline_starts_at_the_rib_head_not_on_a_spur():
+    """The skeleton around a rib head (with the shell given back next to the vertebra)
+    may have a spur along the vertebra; the longest path then began at the spur's end
+    and hooked back to the head, lengthening the rib (synth T11/T12 ribs by 5-15 mm)."""
+    from verse_cli.ribs import _trim_head_spur
+
+    sp = np.array([1.0, 1.0, 1.0])
+    body = np.array([0.0, 0.0, 0.0])
+    spur = np.array([[16, 0, -12 + k] for k in range(12)])  # along the body's side, up to the head
+    rib = np.array([[16 + k, 0, 0] for k in range(60)])  # the head, then away from the spine
+    nodes = np.vstack([spur, rib])
+    path = np.arange(len(nodes))
+    kept = _trim_head_spur(path, nodes, np.zeros(3, int), sp, body)
+    assert nodes[kept[0]].tolist() == [16, 0, 0] and kept[-1] == path[-1]
+
+
 # --------------------------------------------------------------------------- synthetic ground truth (fixed bugs)
 def _gt(counts, ribs, in_fov=None, stumps=()):
     from verse_cli.synth.variants import level_names, variants_json

@@ -43,6 +43,8 @@ from .core import labels as L
 UNLABELLED = 255
 #: contacts within this distance lateral of the vertebral body are rib heads (mm)
 HEAD_REACH_MM = 12.0
+#: Gaussian width (mm) that smooths a rib's skeleton path into its centreline
+RIB_SMOOTH_MM = 4.0
 
 SIDES = ("left", "right")
 
@@ -547,11 +549,18 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     path = _path(pred, a, b)
     if path[0] != joint:
         path = path[::-1]
+    path = _trim_head_spur(path, nodes, base, sp, frame.body)
     trimmed = False
     if ct is not None:
-        path, trimmed = _trim_at_osseous_tip(path, nodes, base, sp, ct, thr)
+        # on the smoothed CT: a thin, dark rib's own noise and partial volume on thick
+        # slices dip the raw HU below the floor for a few millimetres along the bone
+        path, trimmed = _trim_at_osseous_tip(path, nodes, base, sp, smooth if smooth is not None else ct, thr,
+                                             run_mm=max(4.0, 2.0 * float(sp.max())))
     raw, n_bridges = bridge_curves((nodes[path] + base) * sp, nodes[path], sp)
-    line = smooth_path(raw, sigma_mm=max(2.0, 1.5 * float(sp.max())))
+    # the skeleton of a noisy tube wanders across its section; a Gaussian about a
+    # rib's radius wide removes that, while a rib's own bends (radii of curvature of
+    # several centimetres) lose well under a millimetre
+    line = smooth_path(raw, sigma_mm=max(RIB_SMOOTH_MM, 1.5 * float(sp.max())))
     centreline = arc_length(line)
     # the rib's mean radius from its volume and length; the head is wider than the shaft
     radius = float(np.sqrt(len(pts) * vox_mm3 / (np.pi * max(centreline, 1.0))))
@@ -571,6 +580,33 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     n_pts = sum(len(u) for u in used)
     return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_ext,
                line[0].tolist(), tip_point.tolist(), len(used) - 1, tip_gap, radius, n_bridges, line)
+
+
+def _trim_head_spur(path, nodes, base, sp, body, reach_mm: float = 40.0):
+    """Start the centreline at the rib head: its point nearest the vertebral body.
+
+    A rib runs away from its vertebra from the head on. The skeleton of the bone
+    around the head (with the shell given back next to the vertebra) often has a
+    spur along the vertebra's surface or the transverse process, and the longest
+    path may begin at its end and hook back to the head, which adds its length
+    twice. Within the first ``reach_mm`` (or half the path) the path is cut at the
+    point nearest the body's centroid, where it turns there by more than 60 degrees
+    (a hook; bone that runs on along the spine past that point is not one).
+    """
+    if len(path) < 3:
+        return path
+    pts = (nodes[path] + base) * sp
+    arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))]
+    head = np.flatnonzero(arc <= min(reach_mm, 0.5 * arc[-1]))
+    k = int(head[np.argmin(np.linalg.norm(pts[head] - body, axis=1))])
+    if k == 0:
+        return path
+    ahead = pts[min(int(np.searchsorted(arc, arc[k] + 10.0)), len(pts) - 1)] - pts[k]
+    behind = pts[k] - pts[0]
+    norms = float(np.linalg.norm(ahead) * np.linalg.norm(behind))
+    if norms <= 0 or float(ahead @ behind) / norms >= 0.5:
+        return path
+    return path[k:]
 
 
 def bridge_curves(points_mm: np.ndarray, idx: np.ndarray, sp: np.ndarray, span_mm: float = 6.0):

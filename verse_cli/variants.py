@@ -401,11 +401,11 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.length_mm < MIN_RIB_MM:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
-            elif (L.region(lab) != "C" and rib.length_mm < stump_mm
-                  and rib.voxels * float(np.prod(grid.sp)) < MIN_STUMP_MM3):
+            elif rib.length_mm < stump_mm and rib.voxels * float(np.prod(grid.sp)) < MIN_STUMP_MM3:
                 # a speck of bone by the spine (noise, a calcification), far thinner than a
                 # rib: its length is mostly the joint gap and the tip extension. At T1 this
-                # leaves the first rib to be found where its head touched only C7
+                # leaves the first rib to be found where its head touched only C7; at C7 a
+                # speck by the transverse process is no cervical rib
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
             elif L.region(lab) != "T" and not _joint_at_body(rib, frames[lab]):
                 # a rib of C7 or L1 must start at the body: a lower rib running past
@@ -422,6 +422,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
             else:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = round(rib.length_mm, 1), "present"
         out[lab] = entry
+    _first_rib_from_c7(out, evidence, components, measured)
     if 7 in out and 8 in out:
         for side in SIDES:
             # only beside a first rib measured whole (adult first ribs run 100-150 mm)
@@ -429,7 +430,6 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                     and out[8][f"{side}_mm"] >= FIRST_RIB_MIN_MM):
                 _cervical_rib_on_first_rib(grid, out, evidence, components[(8, side)], measured[(8, side)], frames,
                                            side, joint_distance, thr, outside, zone)
-    _first_rib_from_c7(out, evidence)
     return out, evidence
 
 
@@ -477,18 +477,31 @@ def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames
         ribs[7][f"{side}_mm"], ribs[7][f"{side}_status"] = round(rib.length_mm, 1), "present"
 
 
-def _first_rib_from_c7(ribs: dict, evidence: dict) -> None:
+def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = None,
+                       measured: dict | None = None) -> None:
     """A 'C7 rib' on a side where T1 has none is the first rib.
 
     The first thoracic rib is always there; its head sits high on T1, next to the
     C7/T1 disc, and may touch only C7's label. A cervical rib comes on top of a first
-    rib, never instead of it, so a C7 rib beside an absent T1 rib is moved to T1.
+    rib, never instead of it, so a C7 rib beside an absent T1 rib is moved to T1. So
+    is a C7 rib as long as a first rib (``FIRST_RIB_MIN_MM``) beside a T1 'rib' that
+    is only a short piece by the spine (shorter than a stump rib): the first rib's head
+    went to C7 and a piece of it to T1. ``components`` and ``measured`` (per (label,
+    side)) move with it, so that a cervical rib joined to the first rib can still be
+    split off it.
     """
     if 7 not in ribs or 8 not in ribs:
         return
     c7, t1 = ribs[7], ribs[8]
     for side in SIDES:
-        if c7.get(f"{side}_status") in ("present", "cut", "undeterminable") and t1.get(f"{side}_status") == "absent":
+        t1_mm = t1.get(f"{side}_mm") or t1.get(f"{side}_visible_mm") or 0.0
+        speck = (t1.get(f"{side}_status") in ("present", "undeterminable") and t1_mm < STUMP_MM
+                 and c7.get(f"{side}_status") == "present" and c7[f"{side}_mm"] >= FIRST_RIB_MIN_MM)
+        if speck or (c7.get(f"{side}_status") in ("present", "cut", "undeterminable")
+                     and t1.get(f"{side}_status") == "absent"):
+            for store in (components, measured):
+                if store is not None and (7, side) in store:
+                    store[(8, side)] = store.pop((7, side))
             for key in (f"{side}_mm", f"{side}_status", f"{side}_visible_mm"):
                 if key in c7:
                     t1[key] = c7.pop(key)
@@ -497,7 +510,7 @@ def _first_rib_from_c7(ribs: dict, evidence: dict) -> None:
             c7[f"{side}_mm"], c7[f"{side}_status"] = None, "absent"
             ev = evidence.get("C7", {}).pop(side, None)
             if ev is not None:
-                evidence.setdefault("T1", {})[side] = {**ev, "moved_from": "C7 (T1 had no rib on this side)"}
+                evidence.setdefault("T1", {})[side] = {**ev, "moved_from": "C7 (T1 had no whole rib on this side)"}
 
 
 def _joint_at_body(rib, frame: Frame) -> bool:

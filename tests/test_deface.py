@@ -215,11 +215,14 @@ def test_auto_on_synthetic_heads(seed):
 
 
 @pytest.mark.slow
-def test_auto_on_a_synthetic_thoracic_scan_changes_nothing():
+# a small (child-sized) chest, narrower than the head-and-neck limit, whose front rises toward the top
+@pytest.mark.parametrize(("spacing", "codes"), [(None, None), ((1.2, 1.2, 3.0), "LPS"), ((2.0, 2.0, 1.0), "PIR")])
+def test_auto_on_a_synthetic_thoracic_scan_changes_nothing(spacing, codes):
     from verse_cli.deface import auto_face_mask
     from verse_cli.synth import generate_case
 
-    case = generate_case(2, region="thoracic", scale=0.4)
+    grid = {} if spacing is None else {"spacing": spacing, "orientation": codes}
+    case = generate_case(2, region="thoracic", scale=0.4, **grid)
     removed, report = auto_face_mask(case.ct.astype(np.float32), case.affine, margin_mm=5.0)
     assert not report.face_found and not removed.any()
 

@@ -521,6 +521,12 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
                "max_protrusion_mm": round(float(protrusion[zone].max()), 1),
                "spine_top_z_mm": round(float(spine_top), 1), "skull_base_seen": skull_base,
                "skull_base_z_mm": float(zs[min(clean, nz - 1)]) if skull_base else None}
+    if not skull_base and neck_level == int(in_zone.min()):
+        # No skull base, and the body is shallowest at the bottom of the zone: nothing here narrows
+        # into a neck below a head. A child's chest (narrower than the head-and-neck limit) whose
+        # front rises toward the top of the scan looked like a chin to the rule below.
+        return None, FaceReport(False, "no skull base and no neck below the part in front of the spine: no face",
+                                details)
     # A skull above C1 gives the head's orientation (the face turns with it).
     # the skull and the brain's core are judged on the averaged scan alone: brain noise is no bone there
     skull_bone = (coarse if averaged is None else averaged) > BONE_HU

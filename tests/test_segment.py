@@ -240,6 +240,13 @@ def _dice(a, b):
     return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
 
 
+def verse014(real_data):
+    """The real verse014 fixture: its folder, the CT image and the expert mask."""
+    case = real_data / "verse014"
+    return case, nib.load(case / "sub-verse014_ct.nii.gz"), np.asarray(
+        nib.load(case / "sub-verse014_seg-vert_msk.nii.gz").dataobj)
+
+
 @needs_model
 @pytest.mark.slow
 def test_verse014_end_to_end(real_data, tmp_path):
@@ -249,9 +256,7 @@ def test_verse014_end_to_end(real_data, tmp_path):
     from verse_cli.merge import merge
     from verse_cli.segment import segment
 
-    case = real_data / "verse014"
-    ct = nib.load(case / "sub-verse014_ct.nii.gz")
-    gt = np.asarray(nib.load(case / "sub-verse014_seg-vert_msk.nii.gz").dataobj)
+    case, ct, gt = verse014(real_data)
     segment(case / "sub-verse014_ct.nii.gz", case / "sub-verse014_seg-vb_ctd.json", device="cpu",
             out_dir=tmp_path / "p")
     pred = merge(ct, tmp_path / "p")
@@ -278,11 +283,13 @@ def test_tptbox_l3_end_to_end(real_data, tmp_path):
     assert _dice(pred == 22, gt == 22) >= GUARD_DICE
 
 
-def test_train_segment_writes_a_loadable_bundle(tmp_path):
-    """Two toy cases, one tiny epoch: the bundle loads and predicts with the right shape."""
-    from verse_cli.nets.train_segment import train
-    from verse_cli.nets.unet import load_model
+SMALL_NET = {"decoder_channels": [16, 16, 16, 16, 16], "patch_shape": [40, 64, 64], "centre_index": [19.5, 40.0, 32.0]}
+ONE_TINY_EPOCH = {"minutes": None, "epochs": 1, "device": "cpu", "workers": 0, "batch": 1, "vertebrae": 1, "slabs": 2,
+                  "items_per_epoch": 1}
 
+
+def toy_training_folder(tmp_path) -> Path:
+    """Two toy cases in VerSe layout (one trains, one validates)."""
     for n in range(2):
         case_dir = tmp_path / "data" / f"c{n}"
         case_dir.mkdir(parents=True)
@@ -290,10 +297,16 @@ def test_train_segment_writes_a_loadable_bundle(tmp_path):
         ct.rename(case_dir / f"sub-t{n}_ct.nii.gz")
         (case_dir / "msk.nii.gz").rename(case_dir / f"sub-t{n}_seg-vert_msk.nii.gz")
         ctd.rename(case_dir / f"sub-t{n}_seg-subreg_ctd.json")
+    return tmp_path / "data"
+
+
+def test_train_segment_writes_a_loadable_bundle(tmp_path):
+    """Two toy cases, one tiny epoch: the bundle loads and predicts with the right shape."""
+    from verse_cli.nets.train_segment import train
+    from verse_cli.nets.unet import load_model
+
     out = tmp_path / "seg.pt"
-    summary = train(tmp_path / "data", out=out, minutes=None, epochs=1, device="cpu", workers=0, batch=1,
-                    vertebrae=1, slabs=2, items_per_epoch=1, config={"decoder_channels": [16, 16, 16, 16, 16], "patch_shape": [40, 64, 64],
-                                         "centre_index": [19.5, 40.0, 32.0]})
+    summary = train(toy_training_folder(tmp_path), out=out, config=SMALL_NET, **ONE_TINY_EPOCH)
     assert summary["epochs"] == 1 and out.is_file()
     _, cfg, meta = load_model(out)
     assert meta["n_train"] == 1 and cfg["n_out"] == DEFAULT_CONFIG["n_out"]
@@ -306,18 +319,10 @@ def test_train_segment_fine_tunes_a_bundle_and_keeps_its_patch_configuration(tmp
     from verse_cli.nets.train import load_bundle
     from verse_cli.nets.train_segment import train
 
-    for n in range(2):
-        case_dir = tmp_path / "data" / f"c{n}"
-        case_dir.mkdir(parents=True)
-        ct, ctd = toy_case(case_dir)
-        ct.rename(case_dir / f"sub-t{n}_ct.nii.gz")
-        (case_dir / "msk.nii.gz").rename(case_dir / f"sub-t{n}_seg-vert_msk.nii.gz")
-        ctd.rename(case_dir / f"sub-t{n}_seg-subreg_ctd.json")
-    small = {"decoder_channels": [16, 16, 16, 16, 16], "patch_shape": [40, 64, 64], "centre_index": [19.5, 40.0, 32.0]}
+    data = toy_training_folder(tmp_path)
     first, tuned = tmp_path / "first.pt", tmp_path / "tuned.pt"
-    common = {"minutes": None, "epochs": 1, "device": "cpu", "workers": 0, "batch": 1, "vertebrae": 1, "slabs": 2, "items_per_epoch": 1}
-    train(tmp_path / "data", out=first, config=small, **common)
-    train(tmp_path / "data", out=tuned, init=first, lr=1e-3, config={"patch_shape": [48, 64, 64]}, **common)
+    train(data, out=first, config=SMALL_NET, **ONE_TINY_EPOCH)
+    train(data, out=tuned, init=first, lr=1e-3, config={"patch_shape": [48, 64, 64]}, **ONE_TINY_EPOCH)
     _, cfg0, state0, _ = load_bundle(first)
     _, cfg1, state1, meta = load_bundle(tuned)
     assert cfg1 == cfg0 and cfg1["patch_shape"] == [40, 64, 64]
@@ -351,9 +356,7 @@ def test_recentring_moves_only_patches_whose_body_lies_3_to_15_mm_away():
 @pytest.mark.slow
 def test_recentring_recovers_a_vertebra_whose_centroid_sits_on_its_endplate(real_data, tmp_path):
     """verse014's L3 centroid moved 12 mm up the spine: the second patch is centred near the body again."""
-    case = real_data / "verse014"
-    ct = nib.load(case / "sub-verse014_ct.nii.gz")
-    gt = np.asarray(nib.load(case / "sub-verse014_seg-vert_msk.nii.gz").dataobj)
+    _, ct, gt = verse014(real_data)
     ctd = body_centroids(gt, ct.affine)
     world = dict(zip(ctd.labels, ctd.to_world(ct.affine)))
     up = world[21] - world[23]

@@ -159,6 +159,31 @@ def test_slab_tiling_covers_the_patch():
     assert np.array_equal(centres, np.arange(width) + margin)
 
 
+def test_mirrored_pass_makes_the_prediction_mirror_equivariant():
+    """Averaging with the left-right mirrored pass: flipping the patch flips the probabilities."""
+    import torch
+
+    from verse_cli.nets.unet import build_model
+    from verse_cli.segment import mirror_symmetric, predict_patches
+
+    torch.manual_seed(0)
+    cfg = dict(DEFAULT_CONFIG, decoder_channels=[16, 16, 16, 16, 16], patch_shape=[42, 64, 64],
+               centre_index=[20.5, 40.0, 32.0])
+    net = build_model(cfg).eval()
+    patch = np.random.default_rng(0).normal(0, 400, (slab_layout(cfg)[2], 64, 64)).astype(np.float32)
+    flipped = np.ascontiguousarray(patch[::-1])
+
+    def pair(mirror):
+        return [predict_patches(net, [p], cfg, mirror=mirror)[0] for p in (patch, flipped)]
+
+    plain, plain_of_flipped = pair(False)
+    assert not np.allclose(plain_of_flipped, plain[::-1], atol=1e-4)  # an untrained net is not symmetric
+    both, both_of_flipped = pair(True)
+    assert both.shape == (42, 64, 64)
+    np.testing.assert_allclose(both_of_flipped, both[::-1], atol=1e-5)
+    assert not mirror_symmetric(dict(cfg, patch_shape=[40, 64, 64], centre_index=[19.5, 40.0, 32.0]))
+
+
 # --------------------------------------------------------------------------- CLI
 def toy_case(tmp_path):
     """A small CT with three box vertebrae; enough to exercise files and geometry."""

@@ -152,6 +152,8 @@ def segment(
     batch: Annotated[int, typer.Option(help="Patches per forward pass.")] = 4,
     recentre: Annotated[bool, typer.Option(help="Segment a vertebra again around the body its patch found when "
                                                 "that lies 3-15 mm from the given centroid.")] = True,
+    mirror: Annotated[bool, typer.Option(help="Also run each patch mirrored left-right and average the two "
+                                              "(about 15 % slower, about +0.3 Dice points).")] = True,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -160,7 +162,8 @@ def segment(
     _setup(quiet, verbose)
     from .segment import segment as segment_patches
 
-    segment_patches(ct, ctd, model=model, only=only, batch=batch, device=device, out_dir=output, recentre=recentre)
+    segment_patches(ct, ctd, model=model, only=only, batch=batch, device=device, out_dir=output, recentre=recentre,
+                     mirror=mirror)
 
 
 @app.command()

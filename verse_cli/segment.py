@@ -48,6 +48,17 @@ the bodies found lie 0.4-1.4 mm from the expert centroids for L2-L5 (given: 2.1-
 The patch index records both points (``centroid_world`` the given one, ``centre_world``
 the patch's centre). ``recentre=False`` turns this off.
 
+Mirrored second pass
+--------------------
+Every patch also goes through the net flipped left-right, and the two probabilities
+are averaged (``mirror=False`` turns this off). A vertebra is nearly symmetric, so the
+mirror image is a second plausible view whose errors are partly independent of the
+first; the slab tiling is symmetric about the centroid, so both passes see the same
+slabs. It costs one more forward pass per patch (the net is ~3 s of a 17-vertebra run).
+On the 50 held-out synthetic cases with ground-truth centroids it lifts the mean
+Dice over 483 vertebrae from 0.9178 to 0.9201, with gains at 25 of the 26 levels
+(C1 0.742 -> 0.740); verse014 stays at 0.828.
+
 Outputs in ``PATCH_DIR``: ``<name>_prob.nii.gz`` (uint8, probability x 255, 1 mm,
 affine in the CT's world space) per vertebra, and ``patches.json``, which lists
 each patch's label, file, centroid and bounding box on the CT grid and in world mm.
@@ -79,6 +90,7 @@ TANGENT_HALF_WINDOW = 1
 RECENTRE_MIN_MM = 3.0  # a given centroid this far from the body the net found is moved there, once ...
 RECENTRE_MAX_MM = 15.0  # ... unless farther than this (more than half a lumbar body height: another body)
 RECENTRE_ROUNDS = 2
+MIRROR = True  # left-right mirrored second pass, averaged (see predict_patches)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -280,23 +292,43 @@ def extract_extended(ct: np.ndarray, ct_affine: np.ndarray, centroid_world, cfg:
     return sample_patch(ct, ct_affine, shape, aff)
 
 
-def predict_patches(model, extended: list[np.ndarray], cfg: dict, device="cpu") -> list[np.ndarray]:
-    """Probabilities (float32, ``patch_shape``) for a list of extended HU patches, in one forward pass."""
+def mirror_symmetric(cfg: dict) -> bool:
+    """Whether the slab tiling of a patch is its own left-right mirror image (needed for ``mirror``)."""
+    offsets = slab_offsets(cfg)
+    width = int(cfg["patch_shape"][0])
+    return width % int(cfg["n_out"]) == 0 and np.allclose(offsets, -offsets[::-1])
+
+
+def predict_patches(model, extended: list[np.ndarray], cfg: dict, device="cpu",
+                    mirror: bool = False) -> list[np.ndarray]:
+    """Probabilities (float32, ``patch_shape``) for a list of extended HU patches, in one forward pass.
+
+    With ``mirror`` each patch is also run flipped left-right and the two probabilities
+    are averaged (test-time augmentation): a vertebra is close to symmetric, so the
+    mirror image is a plausible second view whose errors are partly independent.
+    """
     import torch
 
     from .nets.unet import network_input
 
     width = int(cfg["patch_shape"][0])
     offsets = slab_offsets(cfg)
-    x = np.concatenate([network_input(slabs_of(e, cfg), offsets, cfg) for e in extended])
+    mirror = mirror and mirror_symmetric(cfg)
+    views = [e[::-1] for e in extended] if mirror else []
+    x = np.concatenate([network_input(slabs_of(e, cfg), offsets, cfg) for e in [*extended, *views]])
     with torch.inference_mode():
         logits = model(torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last))
         prob = torch.sigmoid(logits.float()).cpu().numpy()
     n_slabs = len(offsets)
-    out = []
-    for i in range(len(extended)):
+    n_out = int(cfg["n_out"])
+
+    def patch_of(i: int) -> np.ndarray:
         block = prob[i * n_slabs:(i + 1) * n_slabs]  # (n_slabs, n_out, H, W)
-        out.append(block.reshape(-1, *block.shape[2:])[:width])
+        return block.reshape(n_slabs * n_out, *block.shape[2:])[:width]
+
+    out = [patch_of(i) for i in range(len(extended))]
+    if mirror:
+        out = [0.5 * (p + patch_of(len(extended) + i)[::-1]) for i, p in enumerate(out)]
     return out
 
 
@@ -335,7 +367,7 @@ def _resolve_model(model):
 
 def segment(ct_img, centroids, model=None, only=None, batch: int = 4, device: str = "auto",
             out_dir: str | os.PathLike | None = None, ct_name: str | None = None, frame: str = "spine",
-            recentre: bool = True) -> list[dict]:
+            recentre: bool = True, mirror: bool = MIRROR) -> list[dict]:
     """Segment every vertebra of ``centroids`` in its own 1 mm patch.
 
     Parameters
@@ -358,6 +390,8 @@ def segment(ct_img, centroids, model=None, only=None, batch: int = 4, device: st
     recentre : bool
         Segment a vertebra again around the body its first patch found, when that body
         lies 3-15 mm from the given centroid (see the module notes).
+    mirror : bool
+        Also run every patch mirrored left-right and average the two (see the module notes).
     out_dir : path, optional
         Where to write ``<name>_prob.nii.gz`` and ``patches.json``.
 
@@ -408,7 +442,7 @@ def segment(ct_img, centroids, model=None, only=None, batch: int = 4, device: st
     labels = L.sort_anatomical(labels)
     info(f"segmenting {len(labels)} vertebrae ({', '.join(L.name(x) for x in labels)})")
     centres = dict(world)
-    results = _segment_at(net, ct, aff, labels, centres, world, rotations, cfg, torch_device, batch)
+    results = _segment_at(net, ct, aff, labels, centres, world, rotations, cfg, torch_device, batch, mirror)
     todo = results
     for _ in range(RECENTRE_ROUNDS if recentre else 0):
         moved = recentred_centres(todo)
@@ -417,7 +451,8 @@ def segment(ct_img, centroids, model=None, only=None, batch: int = 4, device: st
         info(f"recentring {len(moved)} vertebrae on the body their patch found "
              f"({', '.join(L.name(x) for x in moved)})")
         centres.update(moved)
-        todo = _segment_at(net, ct, aff, list(moved), centres, world, rotations, cfg, torch_device, batch)
+        todo = _segment_at(net, ct, aff, list(moved), centres, world, rotations, cfg, torch_device, batch,
+                           mirror)
         again = {r["label"]: r for r in todo}
         results = [again.get(r["label"], r) for r in results]
     if out_dir is not None:
@@ -426,13 +461,13 @@ def segment(ct_img, centroids, model=None, only=None, batch: int = 4, device: st
     return results
 
 
-def _segment_at(net, ct, aff, labels, centres, given, rotations, cfg, device, batch) -> list[dict]:
+def _segment_at(net, ct, aff, labels, centres, given, rotations, cfg, device, batch, mirror) -> list[dict]:
     """One patch per label, centred at ``centres[label]`` (``given[label]`` is what the file said)."""
     results = []
     chunks = [labels[i:i + batch] for i in range(0, len(labels), batch)]
     for chunk in track(chunks, "segmenting", total=len(chunks)):
         ext = [extract_extended(ct, aff, centres[lab], cfg, rotations[lab]) for lab in chunk]
-        probs = predict_patches(net, ext, cfg, device)
+        probs = predict_patches(net, ext, cfg, device, mirror=mirror)
         for lab, prob in zip(chunk, probs):
             paff = patch_affine(aff, centres[lab], cfg, rotation=rotations[lab])
             box = bbox_on_grid(prob.shape, paff, ct.shape, aff)

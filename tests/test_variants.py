@@ -480,3 +480,59 @@ def test_synth_castellvi_grade_1_process_stays_clear_of_the_ala():
     gaps = case.meta["castellvi_gap_mm"]
     graded = [s for s in ("left", "right") if sides[s] == 1]
     assert graded and all(gaps[s] >= 2.5 for s in graded), (sides, gaps)
+
+
+def _hang_process(ct, mask, aff, lab, zc, drop_mm):
+    """A posterior process of label ``lab`` (centre height ``zc``) reaching ``drop_mm``
+    below the centre, behind the disc (as L4's inferior articular processes do)."""
+    sp = np.diag(aff)[:3]
+    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp
+    x, y, z = g[..., 0] - mask.shape[0] * sp[0] / 2, g[..., 1] - 70.0, g[..., 2]
+    proc = (np.abs(x) <= 4) & (y >= -30) & (y <= -20) & (z >= zc - drop_mm) & (z <= zc - 6)
+    ct[proc] = 450
+    mask[proc & (mask == 0)] = lab
+
+
+def test_unlabelled_vertebra_found_below_a_vertebra_whose_processes_hang_past_the_disc():
+    """The walk down to an unlabelled sacrum starts at the last body's endplate: starting
+    below the lowest voxel of the whole vertebra (a process hanging past the disc) steps
+    over the disc, and the unlabelled (transitional) body is then taken for the sacrum."""
+    ct, mask, aff = phantom(labels=(22, 23, 24), unlabel=(24, 26))  # L5 and the sacrum unlabelled
+    zlen = 30 * 4 + 20
+    _hang_process(ct, mask, aff, 23, zlen - 25 - 30, 22.0)
+    r = rate(ct, mask, aff)
+    found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
+    assert found["transitional_vertebra"], found["bodies_below_mm"]
+    assert r["castellvi"]["unlabelled_vertebra"] and r["castellvi"]["vertebra"] == "L5"
+    assert r["counts"]["lumbar"] == 3
+
+
+def test_short_bone_below_the_last_label_is_no_transitional_body():
+    """Bone lower than half a lumbar body between the last label and the sacrum, with a
+    disc above and below it, is no transitional vertebra: L5 stays the last lumbar one."""
+    ct, mask, aff = phantom(labels=(22, 23, 24, 25), unlabel=(25, 26))
+    sp = np.diag(aff)[:3]
+    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp
+    z = g[..., 2]
+    zc = 30 * 5 + 20 - 25 - 30 * 3  # the unlabelled level's centre
+    ct[(ct > 300) & (np.abs(z - zc) > 5) & (np.abs(z - zc) <= 12)] = 40.0  # a 10 mm plate of bone
+    r = rate(ct, mask, aff)
+    found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
+    assert not found["transitional_vertebra"], found["bodies_below_mm"]
+    assert r["castellvi"]["vertebra"] == "L5" and not r["castellvi"]["unlabelled_vertebra"]
+
+
+def test_noise_specks_around_the_walk_are_cleared_by_their_volume_in_mm3():
+    """Specks of bone noise (under 30 mm3, whatever the voxel size) near the walk below the
+    last label are cleared, so that they cannot fill a disc; bone of the spine stays."""
+    from verse_cli.variants import Grid, _drop_specks
+
+    sp = np.array([0.8, 0.8, 3.0])  # a 2 mm3 voxel: a 3-voxel speck is 5.8 mm3, a 20-voxel one 38 mm3
+    free = np.zeros((80, 80, 30), bool)
+    free[30:50, 30:50, 5:10] = True  # a body
+    free[5, 5, 20] = free[5, 6, 20] = free[6, 5, 20] = True  # a speck
+    free[60:65, 60:64, 20] = True  # 20 voxels: no speck
+    grid = Grid(mask=np.zeros(free.shape, np.uint8), ct=None, affine=np.diag([*sp, 1.0]), sp=sp, present=[])
+    _drop_specks(free, grid, np.array([32.0, 32.0, 80.0]), np.array([0.0, 0.0, -1.0]), 60.0)
+    assert free[30:50, 30:50, 5:10].all() and free[60:65, 60:64, 20].all()
+    assert not free[5:7, 5:7, 20].any()

@@ -60,6 +60,8 @@ RAS = ("R", "A", "S")
 STUMP_MM = 38.0
 TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
+MAX_DISC_MM = 20.0  # an intervertebral disc is at most this high (adult lumbar discs: 8-15 mm)
+MIN_BODY_MM = 15.0  # a vertebral body is at least this high (adult lumbar bodies: 25-30 mm)
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 mm radius)
@@ -844,11 +846,15 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     halo = ndimage.distance_transform_edt(grid.mask[lbox] != lumbar[-1], sampling=sp) <= HALO_MM
     free[lbox] &= ~halo
     down = -fr.superior
-    centre = fr.body.copy()
+    # start at the body's lower endplate: the posterior elements hang lower (the inferior
+    # articular and spinous processes reach the next vertebra), and starting from them
+    # would step over the disc below the body
     last_pts = grid.points(lumbar[-1]) * sp
-    centre = centre + down * float(((last_pts - fr.body) @ down).max())
+    centre = fr.body + down * _endplate_depth(last_pts - fr.body, down, fr.half_width)
+    walk_len = 120.0
+    _drop_specks(free, grid, centre, down, walk_len)
     profile, centres = [], []
-    for _ in range(int(120 / step_mm)):
+    for _ in range(int(walk_len / step_mm)):
         centre = centre + down * step_mm
         region, box = _tube(grid, centre, down, -step_mm / 2, step_mm / 2, 15.0)
         hit = free[box] & region
@@ -858,9 +864,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         centres.append(centre.copy())
         if n == 0:
             break
-        if frac > 0.2:
-            shift = (np.argwhere(hit) + np.array([sl.start for sl in box])).mean(axis=0) * sp - centre
-            centre = centre + 0.5 * (shift - (shift @ down) * down)
+        centre = _recentre(grid, free, centre, down)
     # cancellous bone is partly below the threshold, so a body fills only 10-60 % of
     # the disc while an intervertebral disc leaves it empty
     solid = np.array(profile) >= 0.08
@@ -877,7 +881,12 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
                 "profile": [round(f, 2) for f in profile]}
     if not runs:
         return None, evidence
-    lstv = len(runs) > 1 and (runs[0][1] - runs[0][0]) * step_mm <= 45.0 and (runs[1][0] - runs[0][1]) * step_mm <= 20
+    # a transitional vertebra starts one disc below the last label (a body first met
+    # farther down is bone beside the column the walk strayed into) and is followed by
+    # the sacrum one disc lower
+    lstv = (len(runs) > 1 and runs[0][0] * step_mm <= MAX_DISC_MM
+            and MIN_BODY_MM <= (runs[0][1] - runs[0][0]) * step_mm <= 45.0
+            and (runs[1][0] - runs[0][1]) * step_mm <= MAX_DISC_MM)
     evidence["transitional_vertebra"] = bool(lstv)
     if lstv:
         # the disc below the transitional body: halfway between the two runs, facing from
@@ -901,6 +910,50 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     pts = np.argwhere(np.isin(comps, ids)) + np.array([sl.start for sl in box])
     evidence["voxels"] = len(pts)
     return pts, evidence
+
+
+def _recentre(grid: Grid, free: np.ndarray, centre: np.ndarray, down: np.ndarray, radius: float = 15.0,
+              half_mm: float = 3.0, gain: float = 0.7) -> np.ndarray:
+    """The walk moved most of the way across the column towards the bone of a 6 mm slab
+    around it (a thicker slab than the profile's, so that a body's cortical ring, not a
+    single noisy plane, centres it), to follow the lordosis into the tilted sacrum."""
+    region, box = _tube(grid, centre, down, -half_mm, half_mm, radius)
+    hit = free[box] & region
+    n = int(region.sum())
+    if n == 0 or hit.sum() <= 0.1 * n:
+        return centre
+    shift = (np.argwhere(hit) + np.array([sl.start for sl in box])).mean(axis=0) * grid.sp - centre
+    return centre + gain * (shift - (shift @ down) * down)
+
+
+def _drop_specks(free: np.ndarray, grid: Grid, start: np.ndarray, down: np.ndarray, length: float,
+                 min_mm3: float = 30.0) -> None:
+    """Clear, in place, bone specks smaller than ``min_mm3`` around the walk below ``start``:
+    noise of a thin-slice or sharp-kernel CT above the bone threshold, which would fill the
+    empty slabs of a disc. Bone of the spine is never that small and alone."""
+    sp = grid.sp
+    ends = np.array([start, start + down * length])
+    lo = np.maximum(np.floor((ends.min(axis=0) - 45.0) / sp).astype(int), 0)
+    hi = np.minimum(np.ceil((ends.max(axis=0) + 45.0) / sp).astype(int) + 1, grid.mask.shape)
+    if np.any(hi <= lo):
+        return
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    comps, n = ndimage.label(free[box])
+    if n == 0:
+        return
+    sizes = np.bincount(comps.ravel(), minlength=n + 1) * float(np.prod(sp))
+    small = sizes < min_mm3
+    small[0] = False
+    free[box] &= ~small[comps]
+
+
+def _endplate_depth(rel_mm: np.ndarray, down: np.ndarray, half_width: float) -> float:
+    """How far below the body centre the body ends: the lowest label voxel near the
+    column's axis (within half the body's width), not the lowest of the whole vertebra."""
+    t = rel_mm @ down
+    radial = np.linalg.norm(rel_mm - np.outer(t, down), axis=1)
+    core = t[radial <= 0.5 * half_width]
+    return float(core.max()) if len(core) else float(t.max())
 
 
 def _extrapolate(cs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

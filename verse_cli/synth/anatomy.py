@@ -183,6 +183,13 @@ class BoneHU:
     vein_r: float = 3.0
     vein_len: float = 0.35
     centre_drop: float = 0.0  # the body centre is less dense than its periphery
+    # compact bone beyond the body (see ``bone_hu``): extra shell (mm) and cancellous HU of the
+    # vertebral arch, the ribs' shell and cancellous HU, the ilium's extra cancellous HU
+    arch_cortex_mm: float = 0.0
+    arch_trab: float = 0.0
+    rib_cortex_mm: float = 1.0
+    rib_trab: float = 40.0
+    ilium_trab: float = 0.0
 
     def fit_to_grid(self, spacing_mm, psf_mm: float = 0.0) -> None:
         """Blur the bone fraction by the voxel size and PSF, then scale it to HU."""
@@ -217,16 +224,19 @@ class BoneHU:
             tr = tr + F32(kr.normal(0, self.level_sd) if key else 0.0)
             tr = F32(max(float(tr), 5.0))
 
-        def mat(p, d):
-            depth = -d - t
+        def mat(p, d, t_add=None, tr_add=None):
+            """``t_add``/``tr_add`` (per point, optional): a thicker shell and denser cancellous
+            bone where a bone is more compact (posterior arch of a vertebra)."""
+            depth = -d - t if t_add is None else -d - t - t_add
+            trp = tr if tr_add is None else tr + tr_add
             inner = np.clip(depth / F32(0.7) + F32(0.5), 0, 1)  # 0 in the shell, 1 in the core
             # thin parts (processes, laminae) are mostly compact bone: brighter just under the shell
-            dense = np.clip(F32(1) - depth / F32(2.5), 0, 1) * F32(0.3) * (co - tr)
+            dense = np.clip(F32(1) - depth / F32(2.5), 0, 1) * F32(0.3) * (co - trp)
             ijk = np.floor(p @ R + shift).astype(np.int32) & 63
             tex = tile[(ijk[:, 0] << 12) | (ijk[:, 1] << 6) | ijk[:, 2]]
             if het is not None:  # marrow heterogeneity fades in below the compact layer
                 tex += het[(ijk[:, 3] << 12) | (ijk[:, 4] << 6) | ijk[:, 5]] * np.clip(depth / F32(2.0), 0, 1)
-            return co + (tr + dense + tex - co) * inner
+            return co + (trp + dense + tex - co) * inner
 
         return mat
 
@@ -301,7 +311,10 @@ def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
     HU ~200-250 in young adults, ~100-150 in the elderly, < 100 in osteoporosis
     (Pickhardt et al., Ann Intern Med 2013); the real fixtures: verse014 p50 ~120 HU,
     the TPTBox crop ~50 HU."""
-    trab = float(max(rng.uniform(75, 310) - 135 * age_factor ** 1.5, 30.0))
+    # floor 50 HU: L1 attenuation below ~50 HU is rare even in osteoporosis (Pickhardt 2013:
+    # mean ~100 HU at the DXA osteoporosis threshold); lower floors made whole skeletons
+    # look like hollow outlines
+    trab = float(max(rng.uniform(75, 310) - 135 * age_factor ** 1.5, 50.0))
     bvtv = float(np.clip(0.06 + trab / 1500 + rng.normal(0, 0.02), 0.06, 0.35))
     rodness = float(np.clip(age_factor + rng.normal(0, 0.2), 0, 1))
     frac = _trabecular_fraction(rng, bvtv, rodness)
@@ -324,8 +337,30 @@ def bone_hu(rng: np.random.Generator, age_factor: float) -> BoneHU:
     b.vein_r = float(sr.uniform(1.5, 4.0))
     b.vein_len = float(sr.uniform(0.2, 0.5))
     b.centre_drop = float(sr.uniform(0, 70) * np.clip(trab / 150, 0.25, 1.0))  # relative to the density
+    _compact_bone(sr, b)
     b.fit_to_grid([0.8, 0.8, 0.8], 0.4)
     return b
+
+
+def _compact_bone(sr: np.random.Generator, b: BoneHU) -> None:
+    """Per-case density of the bones that are mostly compact: the vertebral arch, the ribs, the ilium.
+
+    * Arch: pedicles, laminae and processes are mostly compact bone (the pedicle's medial wall
+      is the thickest; Kothe R et al., Spine 1996;21:264-270) around dense cancellous bone.
+      Real verse014 (1 x 1 x 2 mm), HU by depth below the mask surface: arch 700 HU at
+      1-3 mm and ~300 HU at 4-6 mm, against 430 / 140 HU for the bodies; before this the
+      synthetic arch fell to the body's core value within 2 mm and looked hollow.
+    * Ribs: mid-rib cortex 0.9-2.6 mm on the pleural aspect (mean maximum 1.4 mm), thinner
+      on the cutaneous aspect (Holcombe SA et al., J Anat 2019;235:883-891); with a 1 mm
+      shell and the body's cancellous HU a 9 mm rib read near costal-cartilage HU.
+    * Ilium: cancellous bone somewhat denser than the lumbar bodies'.
+    Drawn from the side stream, so the anatomy and its ground truth do not change.
+    """
+    b.arch_cortex_mm = float(sr.uniform(0.6, 1.3))
+    b.arch_trab = float(sr.uniform(0.5, 1.0) * b.trabecular + sr.uniform(40, 110))
+    b.rib_cortex_mm = float(sr.uniform(0.9, 1.6))
+    b.rib_trab = float(sr.uniform(0.2, 0.5) * b.trabecular + sr.uniform(30, 90))
+    b.ilium_trab = float(sr.uniform(0.1, 0.4) * b.trabecular + sr.uniform(10, 60))
 
 
 # --------------------------------------------------------------------------- vertebrae
@@ -505,6 +540,21 @@ def world_box(lv: Level, lo, hi, margin=0.0) -> tuple[np.ndarray, np.ndarray]:
     return w.min(0) - margin, w.max(0) + margin
 
 
+def _arch_weight(lv: Level):
+    """Weight (0..1) of the compact-bone model at local points: 0 in the body, 1 in the
+    posterior arch (pedicles, laminae, processes), with a 4 mm ramp centred 1 mm behind the
+    body's posterior wall (so the pedicles are compact from their base). C1 has no body: its
+    ring is all arch."""
+    if lv.name == "C1":
+        return lambda q: np.ones(len(q), F32)
+    wall = F32(-0.88 * lv.dims["D"] / 2)
+
+    def weight(q):
+        return np.clip((wall + F32(1.0) - q[:, 1]) / F32(4.0), 0, 1)
+
+    return weight
+
+
 def vertebra_shape(lv: Level, bone: BoneHU, rng: np.random.Generator, deform_mm: float) -> Shape:
     sdf, _ = vertebra_sdf_factory(lv, rng, deform_mm)
     lo, hi = world_box(lv, *local_box(lv), margin=4.0)
@@ -514,40 +564,45 @@ def vertebra_shape(lv: Level, bone: BoneHU, rng: np.random.Generator, deform_mm:
     if not (scl or (amp > 0 and lv.region != "C")):
         amp = 0.0
     vein = bone.vein_hu is not None and lv.name not in ("C1", "C2")
-    if amp > 0 or vein or bone.centre_drop > 0:
-        base = mat
-        g = lv.dims
-        Hh = F32(g["H"] / 2)
-        back = F32(-g["D"] / 2)
-        amp, width = F32(amp), F32(width)
-        inv_ax = (F32(2 / g["W"]), F32(2 / g["D"]), F32(1 / Hh))
-        drop = F32(bone.centre_drop * min(1.0, g["D"] / 30.0))
-        y0 = -0.88 * g["D"] / 2 - 1.0
-        va, vb = (0.0, y0, 0.0), (0.0, y0 + bone.vein_len * g["D"], 0.0)
-        vr = F32(min(bone.vein_r, g["H"] / 6))
-        vhu = F32(bone.vein_hu if vein else 0.0)
+    base = mat
+    g = lv.dims
+    Hh = F32(g["H"] / 2)
+    back = F32(-g["D"] / 2)
+    amp, width = F32(amp), F32(width)
+    inv_ax = (F32(2 / g["W"]), F32(2 / g["D"]), F32(1 / Hh))
+    drop = F32(bone.centre_drop * min(1.0, g["D"] / 30.0))
+    y0 = -0.88 * g["D"] / 2 - 1.0
+    va, vb = (0.0, y0, 0.0), (0.0, y0 + bone.vein_len * g["D"], 0.0)
+    vr = F32(min(bone.vein_r, g["H"] / 6))
+    vhu = F32(bone.vein_hu if vein else 0.0)
+    arch_w = _arch_weight(lv)
+    arch_t, arch_tr = F32(bone.arch_cortex_mm), F32(bone.arch_trab)
 
-        def mat(p, d, base=base, amp=amp, width=width):
-            out = base(p, d)
-            # only the body's inside needs the rest (the box also holds the arch and soft tissue)
-            sel = np.flatnonzero(d < 0)
-            q = lv.local(p[sel])
-            az = np.abs(q[:, 2])
-            sel_body = (q[:, 1] > back - F32(3)) & (az < Hh + F32(3))
-            sel, q, az = sel[sel_body], q[sel_body], az[sel_body]
-            o = out[sel]
-            if amp > 0:
-                band = np.clip(1 - (Hh - az) / width, 0, 1) * (q[:, 1] > back)
-                o += band * amp
-            if drop > 0:  # the centre of the body is less dense than its rim
-                r2 = (q[:, 0] * inv_ax[0]) ** 2 + (q[:, 1] * inv_ax[1]) ** 2 + (q[:, 2] * inv_ax[2]) ** 2
-                o -= drop * np.clip(1 - r2, 0, 1)
-            if vein:  # the basivertebral vein runs from the posterior foramen toward the centre
-                dv = capsule(q, va, vb, 0.0, scale=(1.0, 1.0, 1.4))
-                w = np.clip(F32(1.3) - dv / vr, 0, 1) * (o < F32(400))
-                o += w * (vhu - o)
-            out[sel] = o
+    def mat(p, d, base=base, amp=amp, width=width):
+        q_all = lv.local(p)
+        w = arch_w(q_all)  # 0 in the body, 1 in the posterior arch
+        out = base(p, d, t_add=w * arch_t, tr_add=w * arch_tr)
+        # only the body's inside needs the rest (the box also holds the arch and soft tissue)
+        if not (amp > 0 or vein or drop > 0):
             return out
+        sel = np.flatnonzero(d < 0)
+        q = q_all[sel]
+        az = np.abs(q[:, 2])
+        sel_body = (q[:, 1] > back - F32(3)) & (az < Hh + F32(3))
+        sel, q, az = sel[sel_body], q[sel_body], az[sel_body]
+        o = out[sel]
+        if amp > 0:
+            band = np.clip(1 - (Hh - az) / width, 0, 1) * (q[:, 1] > back)
+            o += band * amp
+        if drop > 0:  # the centre of the body is less dense than its rim
+            r2 = (q[:, 0] * inv_ax[0]) ** 2 + (q[:, 1] * inv_ax[1]) ** 2 + (q[:, 2] * inv_ax[2]) ** 2
+            o -= drop * np.clip(1 - r2, 0, 1)
+        if vein:  # the basivertebral vein runs from the posterior foramen toward the centre
+            dv = capsule(q, va, vb, 0.0, scale=(1.0, 1.0, 1.4))
+            wv = np.clip(F32(1.3) - dv / vr, 0, 1) * (o < F32(400))
+            o += wv * (vhu - o)
+        out[sel] = o
+        return out
     return Shape(sdf=sdf, lo=lo, hi=hi, material=mat, core_depth=None,
                  label=lv.vid if lv.labelled else 0, channel="vert" if lv.labelled else "")
 
@@ -707,9 +762,13 @@ def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict) -> Shape:
 
     def side(q, s):
         m = q * np.array([s, 1, 1], F32)
-        # ilium: shell of a big ellipsoid, clipped to the wing
+        # ilium: shell of a big ellipsoid, clipped to the wing; its thickness varies as in
+        # real hip bones: < 5 mm between the cortices in the middle of the wing (Wang M et al.,
+        # iliac wing osseous fixation pathways, 200 CT hemipelves, 2020), thicker in a band
+        # below the crest and thickest posteriorly toward the PSIS (Hwang K et al.,
+        # J Craniofac Surg 1997;8:274-278: iliac thickness map of 58 hip bones)
         c = np.array([30.0, 22.0, hz + 45.0])
-        shell = np.abs(ellipsoid(m, c, (95.0, 70.0, 85.0))) - 3.5
+        shell = np.abs(ellipsoid(m, c, (95.0, 70.0, 85.0))) - _ilium_half_thickness(m, p["crest"])
         clip = np.maximum.reduce([W / 2 + 4 - m[:, 0], m[:, 2] - (p["crest"]), (hz + 10) - m[:, 2],
                                   -40.0 - m[:, 1], m[:, 1] - (hy + 25)])
         wing = smax(shell, clip, 3.0)
@@ -735,7 +794,18 @@ def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict) -> Shape:
         return side(_mirror(lv.local(pw)), 1.0)
 
     lo, hi = world_box(lv, np.array([-(hx + 80), -70, hz - 230]), np.array([hx + 80, hy + 70, p["crest"] + 10]), 4)
-    return Shape(sdf=sdf, lo=lo, hi=hi, material=bone.material(cortex_mm=1.8), core_depth=None)
+    return Shape(sdf=sdf, lo=lo, hi=hi, material=bone.material(cortex_mm=1.8, trab=bone.trabecular + bone.ilium_trab),
+                 core_depth=None)
+
+
+def _ilium_half_thickness(m: np.ndarray, crest: float) -> np.ndarray:
+    """Half thickness (mm) of the iliac wing at points ``m`` (sacral frame, mirrored to +x):
+    2.4 mm in the thin middle of the wing, +4.5 mm over the 18 mm below the crest (crest
+    ~14 mm thick), +8 mm toward the posterior ilium (~20 mm near the PSIS). The slopes stay
+    below 0.3, so the SDF keeps a Lipschitz constant within the renderer's margin."""
+    crest_band = np.clip(F32(1) - (F32(crest) - m[:, 2]) / F32(18.0), 0, 1)
+    posterior = np.clip((F32(-5.0) - m[:, 1]) / F32(30.0), 0, 1)
+    return F32(2.4) + F32(4.5) * crest_band + F32(8.0) * posterior
 
 
 # --------------------------------------------------------------------------- ribs
@@ -829,7 +899,8 @@ def rib_shape(rib: Rib, bone: BoneHU) -> Shape:
     r[0] = rib.radius * 1.25  # rib head
     taper = np.linspace(1.0, 0.85, len(r))
     return tube_through(rib.points, r * taper, 0.0, channel="rib", label=rib.vid,
-                        material=bone.material(cortex_mm=1.0, trab=bone.trabecular + 40), flat_end=True)
+                        material=bone.material(cortex_mm=bone.rib_cortex_mm, trab=bone.trabecular + bone.rib_trab),
+                        flat_end=True)
 
 
 def cartilage_shape(rib: Rib, hu: float) -> Shape | None:

@@ -536,3 +536,25 @@ def test_noise_specks_around_the_walk_are_cleared_by_their_volume_in_mm3():
     _drop_specks(free, grid, np.array([32.0, 32.0, 80.0]), np.array([0.0, 0.0, -1.0]), 60.0)
     assert free[30:50, 30:50, 5:10].all() and free[60:65, 60:64, 20].all()
     assert not free[5:7, 5:7, 20].any()
+
+
+def test_unlabelled_sacrum_is_redrawn_at_the_disc_below_a_transitional_vertebra():
+    """Below an unlabelled transitional vertebra the sacrum is the bone beyond the disc's
+    plane joined to the sacrum found (not the walk's square cut); bone on the vertebra's
+    side, or beyond the plane but not joined to the sacrum (a process), is not sacrum."""
+    from verse_cli.variants import _box_coords, _split_at_disc
+
+    shape = (40, 40, 40)
+    coords = _box_coords(shape, np.array([1.0, 1.0, 2.0]), np.zeros(3))  # z: 2 mm voxels
+    b = np.zeros(shape, bool)
+    m = np.zeros(shape, np.uint8)
+    b[10:30, 10:30, 0:18] = True  # the sacrum up to z = 34 mm
+    m[10:30, 10:30, 0:12] = 26  # found only up to a square cut at z = 22 mm
+    b[0:4, 0:4, 25:28] = True
+    m[0:4, 0:4, 25:28] = 26  # on the vertebra's side of the disc
+    b[35:39, 35:39, 14:16] = True  # a process beyond the plane, clear of the sacrum
+    disc = {"disc_point_mm": [20.0, 20.0, 40.0], "disc_normal": [0.0, 0.0, -1.0]}
+    out = _split_at_disc(m, b, coords, disc)
+    assert (out[10:30, 10:30, 0:18] == 26).all()
+    assert not (out[0:4, 0:4, 25:28] == 26).any() and not (out[35:39, 35:39, 14:16] == 26).any()
+    assert (m[10:30, 10:30, 12:18] == 0).all()  # the input is left as it was

@@ -763,6 +763,9 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     t = rel @ fr.superior
     lat = rel @ fr.right
     ap = rel @ fr.anterior
+    disc = evidence.get("unlabelled_sacrum", {})
+    if disc.get("transitional_vertebra") and "disc_point_mm" in disc:
+        m = _split_at_disc(m, b, coords, disc)
     # unlabelled bone between the last lumbar label and the sacrum: a fused vertebra?
     in_last = m == last
     in_sac = m == 26
@@ -819,6 +822,25 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     result = {"vertebra": name, "left": grades["left"], "right": grades["right"], "grade": combined,
               "unlabelled_vertebra": bool(fused_vertebra)}
     return result, evidence
+
+
+def _split_at_disc(m: np.ndarray, b: np.ndarray, coords: np.ndarray, disc: dict) -> np.ndarray:
+    """The unlabelled sacrum (26 in ``m``) re-drawn at the disc below an unlabelled
+    transitional vertebra: the bone beyond the disc's plane joined to the sacrum found.
+
+    The sacrum found by the walk was cut square to the lumbar axis, which leaves the
+    top of a tilted sacrum's alae to the vertebra above it and gives a process clear of
+    the ala a fusion. Bone beyond the plane that is not joined to the sacrum (a process
+    of the vertebra reaching past the disc's level) stays the vertebra's."""
+    p0, n = np.asarray(disc["disc_point_mm"]), _unit(np.asarray(disc["disc_normal"], dtype=float))
+    beyond = (coords - p0.astype(np.float32)) @ n.astype(np.float32) > 0
+    out = m.copy()
+    sacrum = out == 26
+    out[sacrum] = 0
+    comps, _ = ndimage.label(b & (out == 0) & beyond)
+    ids = np.unique(comps[sacrum & beyond])
+    out[np.isin(comps, ids[ids > 0])] = 26
+    return out
 
 
 def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: list[int], step_mm: float = 2.0):

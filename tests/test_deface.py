@@ -107,6 +107,26 @@ def test_auto_follows_the_affine_not_the_voxel_order(head, tmp_path, verse):
     assert not removed[vert_pir > 0].any()
 
 
+@pytest.mark.parametrize("codes", [("R", "A", "S"), ("P", "I", "R")])
+def test_auto_on_a_head_cut_at_the_skull_base(codes):
+    """A scan ending 8 mm above C1 (no vault to fit) whose field of view cuts off the nose and lips, so no
+    chin protrudes: the skull base on the neck is the head, and what is left of the face goes."""
+    from verse_cli.deface import auto_face_mask
+
+    ct, affine, face, vert = head_phantom()
+    zs = affine[2, 3] + np.arange(ct.shape[2]) * affine[2, 2]
+    ys = affine[1, 3] + np.arange(ct.shape[1]) * affine[1, 1]
+    # (the low ends stay, so the affine does too) C1's top is at z = 189 mm
+    ct, face, vert = (a[:, ys < 90][:, :, zs < 197] for a in (ct, face, vert))
+    ct, moved = reorient(ct, affine, codes)
+    face, _ = reorient(face.astype(np.uint8), affine, codes)
+    vert, _ = reorient(vert, affine, codes)
+    removed, report = auto_face_mask(ct.astype(np.float32), moved, margin_mm=5.0)
+    assert report.face_found and report.details["head_cut_at_skull_base"], report.reason
+    assert face.sum() > 1000 and removed[face > 0].mean() >= 0.95
+    assert not removed[vert > 0].any()
+
+
 def test_auto_without_a_face_changes_nothing(tmp_path, verse):
     ct, affine, _, _ = head_phantom(with_head=False)
     save_ct(ct, affine, tmp_path / "neck.nii.gz")
@@ -199,7 +219,8 @@ def test_empty_mask_fails_cleanly(tmp_path, verse):
 # 12: flexed neck (C1's arch well in front of the spine's front); 14: C1 thin below the skull base;
 # 36: the skull fills the upper track; 39: head on a thick table; 1, 17: the skull base's plate in
 # front of C1 touches the track (it must get no protective shell reaching into the face)
-@pytest.mark.parametrize("seed", [1, 2, 8, 12, 14, 17, 36, 39])
+# 53: the scan ends at the skull base (no vault to fit) and the face's front is cut by the field of view
+@pytest.mark.parametrize("seed", [1, 2, 8, 12, 14, 17, 36, 39, 53])
 def test_auto_on_synthetic_heads(seed):
     """``verse synth`` heads (face mask recorded): >= 95% of the face becomes air, no vertebra voxel changes."""
     from verse_cli.deface import auto_face_mask
@@ -239,9 +260,24 @@ def test_auto_on_a_slim_synthetic_lumbar_scan_changes_nothing():
 
 
 @pytest.mark.slow
+def test_auto_on_a_synthetic_lumbar_scan_with_a_skull_base_like_jump_changes_nothing():
+    """A jump in midline bone (the pelvis) looks like a skull base, with no vault fitted: the scan goes on far
+    above it and the body in front of the spine is an abdomen's depth, so it is no head cut at its skull base."""
+    from verse_cli.deface import auto_face_mask
+    from verse_cli.synth import generate_case
+
+    case = generate_case(11, region="lumbar", scale=0.4)
+    removed, report = auto_face_mask(case.ct.astype(np.float32), case.affine, margin_mm=5.0)
+    assert not report.face_found and not removed.any()
+    assert report.details.get("head_cut_at_skull_base") is False
+
+
+@pytest.mark.slow
 # Thin-slice and sharp-kernel grids: per-voxel noise once speckled the brain with "bone", so the
-# skull's core looked bony (85) or the speckle touching the column dragged the spine's front (97)
-@pytest.mark.parametrize(("seed", "spacing", "codes"), [(85, (1.2, 1.2, 3.0), "LPS"), (97, (2.0, 2.0, 1.0), "PIR")])
+# skull's core looked bony (85) or the speckle touching the column dragged the spine's front (97);
+# the scan ends at the skull base, so no vault to fit, and the face is cut by the field of view (96)
+@pytest.mark.parametrize(("seed", "spacing", "codes"), [(85, (1.2, 1.2, 3.0), "LPS"), (97, (2.0, 2.0, 1.0), "PIR"),
+                                                        (96, (2.0, 2.0, 1.0), "PIR")])
 def test_auto_on_synthetic_heads_on_other_grids(seed, spacing, codes):
     from verse_cli.deface import auto_face_mask
     from verse_cli.synth import generate_case
@@ -275,3 +311,4 @@ def test_averaged_coarse_grid_drops_noise_but_keeps_a_skull():
     assert (plain[brain] > BONE_HU).mean() > 0.05
     assert (mean[brain] > BONE_HU).mean() < 0.005
     assert (mean[skull] > BONE_HU).mean() > 0.95
+

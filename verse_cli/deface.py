@@ -27,12 +27,15 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
 3. **The head's axis** runs from the top of C1 to the centre of a sphere fitted to the
    skull vault (least squares, so a vault cut by the field of view still works). A skull
    holds a brain: a "skull" whose core holds bone (a pelvis or rib cage of a slim
-   patient, narrow enough to pass for a head) means no head and no face.
+   patient, narrow enough to pass for a head) means no head and no face. A scan that ends
+   within 40 mm above C1 shows no vault: there a skull base on a neck (no deeper than
+   70 mm in front of the spine, unlike an abdomen) is the head on its own.
 4. **The chin** is where the body reaches at least 25 mm further in front of the spine
    than at the shallowest neck level (slices whose front is cut by the edge of the
    scanned volume, as at the top of an oblique or short scan, are never the neck); with
    a skull found, also everything above a plane across the head's axis 55 mm below the
-   top of C1 (tilted heads carry their chin with them). Neither: no face.
+   top of C1 (tilted heads carry their chin with them), or 55 mm straight below it for a
+   head cut at its skull base. None of these: no face.
 5. **The cut** is ``y_front + 9 mm`` below the top of the spine track (C1) and, from
    15 mm above it (skull only), a line 10 mm behind C1's front; above C1 it runs
    parallel to the head's axis when a skull was fitted (vertical otherwise): the face's
@@ -418,6 +421,22 @@ def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray
     return float(np.clip(slope, -HEAD_MAX_SLOPE, HEAD_MAX_SLOPE)), False
 
 
+VAULT_OUT_OF_VIEW_MM = 40.0  # a scan ending this close above C1 cannot show the skull vault (it rises ~100 mm higher)
+NECK_MAX_DEPTH_MM = 70.0  # skin to the cervical spine's front at the larynx: 30-60 mm (an abdomen: over 80 mm)
+
+
+def head_cut_at_skull_base(zs: np.ndarray, top: int, inside: np.ndarray | None, z_c1: float,
+                           neck_depth: float) -> bool:
+    """Whether a skull base without a fitted vault is a head cut by the top of the field of view.
+
+    The scanned volume (not just the body: a body that ends in air this low is no head) must end
+    within ``VAULT_OUT_OF_VIEW_MM`` above the top of C1, and the shallowest level in front of the
+    spine must be as shallow as a neck (under ``NECK_MAX_DEPTH_MM``), not an abdomen.
+    """
+    scan_top = zs[top] if inside is None else zs[int(np.flatnonzero(inside.any(axis=(0, 1)))[-1])]
+    return bool(max(zs[top], scan_top) - z_c1 <= VAULT_OUT_OF_VIEW_MM and neck_depth < NECK_MAX_DEPTH_MM)
+
+
 def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.0,
               inside: np.ndarray | None = None,
               averaged: np.ndarray | None = None) -> tuple[np.ndarray | None, FaceReport]:
@@ -536,7 +555,11 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
         details["skull_core_bony"] = True
         return None, FaceReport(False, "the bone shell above the spine encloses bone, not a brain: no head, no face",
                                 details)
-    if not runs and axis is None:
+    # A scan that ends at the skull base shows no vault to fit a sphere to: the skull base on a
+    # neck is the head, and the face hangs below and in front of it whether or not its chin shows.
+    cut_at_base = skull_base and axis is None and head_cut_at_skull_base(zs, top, inside, spine_top, neck)
+    details["head_cut_at_skull_base"] = cut_at_base
+    if not runs and axis is None and not cut_at_base:
         return None, FaceReport(False, "nothing protrudes in front of the spine like a face: no face", details)
     z_c1 = spine_top
     y_c1 = float(np.interp(z_c1, zs, y_front))

@@ -771,7 +771,7 @@ def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict) -> Shape:
         shell = np.abs(ellipsoid(m, c, (95.0, 70.0, 85.0))) - _ilium_half_thickness(m, p["crest"])
         clip = np.maximum.reduce([W / 2 + 4 - m[:, 0], m[:, 2] - (p["crest"]), (hz + 10) - m[:, 2],
                                   -40.0 - m[:, 1], m[:, 1] - (hy + 25)])
-        wing = smax(shell, clip, 3.0)
+        wing = smax(shell, clip, 6.0)  # a fillet about the crest's half thickness: a rounded rim, not a cut
         si = capsule(m, (W / 2 + 6, -12, -14), (W / 2 + 22, -4, -40), 9.0)
         body = capsule(m, (W / 2 + 20, -6, -40), (hx - 8, hy - 8, hz + 18), 12.0)
         acet = smax(np.abs(np.sqrt(((m - (hx, hy, hz)) ** 2).sum(1)) - (rh + 5)) - 3.5,

@@ -558,3 +558,26 @@ def test_unlabelled_sacrum_is_redrawn_at_the_disc_below_a_transitional_vertebra(
     assert (out[10:30, 10:30, 0:18] == 26).all()
     assert not (out[0:4, 0:4, 25:28] == 26).any() and not (out[35:39, 35:39, 14:16] == 26).any()
     assert (m[10:30, 10:30, 12:18] == 0).all()  # the input is left as it was
+
+
+def test_cervical_rib_touching_the_shoulder_girdle_ends_where_it_meets_it():
+    """A cervical rib whose tip touches a plate of bone (the scapula or clavicle) made one
+    component with it, measured through the plate or given up (synth cases 90014, 90050:
+    'C7 ribs' of 277-454 mm). The rib, followed from C7 through bone, ends where the
+    front widens into the plate."""
+    labels, width = (6, 7, 8, 9), 260
+    ct, mask, aff = phantom(labels=labels, ribs={7: (30, None), 8: (90, 90), 9: (120, 120)}, sacrum=False,
+                            width_mm=width)
+    sp = np.asarray(SPACING)
+    zlen = 30 * len(labels) + 20
+    cx, cy = width / 2, 70.0
+    z7 = zlen - 25 - 30 * 1
+    d = np.array([-0.8, 0.55, -0.25])
+    tip = np.array([cx - 17.0, cy + 4.0, z7 + 3.0]) + d / np.linalg.norm(d) * 30.0
+    g = np.indices(ct.shape).transpose(1, 2, 3, 0) * sp
+    plate = ((g[..., 0] >= cx - 95) & (g[..., 0] <= tip[0] + 2) & (g[..., 1] >= tip[1] + 1) & (g[..., 1] <= tip[1] + 6)
+             & (g[..., 2] >= z7 - 18) & (g[..., 2] <= z7 + 20))
+    ct[plate] = 600
+    r = rate(ct, mask, aff)
+    assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
+    assert r["ribs"]["C7"]["left_status"] == "present" and abs(r["ribs"]["C7"]["left_mm"] - 30) <= 8, r["ribs"]["C7"]

@@ -294,6 +294,11 @@ def segment_ribs(
             lab, code = divmod(int(key), 4)
             if lab == UNLABELLED or code not in (1, 2) or part.sum() < min_voxels:
                 continue
+            if L.region(lab) == "C":
+                # a cervical rib ends where it meets other bone (the first rib, to which a
+                # complete one is joined, or the clavicle and scapula around it)
+                part = _trim_at_widening(part, _contacts_in(part, base, box, comp_id, shell_lab, shell_idx,
+                                                            shell_comp, side_code, int(key)), sp)
             flat = np.ravel_multi_index(tuple((np.argwhere(part) + base).T), labels.shape)
             ribs.setdefault((lab, SIDES[code - 1]), []).append(flat)
     for pieces in ribs.values():
@@ -362,6 +367,59 @@ def _owners(keys: np.ndarray, at_body: np.ndarray, points_mm: np.ndarray | None 
         if other is None or L.rank(lab) < L.rank(other // 4):
             best[code] = int(key)
     return np.array(sorted(best.values()))
+
+
+def _contacts_in(part, base, box, comp_id, shell_lab, shell_idx, shell_comp, side_code, key) -> np.ndarray:
+    """Voxel indices (local to ``part``) of one (vertebra, side) key's contacts in a component."""
+    box_off = np.array([s.start for s in box])
+    sel = (shell_comp == comp_id) & (shell_lab.astype(np.int64) * 4 + side_code == key)
+    pts = shell_idx[sel] + box_off - base
+    inside = np.all((pts >= 0) & (pts < np.asarray(part.shape)), axis=1)
+    pts = pts[inside]
+    return pts[part[tuple(pts.T)]] if len(pts) else pts
+
+
+def _trim_at_widening(part: np.ndarray, seeds: np.ndarray, sp: np.ndarray, bin_mm: float = 2.0,
+                      start_mm: float = 15.0, factor: float = 2.5, rise: float = 1.5) -> np.ndarray:
+    """Cut a rib where the bone, followed from its joint, suddenly widens into another bone.
+
+    A rib is a tube of nearly constant section. The bone reached at geodesic distance
+    d (mm, through bone) from the costovertebral contacts ``seeds`` has, along a rib,
+    the rib's cross-section: the voxel count of each ``bin_mm`` shell of d. Where the
+    rib meets a plate or another bone (scapula, clavicle, the first rib) the front
+    spreads into it and the shell grows. The bone beyond the first of two consecutive
+    shells wider than ``factor`` times the median shell near the joint (d of about
+    4-24 mm), from ``start_mm`` on, is cut off, from where the growth began (the last
+    shell within ``rise`` times that median). Used for cervical ribs, which end where
+    they meet other bone; a long rib may only touch another bone along its course and
+    go on beyond it.
+    """
+    from skimage.graph import MCP_Geometric
+
+    if len(seeds) == 0 or part.sum() < 50:
+        return part
+    cost = np.where(part, 1.0, np.inf)
+    dist, _ = MCP_Geometric(cost, sampling=tuple(float(v) for v in sp)).find_costs([tuple(p) for p in seeds])
+    d = dist[part]
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return part
+    nb = int(np.ceil(d.max() / bin_mm)) + 1
+    area = np.bincount((d // bin_mm).astype(int), minlength=nb).astype(float)
+    first = int(start_mm // bin_mm)
+    if nb <= first + 2:
+        return part
+    base = float(np.median(area[first // 3:first + 5]))
+    wide = area > factor * max(base, 1.0)
+    wide[:first] = False
+    hits = np.flatnonzero(wide[:-1] & wide[1:])
+    if len(hits) == 0:
+        return part
+    # the front enters the other bone where its growth starts, a shell or two before it
+    # is that wide: back up to the last shell still near the rib's own section
+    narrow = np.flatnonzero(area[:hits[0]] <= rise * base)
+    cut = int(narrow[-1]) + 1 if len(narrow) else hits[0]
+    return part & (dist < cut * bin_mm)
 
 
 def _split_geodesic(local, base, box, comp_id, side_code, shell_lab, shell_idx, shell_comp, keys) -> dict[int, np.ndarray]:

@@ -48,6 +48,9 @@ def regrid(ct: np.ndarray, affine: np.ndarray, codes, zoom) -> tuple[np.ndarray,
     if zoom is None:
         return data, aff
     zoom = np.asarray(zoom, float)
+    # a scanner's larger voxel averages what it covers: smooth before sampling where voxels grow
+    sigma = np.maximum(1.0 / zoom - 1.0, 0.0) / 2.0
+    data = ndimage.gaussian_filter(data.astype(np.float32), sigma) if np.any(sigma > 0) else data
     out_shape = np.maximum(np.round(np.asarray(data.shape) * zoom).astype(int), 1)
     # voxel i of the new grid sits at old index i * step, so corners stay on the scanned extent
     step = (np.asarray(data.shape) - 1) / np.maximum(out_shape - 1, 1)

@@ -54,9 +54,9 @@ def regrid(ct: np.ndarray, affine: np.ndarray, codes, zoom) -> tuple[np.ndarray,
     out_shape = np.maximum(np.round(np.asarray(data.shape) * zoom).astype(int), 1)
     # voxel i of the new grid sits at old index i * step, so corners stay on the scanned extent
     step = (np.asarray(data.shape) - 1) / np.maximum(out_shape - 1, 1)
-    new = ndimage.affine_transform(data.astype(np.float32), step, output_shape=tuple(out_shape), order=1)
     new_aff = aff.copy()
     new_aff[:3, :3] = aff[:3, :3] * step
+    new = geometry.resample_to_grid(data.astype(np.float32), aff, tuple(out_shape), new_aff, order=1)
     return np.round(new).astype(np.int16), new_aff
 
 

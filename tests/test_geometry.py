@@ -122,3 +122,25 @@ def test_same_grid_and_describe_grid():
     assert geometry.same_grid((4, 5, 6), a, (4, 5, 6), a.copy())
     assert not geometry.same_grid((4, 5, 6), a, (4, 5, 7), a)
     assert geometry.describe_grid((4, 5, 6), a) == "4x5x6 voxels, 1x1x2 mm, PIR"
+
+
+directions = st.tuples(*[st.floats(-1, 1)] * 3).filter(lambda v: np.linalg.norm(v) > 0.1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(u=directions, v=directions)
+def test_rotation_between_turns_one_direction_onto_the_other(u, v):
+    R = geometry.rotation_between(u, v)
+    u, v = np.asarray(u) / np.linalg.norm(u), np.asarray(v) / np.linalg.norm(v)
+    assert np.allclose(R @ u, v, atol=1e-9)
+    assert np.allclose(R @ R.T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(R) == pytest.approx(1.0)
+    # the smallest such rotation: its angle is the angle between the two directions
+    angle = np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))
+    assert angle == pytest.approx(np.arccos(np.clip(u @ v, -1, 1)), abs=1e-6)
+
+
+def test_rotation_between_opposite_directions_is_a_half_turn():
+    R = geometry.rotation_between([0, 0, 1], [0, 0, -1])
+    assert np.allclose(R @ [0, 0, 1], [0, 0, -1])
+    assert np.linalg.det(R) == pytest.approx(1.0)

@@ -165,3 +165,24 @@ def describe_grid(shape, affine) -> str:
 def direction_to_world(affine: np.ndarray) -> np.ndarray:
     """Unit world vectors of the three voxel axes, as columns."""
     return np.asarray(affine)[:3, :3] / spacing(affine)
+
+
+def rotation_between(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The smallest rotation (3 x 3) that turns direction ``u`` onto direction ``v``.
+
+    Rodrigues' formula about ``u x v``; opposite directions turn by 180 degrees about
+    an axis perpendicular to both.
+    """
+    u = np.asarray(u, dtype=np.float64) / np.linalg.norm(u)
+    v = np.asarray(v, dtype=np.float64) / np.linalg.norm(v)
+    axis = np.cross(u, v)
+    sin, cos = float(np.linalg.norm(axis)), float(np.clip(u @ v, -1.0, 1.0))
+    if sin < 1e-12:
+        if cos > 0:
+            return np.eye(3)
+        helper = np.eye(3)[int(np.argmin(np.abs(u)))]
+        axis = np.cross(u, helper)
+        sin, cos = 0.0, -1.0
+    k = axis / np.linalg.norm(axis)
+    K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return np.eye(3) + sin * K + (1.0 - cos) * K @ K

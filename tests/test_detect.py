@@ -20,6 +20,7 @@ from verse_cli.detect import (
     coarse_grid,
     detect,
     heatmap_box,
+    spine_axis,
     world_bounds,
 )
 from verse_cli.nets.detect_net import SpineNet3D, load_model, prepare_case, train_detect
@@ -129,6 +130,34 @@ def test_box_voxel_ranges_follow_the_affine():
     (i0, i1), (j0, j1), (k0, k1) = box_voxel_ranges(lo, hi, shape, affine)
     assert (i0, i1) == (10, 31) and (j0, j1) == (5, 21) and (k0, k1) == (10, 41)
     assert box_voxel_ranges(np.full(3, -1e4), np.full(3, 1e4), shape, affine) == [[0, 100], [0, 50], [0, 80]]
+
+
+@pytest.mark.parametrize("lean_deg", [0.0, 20.0, 40.0])
+def test_spine_axis_follows_a_leaning_column_of_heat(lean_deg):
+    affine = np.diag([8.0, 8.0, 8.0, 1.0])
+    affine[:3, 3] = [-200.0, -200.0, -300.0]
+    ijk = np.indices((50, 50, 80)).reshape(3, -1).T
+    xyz = vox2world(affine, ijk)
+    centre = np.array([0.0, -20.0, 20.0])
+    t = np.radians(lean_deg)
+    direction = np.array([np.sin(t) * np.cos(0.5), np.sin(t) * np.sin(0.5), np.cos(t)])
+    along = (xyz - centre) @ direction
+    across = np.linalg.norm(xyz - centre - along[:, None] * direction, axis=1)
+    heat = (np.exp(-(across / 15.0) ** 2) * (np.abs(along) < 200)).reshape(50, 50, 80)
+    kept = heat > 0.3
+    got = spine_axis(heat, kept, affine)
+    assert got is not None
+    assert got[1][2] > 0  # points superior
+    assert np.degrees(np.arccos(min(1.0, got[1] @ direction))) < 1.0
+    assert np.allclose(got[0], centre, atol=4.0)
+
+
+def test_spine_axis_of_a_round_blob_is_none():
+    affine = np.diag([8.0, 8.0, 8.0, 1.0])
+    ijk = np.indices((30, 30, 30)).reshape(3, -1).T
+    r = np.linalg.norm(vox2world(affine, ijk) - 120.0, axis=1)
+    heat = np.exp(-(r / 30.0) ** 2).reshape(30, 30, 30)
+    assert spine_axis(heat, heat > 0.3, affine) is None
 
 
 # --------------------------------------------------------------------------- intensity checks

@@ -420,10 +420,13 @@ def test_a_spine_within_the_trained_tilts_or_too_short_is_left_as_it_is():
     assert LB.upright_turn(_found(pts[:5] @ lean.T, labs[:5], interpolated=labs[3:5])) is None
 
 
-def test_the_bundled_net_labels_a_scan_tilted_beyond_its_training_like_the_untilted_one():
-    # A synthetic cervical scan tilted 25 degrees in world space: the net alone loses the
-    # upper thoracic levels (its training tilts stop at 15 degrees); turned upright it finds
-    # every vertebra it finds untilted, at the same places.
+@pytest.mark.parametrize("tilt_deg, box_from", [(25.0, "mask"), (35.0, "detect")])
+def test_the_bundled_net_labels_a_scan_tilted_beyond_its_training(tilt_deg, box_from):
+    # A synthetic cervical scan tilted in world space. The net alone loses most levels
+    # (its training tilts stop at 15 degrees). Turned upright, by the first pass's
+    # centroids (a plain box) or by the spine axis ``verse detect`` writes with its box,
+    # it finds every vertebra of the untilted scan.
+    from verse_cli.detect import detect
     from verse_cli.evaluate import get_hits
     from verse_cli.synth import generate_case
 
@@ -431,16 +434,30 @@ def test_the_bundled_net_labels_a_scan_tilted_beyond_its_training_like_the_until
     ct, aff = np.asarray(case.ct), case.affine
     truth = dict(zip(case.centroids.labels, case.centroids.to_world(aff)))
     centre = np.mean(list(truth.values()), axis=0)
-    tilt = np.radians(25.0)
-    R = geometry.rotation_between([0, 0, 1], [np.sin(tilt), 0.3 * np.sin(tilt), np.cos(tilt)])
+    tilt = np.radians(tilt_deg)
+    R = geometry.rotation_between([0, 0, 1], [np.sin(tilt) * np.cos(0.3), np.sin(tilt) * np.sin(0.3), np.cos(tilt)])
     H = np.eye(4)
     H[:3, :3], H[:3, 3] = R, centre - R @ centre
     tilted = H @ aff
-    lo, hi = LB.box_of_mask(case.mask, tilted)
-    ctd = LB.label((ct, tilted), (lo - 10, hi + 10), device="cpu")
+    if box_from == "detect":
+        _, box = detect(nib.Nifti1Image(ct, tilted), device="cpu")
+        assert box["spine_axis_ras"] is not None
+    else:
+        lo, hi = LB.box_of_mask(case.mask, tilted)
+        box = (lo - 10, hi + 10)
+    ctd = LB.label((ct, tilted), box, device="cpu")
     found = dict(zip(ctd.labels, geometry.vox2world(aff, ctd.coords)))  # voxels: back in the untilted world
     hits = get_hits(truth, found)
     assert sum(hits.values()) == len(truth), (sorted(truth), ctd.labels)
+
+
+def test_a_malformed_spine_axis_in_the_box_is_a_data_error(tmp_path):
+    box = {"ras_min_mm": [0, 0, 0], "ras_max_mm": [50, 50, 100]}
+    assert LB.box_spine_axis(box) is None
+    assert np.allclose(LB.box_spine_axis({**box, "spine_axis_ras": [0, 0, 2]}), [0, 0, 1])
+    for bad in ([0, 0, 0], [1, 2], "up", [float("nan"), 0, 1]):
+        with pytest.raises(DataError, match="spine_axis_ras"):
+            LB.box_spine_axis({**box, "spine_axis_ras": bad})
 
 
 def test_the_prior_overrules_a_shifted_network():

@@ -260,6 +260,31 @@ def heatmap_box(heat: np.ndarray, affine: np.ndarray, threshold: float = 0.5, ma
     return SpineBox(lo, hi, score, n_kept, n - n_kept, kept)
 
 
+def spine_axis(heat: np.ndarray, kept: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Centre and direction (RAS, unit, pointing superior) of the kept heat.
+
+    The principal axis of the heat-weighted kept voxels: a whole-spine measure of how the
+    spine lies in the scan, which ``verse label`` uses to turn a leaning spine upright.
+    ``None`` when the kept heat has no clear long axis (a blob, not a column).
+    """
+    ijk = np.argwhere(kept)
+    w = heat[kept].astype(np.float64)
+    if len(ijk) < 3 or w.sum() <= 0:
+        return None
+    xyz = vox2world(affine, ijk)
+    centre = (w[:, None] * xyz).sum(axis=0) / w.sum()
+    d = xyz - centre
+    cov = (d * w[:, None]).T @ d / w.sum()
+    values, vectors = np.linalg.eigh(cov)
+    if values[-1] < (AXIS_MIN_ELONGATION ** 2) * values[-2]:
+        return None
+    axis = vectors[:, -1]
+    return centre, (axis if axis[2] >= 0 else -axis)
+
+
+AXIS_MIN_ELONGATION = 1.5  # long-axis spread over the next one: a spine seen over two levels is already ~2
+
+
 def box_voxel_ranges(ras_min: np.ndarray, ras_max: np.ndarray, shape, affine: np.ndarray) -> list[list[int]]:
     """Half-open index ranges ``[start, stop)`` per axis of the voxels a world box touches."""
     corners = np.array(np.meshgrid(*zip(ras_min, ras_max), indexing="ij")).reshape(3, -1).T
@@ -342,6 +367,7 @@ def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm:
     debug(f"spine box: {box.components_kept} component(s) kept, {box.components_dropped} dropped, "
           f"score {box.score:.3f}")
     ranges = box_voxel_ranges(box.ras_min, box.ras_max, data.shape, ct_img.affine)
+    axis = spine_axis(heat, box.kept, grid_affine)
     bbox = {
         "ras_min_mm": np.round(box.ras_min, 2).tolist(),
         "ras_max_mm": np.round(box.ras_max, 2).tolist(),
@@ -354,6 +380,8 @@ def detect(ct_img, model=None, device="auto", threshold: float = 0.5, margin_mm:
         "threshold": float(threshold),
         "low_threshold": None if low is None else float(low),
         "score": round(box.score, 4),
+        "spine_centre_ras_mm": None if axis is None else np.round(axis[0], 2).tolist(),
+        "spine_axis_ras": None if axis is None else np.round(axis[1], 4).tolist(),
         "components": {"kept": box.components_kept, "dropped": box.components_dropped},
         "heatmap_spacing_mm": spacing_mm,
         "model": {"name": info["name"], "hash": info["hash"]},

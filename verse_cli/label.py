@@ -95,18 +95,39 @@ def parse_bbox(obj: Any, source=None) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def read_bbox(path, ct_shape, ct_affine) -> tuple[np.ndarray, np.ndarray]:
-    """Read a box and check that it overlaps the CT (a box for another image does not)."""
+def box_spine_axis(obj: dict, source=None) -> np.ndarray | None:
+    """The spine's direction that ``verse detect`` writes with its box (``spine_axis_ras``),
+    or None where the box has none (an older or hand-made box)."""
+    val = obj.get("spine_axis_ras")
+    if val is None:
+        return None
+    try:
+        axis = np.asarray(val, dtype=np.float64).reshape(3)
+    except (TypeError, ValueError):
+        raise DataError("spine_axis_ras must be three numbers", source) from None
+    norm = float(np.linalg.norm(axis))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise DataError("spine_axis_ras must be a finite, non-zero direction", source)
+    return axis / norm
+
+
+def read_bbox(path, ct_shape, ct_affine, with_axis: bool = False):
+    """Read a box and check that it overlaps the CT (a box for another image does not).
+
+    Returns ``(lo, hi)``, and with ``with_axis`` also :func:`box_spine_axis`.
+    """
     from .core.io import read_json
 
-    lo, hi = parse_bbox(read_json(path), source=path)
+    obj = read_json(path)
+    lo, hi = parse_bbox(obj, source=path)
+    axis = box_spine_axis(obj, source=path) if isinstance(obj, dict) else None
     clo, chi = ct_world_box(ct_shape, ct_affine)
     overlap = np.minimum(hi, chi) - np.maximum(lo, clo)
     if np.any(overlap <= 0):
         raise DataError(
             f"the box ({_fmt(lo)} .. {_fmt(hi)} mm) lies outside the CT ({_fmt(clo)} .. {_fmt(chi)} mm): "
             "is it for another image?", path)
-    return lo, hi
+    return (lo, hi, axis) if with_axis else (lo, hi)
 
 
 def _fmt(v) -> str:
@@ -1033,10 +1054,12 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     """
     ct = np.asanyarray(ct_img.dataobj) if not isinstance(ct_img, tuple) else ct_img[0]
     affine = ct_img.affine if not isinstance(ct_img, tuple) else ct_img[1]
+    axis_hint = None
     if isinstance(bbox, (str, Path)):
-        lo, hi = read_bbox(bbox, ct.shape, affine)
+        lo, hi, axis_hint = read_bbox(bbox, ct.shape, affine, with_axis=True)
     elif isinstance(bbox, dict):
         lo, hi = parse_bbox(bbox)
+        axis_hint = box_spine_axis(bbox)
     else:
         lo, hi = (np.asarray(b, float) for b in bbox)
 
@@ -1052,8 +1075,12 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     options = {"refine": refine, "keep_sacrum": keep_sacrum, "ct_ribs": ct_ribs,
                "interpolate_missing": interpolate_missing}
     try:
-        found = _label_in_frame(ct, affine, lo, hi, net, dev, fixes, **options)
-        turn = upright_turn(found) if upright else None
+        turn = None
+        if upright and axis_hint is not None:
+            turn = turn_upright(axis_hint, (lo + hi) / 2, min_lean_deg=MAX_LEAN_DEG_BOX)
+        if turn is None:
+            found = _label_in_frame(ct, affine, lo, hi, net, dev, fixes, **options)
+            turn = upright_turn(found) if upright else None
         if turn is not None:
             debug(f"the spine leans {turn.lean_deg:.0f} degrees: labelled again upright")
             moved = {lab: turn.apply(xyz) for lab, xyz in fixes.items()}
@@ -1136,6 +1163,12 @@ def _label_in_frame(ct, affine, lo, hi, net, dev, fixes: dict[int, np.ndarray], 
 #: turning all of them cost two cases: the net's answer on a small view depends on the grid.
 MAX_LEAN_DEG = 15.0
 MIN_POINTS_FOR_AXIS = 4  # fewer vertebrae give no reliable direction
+#: The spine axis ``verse detect`` writes with its box comes from an 8 mm heatmap (within
+#: about 6 degrees of the centroids' axis on tilted synthetic scans). It is used first,
+#: without a first pass, only where it leans clearly beyond the training tilts: there the
+#: net's first-pass centroids can line up along the grid instead of the spine (a scan
+#: tilted 35 degrees gave 12 labels on a near-vertical line).
+MAX_LEAN_DEG_BOX = 25.0
 
 
 @dataclass
@@ -1171,15 +1204,21 @@ def upright_turn(found: _Found) -> UprightTurn | None:
         return None
     pts = found.world[reliable]
     centre = pts.mean(axis=0)
-    axis = np.linalg.svd(pts - centre, full_matrices=False)[2][0]
+    return turn_upright(np.linalg.svd(pts - centre, full_matrices=False)[2][0], centre)
+
+
+def turn_upright(axis: np.ndarray, centre: np.ndarray, min_lean_deg: float = MAX_LEAN_DEG) -> UprightTurn | None:
+    """The rotation about ``centre`` that makes ``axis`` superior, or None when it leans
+    no more than ``min_lean_deg``."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
     axis = axis if axis[2] >= 0 else -axis
     lean = float(np.degrees(np.arccos(np.clip(axis[2], -1.0, 1.0))))
-    if lean <= MAX_LEAN_DEG:
+    if lean <= min_lean_deg:
         return None
     rot = geometry.rotation_between(axis, np.array([0.0, 0.0, 1.0]))
     matrix = np.eye(4)
     matrix[:3, :3] = rot
-    matrix[:3, 3] = centre - rot @ centre
+    matrix[:3, 3] = np.asarray(centre, float) - rot @ np.asarray(centre, float)
     return UprightTurn(matrix, lean)
 
 

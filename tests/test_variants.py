@@ -321,6 +321,37 @@ def test_body_centroid_behind_the_vertebra_is_replaced():
         assert float((fr.body - fr.centre) @ fr.anterior) > 3.0
 
 
+def _process_and_ala(cleft_hu: float, sp=(1.7, 1.7, 1.7)):
+    """An enlarged (24 mm) transverse process above a sacral ala, two voxels of ``cleft_hu``
+    between them, lateral of a 15 mm half-wide body: the arguments of one side's grading."""
+    from verse_cli.variants import _box_coords
+
+    sp = np.asarray(sp, float)
+    shape = (30, 12, 40)
+    coords = _box_coords(shape, sp, np.zeros(3))
+    lat, t = coords[..., 0], coords[..., 2] - 30.0
+    ct = np.full(shape, 40.0, np.float32)
+    tp = (lat >= 20) & (t >= 0) & (t < 24)
+    ala = (lat >= 10) & (t < -2 * sp[2])
+    cleft = (lat >= 20) & (t < 0) & (t >= -2 * sp[2])
+    ct[tp | ala] = 450.0
+    ct[cleft] = cleft_hu
+    return tp, lat, t, ala, ct, coords, sp
+
+
+@pytest.mark.parametrize("cleft_hu, grade", [(300.0, 2), (40.0, 1)])
+def test_castellvi_cleft_narrower_than_the_voxels_is_a_pseudarthrosis(cleft_hu, grade):
+    """Two voxels between process and ala (3.4 mm between voxel surfaces on a 1.7 mm grid):
+    still bright (partial volume of a cleft thinner than a voxel) they are a pseudarthrosis
+    (II); dark as soft tissue they are a real gap and the enlarged process is grade I."""
+    from verse_cli.variants import _castellvi_side
+
+    tp, lat, t, ala, ct, coords, sp = _process_and_ala(cleft_hu)
+    side = _castellvi_side(tp, lat, t, ala, ct, 175.0, sp, coords, half_width=15.0, soft_hu=40.0)
+    assert side["gap_to_sacrum_mm"] > 2.5
+    assert side["grade"] == grade, side
+
+
 def test_normal_transverse_process_near_the_sacrum_is_not_castellvi_2():
     """Castellvi II and III need an enlarged (>= 19 mm) transverse process: a normal 10 mm
     process 1.5 mm from the sacrum is grade 0."""

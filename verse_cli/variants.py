@@ -815,7 +815,7 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         if not ala.any():
             sides[side] = {"grade": 0, "note": "no sacral ala on this side"}
             continue
-        sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords, half_width)
+        sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords, half_width, grid.soft_hu)
     grades = {s: sides[s]["grade"] for s in sides}
     combined = _combine(grades["left"], grades["right"])
     evidence.update({"sides": sides, "unlabelled_vertebra_voxels": int(vert.sum()) if fused_vertebra else 0})
@@ -1028,7 +1028,7 @@ def _tp_height(tp: np.ndarray, lat: np.ndarray, t: np.ndarray, sp: np.ndarray, s
     return float(np.median(heights)) if heights else 0.0
 
 
-def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float) -> dict:
+def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float, soft_hu: float = 40.0) -> dict:
     """Grade one side: transverse process height, gap to the sacrum, fusion."""
     side = vert & (lat > 0)
     if not side.any():
@@ -1041,8 +1041,11 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float) -
 
     if not tp.any():
         return {"grade": 0, "note": "no transverse process found"}
-    cand = np.argwhere(tp)
-    ala_pts = np.argwhere(ala)
+    # the contact that grades is the process's with the ala, lateral of the facet joints
+    # (the superior articular processes of S1 reach up beside the body in every spine)
+    beyond_facets = lat >= half_width + 6.0
+    cand = np.argwhere(tp & beyond_facets) if (tp & beyond_facets).any() else np.argwhere(tp)
+    ala_pts = np.argwhere(ala & beyond_facets) if (ala & beyond_facets).any() else np.argwhere(ala)
     d, nearest = cKDTree(ala_pts * sp).query(cand * sp, k=1)
     k = int(np.argmin(d))
     p = cand[k]
@@ -1068,12 +1071,16 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float) -
     peak = min(float(hu[pos <= p_at + 1e-6].max()), float(hu[pos >= q_at - 1e-6].max()))
     valley = float(hu[mid].min()) if mid.any() else peak
     cleft_mm = float(((hu < min(thr, 0.75 * peak)) & mid).mean() * span)
+    # a cleft of soft tissue a few mm wide darkens the profile to below half way between
+    # soft tissue and cortex on any CT grid; one that stays brighter is narrower than the
+    # voxels, however far apart the thresholded voxels are: a pseudarthrosis
+    narrow_cleft = valley >= 0.5 * (peak + soft_hu)
     # Castellvi II and III concern an enlarged (dysplastic) transverse process
     enlarged = tp_height >= TP_HEIGHT_MM
     fused = gap <= 0.5 and valley >= 0.75 * peak
     if fused and enlarged:
         grade = 3
-    elif gap <= PSEUDARTHROSIS_MM + 0.5 and enlarged:
+    elif enlarged and (gap <= PSEUDARTHROSIS_MM + 0.5 or narrow_cleft):
         grade = 2
     elif tp_height >= TP_HEIGHT_MM:
         grade = 1

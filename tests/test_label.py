@@ -421,7 +421,7 @@ def test_a_spine_within_the_trained_tilts_or_too_short_is_left_as_it_is():
 
 
 @pytest.mark.parametrize("tilt_deg, box_from", [(25.0, "mask"), (35.0, "detect")])
-def test_the_bundled_net_labels_a_scan_tilted_beyond_its_training(tilt_deg, box_from):
+def test_the_bundled_net_labels_a_scan_tilted_beyond_its_training(tilt_deg, box_from, verse, tmp_path):
     # A synthetic cervical scan tilted in world space. The net alone loses most levels
     # (its training tilts stop at 15 degrees). Turned upright, by the first pass's
     # centroids (a plain box) or by the spine axis ``verse detect`` writes with its box,
@@ -439,16 +439,27 @@ def test_the_bundled_net_labels_a_scan_tilted_beyond_its_training(tilt_deg, box_
     H = np.eye(4)
     H[:3, :3], H[:3, 3] = R, centre - R @ centre
     tilted = H @ aff
-    if box_from == "detect":
-        _, box = detect(nib.Nifti1Image(ct, tilted), device="cpu")
-        assert box["spine_axis_ras"] is not None
-    else:
+    def identified(ctd):
+        found = dict(zip(ctd.labels, geometry.vox2world(aff, ctd.coords)))  # voxels: back in the untilted world
+        return sum(get_hits(truth, found).values())
+
+    if box_from == "mask":
         lo, hi = LB.box_of_mask(case.mask, tilted)
-        box = (lo - 10, hi + 10)
-    ctd = LB.label((ct, tilted), box, device="cpu")
-    found = dict(zip(ctd.labels, geometry.vox2world(aff, ctd.coords)))  # voxels: back in the untilted world
-    hits = get_hits(truth, found)
-    assert sum(hits.values()) == len(truth), (sorted(truth), ctd.labels)
+        ctd = LB.label((ct, tilted), (lo - 10, hi + 10), device="cpu")
+        assert identified(ctd) == len(truth), (sorted(truth), ctd.labels)
+        return
+    # the command line, with the box file verse detect writes (its spine axis)
+    save_ct(ct.astype(np.int16), tilted, tmp_path / "ct.nii.gz")
+    _, box = detect(nib.Nifti1Image(ct, tilted), device="cpu")
+    assert box["spine_axis_ras"] is not None
+    (tmp_path / "bbox.json").write_text(json.dumps(box))
+    for flag, out in (("--upright", "turned.json"), ("--no-upright", "plain.json")):
+        proc = verse("label", tmp_path / "ct.nii.gz", "--bbox", tmp_path / "bbox.json", flag, "-o",
+                     tmp_path / out, "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr
+    turned, plain = (read_centroids(tmp_path / n) for n in ("turned.json", "plain.json"))
+    assert identified(turned) == len(truth), (sorted(truth), turned.labels)
+    assert identified(plain) < len(truth)  # the net alone, tilted 35 degrees
 
 
 def test_a_malformed_spine_axis_in_the_box_is_a_data_error(tmp_path):

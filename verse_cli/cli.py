@@ -129,6 +129,8 @@ def label(
     fix: Annotated[Path | None, typer.Option(help="User-corrected centroid JSON (hard constraints).")] = None,
     fix_markers: Annotated[Path | None, typer.Option(help="User-corrected marker NIfTI.")] = None,
     from_markers: Annotated[Path | None, typer.Option(help="Convert an edited marker NIfTI to JSON.")] = None,
+    upright: Annotated[bool, typer.Option(help="Label a spine that leans over 15 degrees again on a grid turned "
+                                               "upright (the net was trained on tilts up to 15 degrees).")] = True,
     device: Device = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -138,7 +140,7 @@ def label(
     from .label import run
 
     run(ct, bbox, output, model=model, markers=markers, fix=fix, fix_markers=fix_markers,
-        from_markers_path=from_markers, device=device)
+        from_markers_path=from_markers, device=device, upright=upright)
 
 
 # --------------------------------------------------------------------------- segment / merge

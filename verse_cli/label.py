@@ -1236,7 +1236,7 @@ def from_markers(markers_path) -> Centroids:
 
 
 def run(ct=None, bbox=None, output="-", model=None, markers=None, fix=None, fix_markers=None,
-        from_markers_path=None, device: str = "auto") -> Centroids:
+        from_markers_path=None, device: str = "auto", upright: bool = True) -> Centroids:
     """The ``verse label`` command: read, label, write (atomically)."""
     from .core.centroids import marker_mask, write_centroids
     from .core.errors import UsageError
@@ -1252,7 +1252,7 @@ def run(ct=None, bbox=None, output="-", model=None, markers=None, fix=None, fix_
         raise UsageError("give a CT and --bbox (or --from-markers M.nii.gz)")
     img = load_nifti(ct)  # HU after the header scaling; converted to float only where the stage looks
     try:
-        ctd = label(img, bbox, model=model, fix=fix, fix_markers=fix_markers, device=device)
+        ctd = label(img, bbox, model=model, fix=fix, fix_markers=fix_markers, device=device, upright=upright)
     except DataError as exc:
         if exc.path is None:
             raise DataError(str(exc), ct) from None

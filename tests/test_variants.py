@@ -367,6 +367,24 @@ def test_cervical_rib_at_c7():
     assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
 
 
+def test_cervical_rib_measured_from_the_body_where_the_mask_covers_its_start():
+    """A cervical rib runs from the C7 body along the transverse process, which the mask
+    labels as C7, so the bone seen starts at the process's tip: synth cervical ribs came
+    out about 20 mm short. Its start is followed back to the body."""
+    labels, width, length = (6, 7, 8, 9), 260, 40.0
+    ct, mask, aff = phantom(labels=labels, ribs={7: (length, None), 8: (90, 90), 9: (120, 120)}, sacrum=False,
+                            width_mm=width)
+    sp = np.asarray(SPACING)
+    z7 = 30 * len(labels) + 20 - 25 - 30
+    start = np.array([width / 2 - 17.0, 70.0 + 4.0, z7 + 3.0])
+    d = np.array([-0.8, 0.55, -0.25])
+    covered = _capsule(ct.shape, sp, start, start + d / np.linalg.norm(d) * 15.0, 3.5) & (ct > 300)
+    mask[covered] = 7
+    r = rate(ct, mask, aff)
+    assert r["ribs"]["C7"]["left_status"] == "present", r["ribs"]["C7"]
+    assert abs(r["ribs"]["C7"]["left_mm"] - length) <= 6, r["ribs"]["C7"]
+
+
 def test_cervical_rib_joined_to_the_first_rib():
     """A cervical rib that meets the first rib makes one bone with it. In synth cases
     90014, 90035, 90044 and 90059 (cervical-rib misses) the heads lay so close that the

@@ -82,6 +82,7 @@ class Rib:
     radius_mm: float = 0.0  # mean radius, from the volume over the centreline length
     bridges: int = 0  # hidden stretches (costotransverse region) bridged by a curve
     line: np.ndarray | None = field(default=None, repr=False)  # the centreline, mm (not in the evidence)
+    beside_process_mm: float = 0.0  # a cervical rib's start hidden beside the labelled transverse process
 
     def evidence(self) -> dict:
         return {
@@ -97,6 +98,7 @@ class Rib:
             "tip_to_vertebra_mm": round(self.tip_gap_mm, 1) if np.isfinite(self.tip_gap_mm) else None,
             "radius_mm": round(self.radius_mm, 2),
             "bridges": int(self.bridges),
+            "beside_process_mm": round(self.beside_process_mm, 1),
         }
 
 

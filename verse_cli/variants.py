@@ -396,6 +396,8 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
             rib = measure_rib(comps, grid.mask.shape, grid.sp, joint_distance, frames[lab], side=side,
                               ct=grid.ct, thr=thr, smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside,
                               zone=zone)
+            if L.region(lab) == "C":
+                rib = _from_the_body(rib, frames[lab], side, _cervical_body_half_width(frames, lab))
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
             measured[(lab, side)] = rib
             if rib.cut:
@@ -473,7 +475,9 @@ def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames
     flat = np.ravel_multi_index(tuple(part.T), grid.mask.shape)
     rib = measure_rib([flat], grid.mask.shape, sp, joint_distance, frames[7], side=side, ct=grid.ct, thr=thr,
                       smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone)
-    ok = not rib.cut and rib.length_mm >= MIN_RIB_MM and _joint_at_body(rib, frames[7])
+    rib = _from_the_body(rib, frames[7], side, _cervical_body_half_width(frames, 7))
+    speck = rib.length_mm < STUMP_MM and rib.voxels * float(np.prod(sp)) < MIN_STUMP_MM3
+    ok = not rib.cut and rib.length_mm >= MIN_RIB_MM and not speck and _joint_at_body(rib, frames[7])
     evidence.setdefault("C7", {})[f"{side}_joined_to_first_rib"] = {**rib.evidence(), "accepted": bool(ok)}
     if ok:
         ribs[7][f"{side}_mm"], ribs[7][f"{side}_status"] = round(rib.length_mm, 1), "present"
@@ -513,6 +517,42 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
             ev = evidence.get("C7", {}).pop(side, None)
             if ev is not None:
                 evidence.setdefault("T1", {})[side] = {**ev, "moved_from": "C7 (T1 had no whole rib on this side)"}
+
+
+def _cervical_body_half_width(frames: dict, lab: int) -> float:
+    """Half width of a cervical body: its frame's estimate takes in the transverse processes,
+    whose anterior tubercles reach in front of the body's centre; the next (thoracic) body
+    below, about as wide, bounds it."""
+    below = frames.get(lab + 1)
+    own = frames[lab].half_width
+    return min(own, below.half_width) if below is not None else own
+
+
+def _from_the_body(rib, frame: Frame, side: str, body_half_width: float, span_mm: float = 8.0,
+                   max_mm: float = 30.0):
+    """A cervical rib measured from its joint at the vertebral body, like any rib.
+
+    A cervical rib runs from the body along the C7 transverse process, which the mask
+    labels as C7, so the bone seen starts at the process's tip. The stretch hidden beside
+    the process is the rib's own start followed back, along its first ``span_mm``, to
+    where a rib head's centre sits (a head radius off the body's side); it replaces the
+    joint gap measured to the process; at most ``max_mm``, a transverse process's length.
+    """
+    from dataclasses import replace
+
+    if rib.line is None or len(rib.line) < 2:
+        return rib
+    outward = frame.right if side == "right" else -frame.right
+    arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(rib.line, axis=0), axis=1))]
+    heading = _unit(rib.line[min(int(np.searchsorted(arc, span_mm)), len(arc) - 1)] - rib.line[0])
+    beyond = float((rib.line[0] - frame.body) @ outward) - (body_half_width + 1.25 * rib.radius_mm)
+    lateral_rate = float(heading @ outward)
+    if beyond <= 0 or lateral_rate <= 0.3:
+        return rib
+    hidden = min(beyond / lateral_rate, max_mm)
+    if hidden <= rib.joint_gap_mm:
+        return rib
+    return replace(rib, length_mm=rib.length_mm - rib.joint_gap_mm + hidden, beside_process_mm=hidden)
 
 
 def _joint_at_body(rib, frame: Frame) -> bool:

@@ -185,6 +185,28 @@ def test_castellvi_unlabelled_fused_vertebra():
     assert r["counts"]["lumbar"] == 3
 
 
+def test_castellvi_clear_side_beside_an_unlabelled_fused_vertebra():
+    """Beside an unlabelled fused vertebra the vertebra and the sacrum are parted by a plane;
+    sacral bone left above it touched the sacrum along the cut, so a clear side read as
+    fused too (synth 90010, 90025: 3b instead of 3a). Raw-CT lines from the process down to
+    the ala now tell a fusion from a process that stays clear; this phantom (a level cut)
+    guards the fused and the clear side."""
+    ct, mask, aff = phantom(labels=(22, 23, 24), castellvi=("fused", "normal"), unlabel=(24,))
+    c = rate(ct, mask, aff)["castellvi"]
+    assert c["unlabelled_vertebra"] and (c["left"], c["right"], c["grade"]) == (3, 0, "3a"), c
+
+
+@pytest.mark.parametrize("gaps, grade", [([0.0, 4.0, 12.0], 3), ([11.0, 14.0, 30.0], 1), ([3.0, 14.0], 2)])
+def test_castellvi_side_of_a_fused_vertebra_regraded_by_lines_to_the_ala(gaps, grade):
+    """Bone running on into the ala on one line is a fusion; a process more than 10 mm
+    above the ala on every line touches nothing (grade I when enlarged); in between, the
+    grade from the closest contact stands."""
+    from verse_cli.variants import _regraded_by_lines
+
+    side = {"grade": 2, "transverse_process_height_mm": 25.0}
+    assert _regraded_by_lines(side, gaps)["grade"] == grade
+
+
 # --------------------------------------------------------------------------- real masks
 def test_real_verse004_mask_alone_reports_five_lumbar(real_data, verse, tmp_path):
     out = tmp_path / "v.json"

@@ -856,6 +856,11 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
             sides[side] = {"grade": 0, "note": "no sacral ala on this side"}
             continue
         sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords, half_width, grid.soft_hu)
+        if fused_vertebra:
+            t_sacrum = t_sac_top - float((rated_frame_centre - fr.centre) @ fr.superior)
+            lines = _lines_to_the_ala(ct, base_mm, sp, rated_frame_centre, fr, sign, half_width, vert, lat_s,
+                                      rel_v @ fr.anterior, t_v, t_sacrum, thr)
+            sides[side] = _regraded_by_lines(sides[side], lines)
     grades = {s: sides[s]["grade"] for s in sides}
     combined = _combine(grades["left"], grades["right"])
     evidence.update({"sides": sides, "unlabelled_vertebra_voxels": int(vert.sum()) if fused_vertebra else 0})
@@ -1132,6 +1137,51 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float, s
             "closest_point_ras_mm": [round(float(v), 1) for v in coords[tuple(p)]],
             "sacrum_point_ras_mm": [round(float(v), 1) for v in coords[tuple(q)]],
             "voxel_extent_mm": round(vox_extent, 2)}
+
+
+def _lines_to_the_ala(ct, base_mm, sp, centre, fr, sign, half_width, vert, lat, ap, t, t_sacrum, thr,
+                      step_mm: float = 0.5) -> list[float]:
+    """Beside an unlabelled fused vertebra, the cleft between its transverse process and the
+    ala on raw-CT lines straight down from the process (lateral of the facet joints, a few
+    mm apart across it) into the sacrum: per line, the mm of non-bone between the process's
+    bone and the ala's (0: the bone runs on, a bony fusion). Lines without process bone
+    above the sacrum's top or without ala below it are left out."""
+    lateral = vert & (lat >= half_width + 6.0)
+    if not lateral.any():
+        return []
+    a0 = float(np.median(ap[lateral]))
+    ts = np.arange(float(t[lateral].max()), t_sacrum - 25.0, -step_mm)
+    grid_l, grid_a = np.meshgrid(np.arange(half_width + 6.0, float(lat[lateral].max()) + step_mm, 3.0),
+                                 a0 + np.arange(-6.0, 6.5, 3.0), indexing="ij")
+    gaps = []
+    for l, a in zip(grid_l.ravel(), grid_a.ravel()):
+        pts = centre + sign * l * fr.right + a * fr.anterior + np.outer(ts, fr.superior)
+        hu = ndimage.map_coordinates(ct, ((pts - base_mm) / sp).T, order=1, mode="nearest")
+        runs = _runs(hu >= thr)
+        if not runs or ts[runs[0][0]] < t_sacrum or ts[runs[-1][1] - 1] > t_sacrum - 8.0:
+            continue
+        gaps.append(0.0 if len(runs) == 1 else float((runs[-1][0] - runs[0][1]) * step_mm))
+    return gaps
+
+
+def _regraded_by_lines(side: dict, gaps: list[float], clear_mm: float = 10.0) -> dict:
+    """A side of an unlabelled fused vertebra, graded again from the raw-CT lines to the
+    ala. The vertebra and the sacrum were parted by a plane, which leaves sacral bone
+    above it touching the sacrum along the cut (every side then reads as fused), and can
+    leave a process fused below it as the sacrum's. Bone running on from the process into
+    the ala on a line is a fusion (III); a process that stays more than ``clear_mm`` above
+    the ala on every line (several times a pseudarthrosis's 2 mm, for lines that pass
+    beside an oblique contact) touches nothing: grade I if enlarged, else none."""
+    if not gaps or "grade" not in side or "transverse_process_height_mm" not in side:
+        return side
+    enlarged = side["transverse_process_height_mm"] >= TP_HEIGHT_MM
+    out = {**side, "lines_to_ala": len(gaps), "fused_lines": int(sum(g == 0 for g in gaps)),
+           "narrowest_line_gap_mm": round(min(gaps), 1)}
+    if min(gaps) == 0 and enlarged:
+        out["grade"] = 3
+    elif min(gaps) > clear_mm:
+        out["grade"] = 1 if enlarged else 0
+    return out
 
 
 def _combine(left: int, right: int) -> str:

@@ -80,3 +80,37 @@ def test_lumbar_case_tissue_statistics():
     fat = c.ct[far & (soft > -160) & (soft < -50)]
     assert 10 < np.median(musc) < 70
     assert -135 < np.median(fat) < -65
+
+
+def test_trabecular_texture_is_striated_along_the_spine():
+    """Cancellous texture: zero mean, unit SD, longer-correlated along the vertebra's axis (z)
+    than across it (vertical trabeculae outlast the horizontal ones), more so when old."""
+    from verse_cli.synth.anatomy import TEX_VOX, trabecular_texture
+
+    def corr(x, axis, mm):
+        k = max(1, round(mm / TEX_VOX[axis]))
+        return float((x * np.roll(x, k, axis=axis)).mean())
+
+    for rodness in (0.0, 1.0):
+        x, _ = trabecular_texture(np.random.default_rng(5), rodness)
+        assert abs(float(x.mean())) < 1e-3 and float(x.std()) == pytest.approx(1.0, abs=1e-3)
+        assert corr(x, 2, 1.6) > corr(x, 0, 1.6) + 0.1
+    assert trabecular_texture(np.random.default_rng(5), 1.0)[1]["aniso"] > trabecular_texture(
+        np.random.default_rng(5), 0.0)[1]["aniso"]
+
+
+def test_low_density_draws_keep_the_body_core_above_soft_tissue():
+    """The oldest, least dense draws: mean trabecular HU >= 70 (no pile-up on a floor), and the
+    marrow's slow variation, with its level shift and centre drop, keeps a body core's HU above
+    ~40 HU, where a hard 50 HU floor plus texture used to give cores at water or fat."""
+    from verse_cli.synth.anatomy import bone_hu
+
+    for s in range(4):
+        b = bone_hu(np.random.default_rng(s), 1.0)
+        assert 70 <= b.trabecular < 125
+        assert b.centre_drop <= 0.25 * b.trabecular + 1e-6
+        mat = b.material(key=20)
+        pts = np.random.default_rng(s).uniform(-60, 60, (20000, 3)).astype(np.float32)
+        hu = mat(pts, np.full(len(pts), -10.0, np.float32))  # 10 mm deep: trabecular core
+        assert np.median(hu) - b.centre_drop > 40
+        assert np.percentile(hu, 10) > -40

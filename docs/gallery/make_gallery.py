@@ -26,11 +26,20 @@ WINDOW = (-400, 1200)
 GAP_PX = 12
 #: What still gives a synthetic case away next to verse014 (kept with the pictures).
 KNOWN = [
-    "Still synthetic on close inspection: the trabecular pattern is finer and more even than real",
-    "cancellous bone (no coarse vertical trabeculae), and low-density draws make bodies look hollow;",
-    "laminae and spinous processes are smooth plates, even and bright in the mid-sagittal slice; the",
-    "sacrum and ilia are unions of simple solids; organs and muscles are smooth, uniform shapes without",
-    "vessels or fat planes; oblique acquisitions cut the spine obliquely in these array-axis slices.",
+    "Still synthetic on close inspection: cancellous bone is a random mottle of 1.5-4 mm clusters",
+    "drawn out along the spine (vertical striation), not a trabecular network, and lacks anatomical",
+    "patterns such as the dense columns under the pedicles; in a 1 x 1 x 2 mm lumbar grid its band",
+    "power matches verse014 at 1-2.5 mm (32 vs 33 HU) but is lower at 2.5-6 mm (18 vs 26 HU).",
+    "Bodies no longer look hollow: in the 34 metal-free cases of 40 lumbar seeds (1 x 1 x 2 mm; core",
+    "= over 3 mm inside the mask, within 12 mm of the body centroid) 4 of 236 bodies have a core",
+    "median below 50 HU (was 22), none below 0 HU (was 8), the lowest case median 54 HU (was -4 HU).",
+    "The arch's thick parts have a rim and a less dense core (mid-sagittal laminae and spinous",
+    "processes p10/p90 267/883 HU, was 346/784, verse014 175/993),",
+    "but transverse processes stay denser than verse014's (core 378 vs 45 HU), and",
+    "tall, thin synthetic spinous processes still show as bright even sheets where a mid-sagittal",
+    "cut grazes them. The sacrum and ilia are unions of simple solids; organs and muscles are",
+    "smooth, uniform shapes without vessels or fat planes; oblique acquisitions cut the spine",
+    "obliquely in these array-axis slices.",
 ]
 
 

@@ -185,6 +185,17 @@ def test_forced_orientation_and_spacing():
     assert np.allclose(geometry.spacing(c.affine), (1.5, 1.5, 2.0), atol=1e-6)
 
 
+def test_the_reconstruction_circle_is_round_in_mm_and_blacks_out_no_labelled_bone():
+    # Seed 9 forced onto 1 x 1 x 2 mm PIR is an axial acquisition with 1 x 2 mm in-plane
+    # pixels: a circle drawn in voxels was an ellipse that set 56 k labelled voxels to padding.
+    from verse_cli.synth import generate_case
+
+    c = generate_case(9, region="lumbar", spacing=(1.0, 1.0, 2.0), orientation="PIR")
+    labelled = np.asarray(c.mask) > 0
+    assert labelled.any()
+    assert not np.any(np.asarray(c.ct)[labelled] <= -1024)
+
+
 @pytest.mark.parametrize("variant", ["T11", "T13", "L4", "L6"])
 def test_numbering_variants(variant):
     from verse_cli.synth import generate_case

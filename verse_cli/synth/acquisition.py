@@ -452,12 +452,17 @@ def band_pass(w: np.ndarray, lo, hi) -> np.ndarray:
 
 
 def _outside_circle(grid: Grid, shape) -> np.ndarray:
-    """Voxels outside the reconstruction circle of the native axial slices (broadcastable)."""
+    """Voxels outside the reconstruction circle of the native axial slices (broadcastable).
+
+    The circle is round in mm, not in voxels: with forced, unequal in-plane spacings a
+    circle in voxel units is an ellipse that blacks out bone the mask still labels.
+    """
     ax = [k for k in range(3) if k != grid.slice_axis]
     n0, n1 = shape[ax[0]], shape[ax[1]]
-    i = np.arange(n0)[:, None] - (n0 - 1) / 2
-    j = np.arange(n1)[None, :] - (n1 - 1) / 2
-    r = min(n0, n1) / 2
+    sp = np.sqrt((np.asarray(grid.affine)[:3, :3] ** 2).sum(axis=0))
+    i = (np.arange(n0)[:, None] - (n0 - 1) / 2) * sp[ax[0]]
+    j = (np.arange(n1)[None, :] - (n1 - 1) / 2) * sp[ax[1]]
+    r = min(n0 * sp[ax[0]], n1 * sp[ax[1]]) / 2
     outside = (i / r) ** 2 + (j / r) ** 2 > 1.0
     bshape = [1, 1, 1]
     bshape[ax[0]], bshape[ax[1]] = n0, n1

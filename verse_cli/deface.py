@@ -21,9 +21,11 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
    anterior surface ``y_front`` is measured below that jump, may drift forward by at
    most 35 degrees (so bone touching the column cannot drag it), and takes the most
    anterior front within about a vertebra's height (a disc cannot pull it back, the
-   lordosis may bring C1 back). For protecting the spine and for judging the chin the
-   front never retreats going up, and above the measured slices it carries on with the
-   column's own slope up to C1 (a flexed neck carries C1 forward).
+   lordosis may bring C1 back). For judging the chin the front never retreats going up;
+   for protecting the spine it is the most anterior within a vertebra's height below (a
+   sternum or clavicles touching the lowest slices must not hold it in front of C1); for
+   both, above the measured slices it carries on with the column's own slope up to C1 (a
+   flexed neck carries C1 forward).
 3. **The head's axis** runs from the top of C1 to the centre of a sphere fitted to the
    skull vault (least squares, so a vault cut by the field of view still works). A skull
    holds a brain: a "skull" whose core holds bone (a pelvis or rib cage of a slim
@@ -224,21 +226,24 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- detection
 SPINE_MAX_SLOPE = 0.7  # mm forward per mm up that the spine front may move (35 degrees)
 SPINE_SHELL_LAG_MM = 15.0
-# Bone further than this in front of the spine's front is trimmed from the track before the shell is
-# grown: vertebrae reach at most ~13 mm past that front (C1's arch in a 45-degree flexed neck), which
-# the shell still covers, while the skull base's plate in front of C1 (no vertebra) gets no shell that
-# would reach into the face, whose back lies 20-30 mm in front of C1.
+# Bone further than this in front of the spine's local front (:func:`spine_front`'s ``y_reach``) is
+# trimmed from the track before the shell is grown: vertebrae reach at most ~13 mm past that front
+# (C1's arch in a 45-degree flexed neck), which the shell still covers, while the skull base's plate
+# in front of C1 (no vertebra) gets no shell that would reach into the face, whose back lies 20-30 mm
+# in front of C1.
 SPINE_TRIM_MM = 8.0
 SPINE_EXTEND_FIT_MM = 45.0
 SPINE_FRONT_HALF_WINDOW_MM = 15.0
 
 
 def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray,
-                extend_to: float | None = None) -> tuple[np.ndarray, float, np.ndarray]:
+                extend_to: float | None = None) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """Anterior surface (y, mm) of the tracked spine for every axial slice, the top (z, mm)
-    of the slices where it was measured on the column itself, and the same surface made
+    of the slices where it was measured on the column itself, the same surface made
     never to retreat going up (for judging what protrudes in front of the neck: a thoracic
-    kyphosis bending back must not make the chest look like a chin).
+    kyphosis bending back must not make the chest look like a chin), and the front the
+    vertebrae reach, a flexed C1 included: the most anterior within a vertebra's height
+    below (for trimming the track).
 
     Per slice the most anterior spine voxel, followed up from the lowest slices (their
     median) with the forward step limited to ``SPINE_MAX_SLOPE`` per mm: bone that
@@ -274,14 +279,16 @@ def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray,
     y_up = np.maximum.accumulate(y_front + rise)
     # A disc or a thin slice must not pull the front back: the front is the most anterior
     # within a vertebra's height either side (the lordosis itself may bring C1 back again).
-    if SPINE_FRONT_HALF_WINDOW_MM > 0:
-        half = max(1, round(SPINE_FRONT_HALF_WINDOW_MM / float(zs[1] - zs[0])))
-        y_front = ndimage.maximum_filter1d(y_front, size=2 * half + 1, mode="nearest")
-    else:
-        y_front = np.maximum.accumulate(y_front)
+    half = max(1, round(SPINE_FRONT_HALF_WINDOW_MM / float(zs[1] - zs[0])))
+    # Like y_up, but forgetting what lies more than a vertebra's height below: bone in front of the
+    # lowest slices (sternum, clavicles joined to the track) holds y_up 15-20 mm in front of C1, and
+    # the skull base's plate kept that far forward shields the face.
+    below = np.lib.stride_tricks.sliding_window_view(np.pad(y_front + rise, (half, 0), mode="edge"), half + 1)
+    y_reach = below.max(axis=1)
+    y_front = ndimage.maximum_filter1d(y_front, size=2 * half + 1, mode="nearest")
     z_last = zs[known[-1]]
     on_column = known[raw >= y_front[known] - SPINE_SHELL_LAG_MM]
-    return y_front, float(zs[on_column[-1]] if on_column.size else z_last), y_up
+    return y_front, float(zs[on_column[-1]] if on_column.size else z_last), y_up, y_reach
 
 
 def tallest_column(bone: np.ndarray, lower: slice, step: float) -> np.ndarray | None:
@@ -505,11 +512,12 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     measured = spine.copy()
     measured[:, :, clean:] = False  # the skull base touching C1 would drag the front forward
     track_top = float(zs[np.flatnonzero(has_spine)[-1]])
-    y_front, spine_top, y_front_up = spine_front(measured if measured.any() else spine, ys, zs, extend_to=track_top)
+    y_front, spine_top, y_front_up, y_reach = spine_front(measured if measured.any() else spine, ys, zs,
+                                                          extend_to=track_top)
     spine_top = max(spine_top, track_top)
     # Bone that merely touches the column (jaw, skull base) is not spine: trim it before the shell
     # (a front lagging behind a steep lordosis leaves the vertebrae within the shell's reach).
-    spine &= ys[None, :, None] <= (y_front_up + SPINE_TRIM_MM)[None, None, :]
+    spine &= ys[None, :, None] <= (y_reach + SPINE_TRIM_MM)[None, None, :]
 
     # 3. the chin: the body reaches clearly further forward than the neck does
     _, y_mid_front = _extent((body & midline[:, None, :]).any(axis=0), ys)

@@ -314,3 +314,19 @@ def test_averaged_coarse_grid_drops_noise_but_keeps_a_skull():
     assert (plain[brain] > BONE_HU).mean() > 0.05
     assert (mean[brain] > BONE_HU).mean() < 0.005
     assert (mean[skull] > BONE_HU).mean() > 0.95
+
+
+
+def test_averaged_coarse_grid_keeps_bone_at_the_scan_edge():
+    """Block means stop half a block short of the edge: a skull cut by the field of view must keep its bone there."""
+    from verse_cli.deface import BONE_HU, coarse_ras, scan_coverage
+
+    shape = (40, 40, 31)  # 31: a partial block at the far edge along z
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    hu = np.full(shape, 40.0, np.float32)
+    hu[:, :, -4:] = 1000.0  # bone up to the top of the scan
+    mean, grid = coarse_ras(hu, affine, averaged=True)
+    inside = scan_coverage(shape, affine, grid, mean.shape)
+    top = np.flatnonzero(inside.any(axis=(0, 1)))[-1]
+    assert (mean[:, :, top][inside[:, :, top]] > BONE_HU).all()
+    assert (mean[~inside] == -1024.0).all()

@@ -108,7 +108,10 @@ def coarse_ras(hu: np.ndarray, affine: np.ndarray, step: float = COARSE_MM,
     ``averaged``: each coarse voxel is the mean over about ``step`` mm of the scan, not an
     interpolation between its nearest voxels. Linear interpolation keeps each fine voxel's
     noise (100-200 HU in a thin-slice or sharp-kernel scan), which speckles a brain with
-    "bone"; the mean over a 3 mm box does not, while a skull keeps its bone.
+    "bone"; the mean over a 3 mm box does not, while a skull keeps its bone. The scan is
+    pooled in blocks of about ``step`` mm first and the block means are interpolated: a
+    moving mean on the scan's own grid would hold a second full-size copy (600 MB for a
+    512 x 512 x 600 scan), the pooled one one value per block.
     """
     from .core.geometry import resample_to_grid, spacing, vox2world
 
@@ -121,14 +124,30 @@ def coarse_ras(hu: np.ndarray, affine: np.ndarray, step: float = COARSE_MM,
     out_shape = tuple(int(v) for v in np.floor((hi - lo) / step) + 1)
     grid = np.diag([step, step, step, 1.0])
     grid[:3, 3] = lo
-    if averaged:
-        from scipy import ndimage
-
-        box = [max(1, round(step / float(sp))) for sp in spacing(affine)]
-        if max(box) > 1:
-            hu = ndimage.uniform_filter(hu.astype(np.float32, copy=False), size=box, mode="nearest")
+    box = [max(1, round(step / float(sp))) for sp in spacing(affine)]
+    if averaged and max(box) > 1:
+        return pooled_to_grid(hu, affine, box, out_shape, grid), grid
     coarse = resample_to_grid(hu, affine, out_shape, grid, order=1, cval=-1024.0)
     return coarse, grid
+
+
+def pooled_to_grid(hu: np.ndarray, affine: np.ndarray, box, out_shape, grid: np.ndarray) -> np.ndarray:
+    """Block means of ``box`` voxels interpolated onto ``(out_shape, grid)``, air outside the scan.
+
+    The block centres stop half a block short of the scan's edges (and a partial block at the
+    far edge is dropped): the edge blocks are carried to the edge, so that a skull or face cut
+    by the field of view keeps its bone up to it.
+    """
+    from scipy import ndimage
+
+    from .detect import block_mean
+
+    pooled, pooled_affine = block_mean(hu, affine, box)
+    matrix = np.linalg.inv(pooled_affine) @ np.asarray(grid, dtype=np.float64)
+    coarse = ndimage.affine_transform(pooled, matrix[:3, :3], offset=matrix[:3, 3], output_shape=tuple(out_shape),
+                                      order=1, mode="nearest", prefilter=False, output=np.float32)
+    coarse[~scan_coverage(hu.shape, affine, grid, out_shape)] = -1024.0
+    return coarse
 
 
 def scan_coverage(shape, affine: np.ndarray, grid: np.ndarray, grid_shape) -> np.ndarray:

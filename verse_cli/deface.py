@@ -17,7 +17,9 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
 2. **The cervical spine** is the bony column that spans most of the neck; its midline
    band is tracked upward to the skull base, recognised by the jump in midline bone
    (behind the column's front: a jaw touching the track in front does not count) where
-   the skull meets C1, up to 30 mm above the thin run of C1's arches and dens. Its
+   the skull meets C1, up to 30 mm above the thin run of C1's arches and dens; or, above
+   that thin run, by a vertebra's worth of bone that spreads well in front of the column
+   (dense arches make the column as wide in the midline band as the skull base). Its
    anterior surface ``y_front`` is measured below that jump, may drift forward by at
    most 35 degrees (so bone touching the column cannot drag it), and takes the most
    anterior front within about a vertebra's height (a disc cannot pull it back, the
@@ -349,7 +351,10 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     ``SKULL_BASE_SPIKE`` times a vertebra's cross-section below, counting only bone behind the
     column's front just below plus ``SKULL_BASE_AHEAD_MM``, so that a jaw touching the
     track in front does not count); above it lies only the skull shell. C1 itself (two
-    arches and the dens) is thin in the band, so a jump up to ``C1_GAP_MM`` above a thin run is still the skull base.
+    arches and the dens) is thin in the band, so a jump up to ``C1_GAP_MM`` above a thin run is still the skull base;
+    so is, there, bone as much as a vertebra's cross-section that reaches ``SKULL_BASE_AHEAD_MM`` further
+    forward than the column below the thin run (no jump shows where dense arches make the column as wide
+    as the skull base in the band; the next vertebra above a disc stays on the column's front).
     Without a jump, the column ends where two consecutive slices hold less than half the
     typical cross-section (the scan reaches above C1 without a skull base in the band),
     or at the top of the track.
@@ -378,6 +383,18 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     spikes = np.flatnonzero(behind[start:] > SKULL_BASE_SPIKE * full) + start
     thin = counts < 0.5 * typical
     drops = np.flatnonzero(thin[start:-1] & thin[start + 1:]) + start
+    if drops.size:
+        # Above C1's thin run, a vertebra's cross-section of bone that also reaches well in front of
+        # the column is the skull base, though no wider in the band than a vertebra: with dense arches
+        # the column is as wide there as the skull base. (The next vertebra above a disc that thinned
+        # the track lies right on the column's front.)
+        gap = int(drops[0]) + np.arange(2, max(3, round(C1_GAP_MM / step) + 1))
+        gap = gap[gap < len(behind)]
+        below_c1 = prev[int(drops[0])]  # the column's front under the thin run
+        spreads = front[gap] > below_c1 + round(SKULL_BASE_AHEAD_MM / step)
+        regrown = gap[(behind[gap] >= full) & spreads] if below_c1 >= 0 else gap[:0]
+        if regrown.size and (not spikes.size or regrown[0] < spikes[0]):
+            spikes = regrown
     if spikes.size and (not drops.size or spikes[0] * step <= drops[0] * step + C1_GAP_MM):
         end, skull, clean = int(spikes[0]) + max(1, round(C1_SLICES_MM / step)), True, int(spikes[0])
     elif drops.size:

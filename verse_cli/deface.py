@@ -30,10 +30,11 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
    flexed neck carries C1 forward).
 3. **The head's axis** runs from the top of C1 to the centre of a sphere fitted to the
    skull vault (least squares, so a vault cut by the field of view still works). A skull
-   holds a brain: a "skull" whose core holds bone (a pelvis or rib cage of a slim
-   patient, narrow enough to pass for a head) means no head and no face. A scan that ends
-   within 40 mm above C1 shows no vault: there a skull base on a neck (no deeper than
-   70 mm in front of the spine, unlike an abdomen) is the head on its own.
+   holds a brain: a "skull" whose core holds bone, or is denser than brain (a pelvis or
+   rib cage of a slim patient, narrow enough to pass for a head, around organs), means no
+   head and no face. A scan that ends within 40 mm above C1 shows no vault: there a
+   skull base on a neck (no deeper than 70 mm in front of the spine, unlike an abdomen)
+   is the head on its own.
 4. **The chin** is where the body reaches at least 25 mm further in front of the spine
    than at the shallowest neck level (slices whose front is cut by the edge of the
    scanned volume, as at the top of an oblique or short scan, are never the neck); with
@@ -91,6 +92,11 @@ HEAD_MAX_SLOPE = 1.0
 SKULL_CORE = 0.6  # the core of the fitted skull sphere, as a share of its radius ...
 SKULL_CORE_MIN_CM3 = 50.0  # ... judged when at least this much of it was scanned ...
 SKULL_CORE_MAX_BONE = 0.06  # ... holds brain, not bone (heads: under 2 %; a pelvis fitted as a sphere: 19 %)
+# Brain is 20-45 HU (60 with contrast): a core whose median is denser is a trunk (organs with bone and
+# contrast; a child-sized lumbar scan's lower chest fitted as a sphere: 197 HU). Judged from a smaller
+# scanned share of the core than the bone share, which a few slices of vertebra would swing.
+BRAIN_MAX_HU = 100.0
+BRAIN_CORE_MIN_CM3 = 20.0
 
 
 @dataclass
@@ -422,7 +428,8 @@ def column_midline(column: np.ndarray, xs: np.ndarray, zs: np.ndarray) -> np.nda
 
 
 def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray, z_c1: float,
-              y_front: np.ndarray, inside: np.ndarray | None = None) -> tuple[float | None, bool]:
+              y_front: np.ndarray, inside: np.ndarray | None = None,
+              hu: np.ndarray | None = None) -> tuple[float | None, bool]:
     """Forward tilt (dy/dz) of the line from C1 to the centre of the skull (or None), and
     whether the fitted "skull" is plainly something else.
 
@@ -431,7 +438,8 @@ def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray
     holds the brain: when the scanned part of the sphere's inner core (``SKULL_CORE``
     of its radius, at least ``SKULL_CORE_MIN_CM3``) holds more than
     ``SKULL_CORE_MAX_BONE`` bone, the shell was a pelvis or a rib cage, and the second
-    value is True.
+    value is True; so it is when ``hu`` is given and the core's median (from
+    ``BRAIN_CORE_MIN_CM3`` scanned) is denser than brain (``BRAIN_MAX_HU``).
     """
     above = bone & body & (zs[None, None, :] > z_c1 + 10.0)
     pts = np.argwhere(above)
@@ -455,10 +463,12 @@ def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray
         core = dist2 <= (SKULL_CORE * radius) ** 2
         if inside is not None:
             core = core & inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        if core.sum() * step ** 3 / 1000.0 >= SKULL_CORE_MIN_CM3:
-            bone_share = float(bone[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][core].mean())
-            if bone_share > SKULL_CORE_MAX_BONE:
-                return None, True
+        core_cm3 = core.sum() * step ** 3 / 1000.0
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        if hu is not None and core_cm3 >= BRAIN_CORE_MIN_CM3 and np.median(hu[box][core]) > BRAIN_MAX_HU:
+            return None, True
+        if core_cm3 >= SKULL_CORE_MIN_CM3 and float(bone[box][core].mean()) > SKULL_CORE_MAX_BONE:
+            return None, True
     y_c1 = float(np.interp(z_c1, zs, y_front))
     slope = (centre[1] - y_c1) / (centre[2] - z_c1)
     return float(np.clip(slope, -HEAD_MAX_SLOPE, HEAD_MAX_SLOPE)), False
@@ -593,11 +603,12 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     # A skull above C1 gives the head's orientation (the face turns with it).
     # the skull and the brain's core are judged on the averaged scan alone: brain noise is no bone there
     skull_bone = (coarse if averaged is None else averaged) > BONE_HU
-    axis, not_a_skull = (head_axis(skull_bone, body, ys, zs, spine_top, y_front, inside)
+    axis, not_a_skull = (head_axis(skull_bone, body, ys, zs, spine_top, y_front, inside,
+                                   hu=coarse if averaged is None else averaged)
                          if skull_base else (None, False))
     if not_a_skull:
         details["skull_core_bony"] = True
-        return None, FaceReport(False, "the bone shell above the spine encloses bone, not a brain: no head, no face",
+        return None, FaceReport(False, "the bone shell above the spine encloses bone or organs, not a brain: no head, no face",
                                 details)
     # A scan that ends at the skull base shows no vault to fit a sphere to: the skull base on a
     # neck is the head, and the face hangs below and in front of it whether or not its chin shows.

@@ -224,7 +224,8 @@ def test_empty_mask_fails_cleanly(tmp_path, verse):
 # 17 mm in front of C1, so the track kept the skull base's plate that far forward
 # 73: dense arches make the column as wide in the midline band as the skull base: no jump, only C1's
 # thin run with the skull base spreading in front of the column above it
-@pytest.mark.parametrize("seed", [1, 2, 8, 12, 14, 17, 36, 37, 39, 53, 73])
+# 28: denser bodies widen the column, so the skull base's jump is only ~1.34x a vertebra's cross-section
+@pytest.mark.parametrize("seed", [1, 2, 8, 12, 14, 17, 28, 36, 37, 39, 53, 73])
 def test_auto_on_synthetic_heads(seed):
     """``verse synth`` heads (face mask recorded): >= 95% of the face becomes air, no vertebra voxel changes."""
     from verse_cli.deface import auto_face_mask

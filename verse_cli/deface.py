@@ -341,7 +341,10 @@ def tallest_column(bone: np.ndarray, lower: slice, step: float) -> np.ndarray | 
     return labels == int(height.argmax()) + 1
 
 
-SKULL_BASE_SPIKE = 1.35  # cross-section jump where the skull base meets C1
+# Cross-section jump where the skull base meets C1. Denser vertebral bodies (adult cancellous
+# bone, synth 646bb6c) widen the column's own cross-section, so the relative jump is smaller:
+# synthetic head 28 (scale 0.4) showed 204 against 1.35 x 152 = 205.
+SKULL_BASE_SPIKE = 1.30
 SKULL_BASE_LOOKBACK_MM = 9.0  # the column's front just below a slice ...
 SKULL_BASE_AHEAD_MM = 10.0  # ... and how far in front of it a skull base's bone may reach
 C1_GAP_MM = 30.0  # C1 (arches and dens) is thin in the midline band: a jump this far above a thin run counts

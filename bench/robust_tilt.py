@@ -32,9 +32,7 @@ def tilt_about(centre: np.ndarray, degrees: float) -> np.ndarray:
 
     t = np.radians(degrees)
     R = geometry.rotation_between([0, 0, 1.0], [np.sin(t) * np.cos(0.3), np.sin(t) * np.sin(0.3), np.cos(t)])
-    H = np.eye(4)
-    H[:3, :3], H[:3, 3] = R, centre - R @ centre
-    return H
+    return geometry.rotation_about(R, centre)
 
 
 def main() -> None:

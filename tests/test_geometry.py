@@ -144,3 +144,14 @@ def test_rotation_between_opposite_directions_is_a_half_turn():
     R = geometry.rotation_between([0, 0, 1], [0, 0, -1])
     assert np.allclose(R @ [0, 0, 1], [0, 0, -1])
     assert np.linalg.det(R) == pytest.approx(1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(u=directions, v=directions, centre=st.tuples(*[st.floats(-500, 500)] * 3))
+def test_rotation_about_a_point_keeps_that_point_and_distances(u, v, centre):
+    H = geometry.rotation_about(geometry.rotation_between(u, v), centre)
+    assert np.allclose(H[:3, :3] @ centre + H[:3, 3], centre, atol=1e-6)
+    p = np.array([[1.0, 2.0, 3.0], [-40.0, 7.0, 12.0]])
+    q = p @ H[:3, :3].T + H[:3, 3]
+    assert np.linalg.norm(q[0] - q[1]) == pytest.approx(np.linalg.norm(p[0] - p[1]))
+    assert np.linalg.norm(q[0] - centre) == pytest.approx(np.linalg.norm(p[0] - np.asarray(centre)))

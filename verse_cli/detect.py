@@ -260,6 +260,9 @@ def heatmap_box(heat: np.ndarray, affine: np.ndarray, threshold: float = 0.5, ma
     return SpineBox(lo, hi, score, n_kept, n - n_kept, kept)
 
 
+AXIS_MIN_ELONGATION = 1.5  # long-axis spread over the next one: a spine seen over two levels is already ~2
+
+
 def spine_axis(heat: np.ndarray, kept: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Centre and direction (RAS, unit, pointing superior) of the kept heat.
 
@@ -280,9 +283,6 @@ def spine_axis(heat: np.ndarray, kept: np.ndarray, affine: np.ndarray) -> tuple[
         return None
     axis = vectors[:, -1]
     return centre, (axis if axis[2] >= 0 else -axis)
-
-
-AXIS_MIN_ELONGATION = 1.5  # long-axis spread over the next one: a spine seen over two levels is already ~2
 
 
 def box_voxel_ranges(ras_min: np.ndarray, ras_max: np.ndarray, shape, affine: np.ndarray) -> list[list[int]]:

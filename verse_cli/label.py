@@ -120,7 +120,7 @@ def read_bbox(path, ct_shape, ct_affine, with_axis: bool = False):
 
     obj = read_json(path)
     lo, hi = parse_bbox(obj, source=path)
-    axis = box_spine_axis(obj, source=path) if isinstance(obj, dict) else None
+    axis = box_spine_axis(obj, source=path)
     clo, chi = ct_world_box(ct_shape, ct_affine)
     overlap = np.minimum(hi, chi) - np.maximum(lo, clo)
     if np.any(overlap <= 0):
@@ -1073,22 +1073,19 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     elif fix is not None or fix_markers is not None:
         fixes = read_fixes(fix, fix_markers, affine)
     options = {"refine": refine, "keep_sacrum": keep_sacrum, "ct_ribs": ct_ribs,
-               "interpolate_missing": interpolate_missing}
-    try:
-        turn = None
-        if upright and axis_hint is not None:
-            turn = turn_upright(axis_hint, (lo + hi) / 2, min_lean_deg=MAX_LEAN_DEG_BOX)
-        if turn is None:
-            found = _label_in_frame(ct, affine, lo, hi, net, dev, fixes, **options)
-            turn = upright_turn(found) if upright else None
-        if turn is not None:
-            debug(f"the spine leans {turn.lean_deg:.0f} degrees: labelled again upright")
-            moved = {lab: turn.apply(xyz) for lab, xyz in fixes.items()}
-            lo_t, hi_t = turn.box(lo, hi)
-            found = _label_in_frame(ct, turn.matrix @ affine, lo_t, hi_t, net, dev, moved, **options)
-            found.world = turn.undo(found.world)
-    except ValueError as exc:
-        raise DataError(f"the corrections cannot be satisfied together: {exc}", fix or fix_markers) from None
+               "interpolate_missing": interpolate_missing, "fix_source": fix or fix_markers}
+    turn = None
+    if upright and axis_hint is not None:
+        turn = turn_upright(axis_hint, (lo + hi) / 2, min_lean_deg=MAX_LEAN_DEG_BOX)
+    if turn is None:
+        found = _label_in_frame(ct, affine, lo, hi, net, dev, fixes, **options)
+        turn = upright_turn(found) if upright else None
+    if turn is not None:
+        debug(f"the spine leans {turn.lean_deg:.0f} degrees: labelled again upright")
+        moved = {lab: turn.apply(xyz) for lab, xyz in fixes.items()}
+        lo_t, hi_t = turn.box(lo, hi)
+        found = _label_in_frame(ct, turn.matrix @ affine, lo_t, hi_t, net, dev, moved, **options)
+        found.world = turn.undo(found.world)
     ctd = Centroids.from_world(found.labels, found.world, affine, found.extras).sorted()
     if found.variants:
         info(f"numbering variants: {', '.join(found.variants)}")
@@ -1109,8 +1106,11 @@ class _Found:
 
 
 def _label_in_frame(ct, affine, lo, hi, net, dev, fixes: dict[int, np.ndarray], *, refine: bool,
-                    keep_sacrum: bool, ct_ribs: bool, interpolate_missing: bool) -> _Found:
-    """Steps 1-6 of the pipeline on the world frame that ``affine`` and the box are given in."""
+                    keep_sacrum: bool, ct_ribs: bool, interpolate_missing: bool, fix_source=None) -> _Found:
+    """Steps 1-6 of the pipeline on the world frame that ``affine`` and the box are given in.
+
+    ``fix_source`` names the corrections' file in the error raised when they contradict each other.
+    """
     spacing, width = getattr(net, "spacing", SPACING), getattr(net, "width", WIDTH)
     preproc = getattr(net, "preproc", 1)
     ct, affine = crop_to_grid(ct, affine, lo, hi, spacing, width)  # only the part the stage reads
@@ -1132,7 +1132,10 @@ def _label_in_frame(ct, affine, lo, hi, net, dev, fixes: dict[int, np.ndarray], 
     fixed_idx: dict[int, int] = {}
     if fixes:
         cands, fixed_idx = apply_fixes(cands, fixes)
-    cands, chain, fixed_idx = label_with_sacrum_peak(cands, fixed_idx)
+    try:
+        cands, chain, fixed_idx = label_with_sacrum_peak(cands, fixed_idx)
+    except ValueError as exc:
+        raise DataError(f"the corrections cannot be satisfied together: {exc}", fix_source) from None
     keep = [i for i, lab in enumerate(chain.labels)
             if lab is not None and (keep_sacrum or lab != P.SACRUM)]
     world = cands.world[keep]
@@ -1216,10 +1219,7 @@ def turn_upright(axis: np.ndarray, centre: np.ndarray, min_lean_deg: float = MAX
     if lean <= min_lean_deg:
         return None
     rot = geometry.rotation_between(axis, np.array([0.0, 0.0, 1.0]))
-    matrix = np.eye(4)
-    matrix[:3, :3] = rot
-    matrix[:3, 3] = np.asarray(centre, float) - rot @ np.asarray(centre, float)
-    return UprightTurn(matrix, lean)
+    return UprightTurn(geometry.rotation_about(rot, centre), lean)
 
 
 def from_markers(markers_path) -> Centroids:

@@ -186,3 +186,12 @@ def rotation_between(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     k = axis / np.linalg.norm(axis)
     K = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
     return np.eye(3) + sin * K + (1.0 - cos) * K @ K
+
+
+def rotation_about(rotation: np.ndarray, centre) -> np.ndarray:
+    """The 4 x 4 world transform that turns by ``rotation`` (3 x 3) about the point ``centre``."""
+    centre = np.asarray(centre, dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = rotation
+    out[:3, 3] = centre - np.asarray(rotation, dtype=np.float64) @ centre
+    return out

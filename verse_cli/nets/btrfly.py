@@ -245,12 +245,11 @@ def _rotation(rng, max_deg: float) -> np.ndarray:
 
 def _tilt(affine, world, rng, max_deg: float = 15.0):
     """Rotate the whole scan (image and points) in world space about the points' centre."""
+    from ..core import geometry
+
     R = _rotation(rng, max_deg)
     c = world.mean(axis=0)
-    h = np.eye(4)
-    h[:3, :3] = R
-    h[:3, 3] = c - R @ c
-    return h @ np.asarray(affine, float), (world - c) @ R.T + c
+    return geometry.rotation_about(R, c) @ np.asarray(affine, float), (world - c) @ R.T + c
 
 
 def _augment_3d(ct, affine, world, lo, hi, rng, spacing: float, width: int):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core import geometry
 from ..core.errors import UsageError
 from .engine import side_rng
 
@@ -459,7 +460,7 @@ def _outside_circle(grid: Grid, shape) -> np.ndarray:
     """
     ax = [k for k in range(3) if k != grid.slice_axis]
     n0, n1 = shape[ax[0]], shape[ax[1]]
-    sp = np.sqrt((np.asarray(grid.affine)[:3, :3] ** 2).sum(axis=0))
+    sp = geometry.spacing(grid.affine)
     i = (np.arange(n0)[:, None] - (n0 - 1) / 2) * sp[ax[0]]
     j = (np.arange(n1)[None, :] - (n1 - 1) / 2) * sp[ax[1]]
     r = min(n0 * sp[ax[0]], n1 * sp[ax[1]]) / 2

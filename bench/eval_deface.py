@@ -8,7 +8,8 @@ face they drew. For every head it runs :func:`verse_cli.deface.auto_face_mask` (
 * ``vert``: vertebra-mask voxels removed (must be 0);
 * a case passes with ``face >= 0.95`` and ``vert == 0``.
 
-Heads are rendered on four grids, so that the voxel order and the anisotropy come from
+Heads are rendered at ``--scale`` 0.4 of the generator's resolution (1 renders full-resolution
+heads, several times slower) on four grids, so that the voxel order and the anisotropy come from
 the affine: ``default`` (the generator's own grid, seeds 0-79), ``lps`` (1.2 x 1.2 x 3
 mm, LPS, seeds 80-89), ``pir`` (2 x 2 x 1 mm, PIR, seeds 90-99) and ``ras`` (0.5 x 0.5 x
 2.5 mm, RAS, seeds 100-109). The no-face check runs the same function on scans without a
@@ -24,6 +25,7 @@ Run::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_deface.py --jsonl work/deface.jsonl
     .venv/bin/python bench/eval_deface.py --grids pir --seeds 91,99 --no-noface
+    .venv/bin/python bench/eval_deface.py --grids default --seeds 20,21,28 --scale 1 --no-noface
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ def deface_case(ct: np.ndarray, affine: np.ndarray):
     return auto_face_mask(ct.astype(np.float32), affine, margin_mm=MARGIN_MM)
 
 
-def head_row(seed: int, grid: str) -> dict:
+def head_row(seed: int, grid: str, scale: float = 0.4) -> dict:
     """Render one synthetic head and score ``deface --auto`` on it."""
     from verse_cli.synth import generate_case
 
     spacing, orientation, _ = GRIDS[grid]
     t0 = time.perf_counter()
-    case = generate_case(seed, region="cervical", scale=0.4, spacing=spacing, orientation=orientation)
+    case = generate_case(seed, region="cervical", scale=scale, spacing=spacing, orientation=orientation)
     if case.face_mask is None or not case.face_mask.any():
         return {"grid": grid, "seed": seed, "has_face": False}
     t1 = time.perf_counter()
@@ -97,7 +99,7 @@ def real_scans(real: Path, tmp: Path) -> list[tuple[str, np.ndarray, np.ndarray]
     return scans
 
 
-def noface_rows(real: Path) -> list[dict]:
+def noface_rows(real: Path, scale: float = 0.4) -> list[dict]:
     """``deface --auto`` on scans without a face: each must remove nothing."""
     from verse_cli.synth import generate_case
 
@@ -113,7 +115,7 @@ def noface_rows(real: Path) -> list[dict]:
         spacing, orientation, _ = GRIDS[grid]
         for seed in seeds:
             for region in ("thoracic", "lumbar"):
-                case = generate_case(seed, region=region, scale=0.4, spacing=spacing, orientation=orientation)
+                case = generate_case(seed, region=region, scale=scale, spacing=spacing, orientation=orientation)
                 t0 = time.perf_counter()
                 removed, report = deface_case(case.ct, case.affine)
                 rows.append({"noface": f"synth-{region}-{grid}-{seed}", "removed": int(removed.sum()),
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-noface", action="store_true", help="skip the no-face check")
     ap.add_argument("--real", type=Path, default=Path("../shared/data/real"), help="folder of the real scans")
     ap.add_argument("--jsonl", type=Path, help="write one JSON line per case here")
+    ap.add_argument("--scale", type=float, default=0.4,
+                    help="generator scale (1 = its full resolution, several times slower)")
     args = ap.parse_args(argv)
     grids = [g.strip() for g in args.grids.split(",") if g.strip()]
     unknown = [g for g in grids if g not in GRIDS]
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else GRIDS[grid][2]
         rows = []
         for seed in seeds:
-            rows.append(head_row(seed, grid))
+            rows.append(head_row(seed, grid, args.scale))
             print(json.dumps(rows[-1]), flush=True)
             if sink:
                 sink.write(json.dumps(rows[-1]) + "\n")
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         summaries[grid] = grid_summary(rows)
     ok = all(s["passed"] == s["cases"] for s in summaries.values())
     if not args.no_noface:
-        nf = noface_rows(args.real)
+        nf = noface_rows(args.real, args.scale)
         if sink:
             sink.writelines(json.dumps(r) + "\n" for r in nf)
         changed = [r["noface"] for r in nf if r["removed"]]

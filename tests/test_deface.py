@@ -241,6 +241,51 @@ def test_auto_on_synthetic_heads(seed):
 
 
 @pytest.mark.slow
+def test_auto_on_a_flexed_head_whose_skull_lies_in_front_of_the_column():
+    """Full-scale synthetic head 28: the neck is flexed so far that the skull sits in front of C1 and
+    leaves the field of view, and most of the face lies outside it. No skull base shows in the midline
+    band; the skull, a bone shell around brain, shows the head, and its face still goes."""
+    from verse_cli.deface import auto_face_mask
+    from verse_cli.synth import generate_case
+
+    case = generate_case(28, region="cervical")
+    removed, report = auto_face_mask(case.ct.astype(np.float32), case.affine, margin_mm=5.0)
+    after = np.where(removed, -1024, case.ct)
+    assert report.face_found, report.reason
+    assert not report.details["skull_base_seen"] and report.details["skull_holds_brain"]
+    assert (after[case.face_mask > 0] <= -1000).mean() >= 0.95
+    assert not removed[case.mask > 0].any()
+
+
+def _shell_phantom(shell_hu: float, core_hu: float, gaps: bool, step: float = 3.0):
+    """A bone shell (radius 80 mm, 6 mm thick) around a core, on a coarse RAS grid; with ``gaps``
+    the shell is cut into bars 12 mm wide with 24 mm gaps, like ribs."""
+    g = np.indices((70, 70, 70)) * step
+    centre = np.array([105.0, 105.0, 90.0])
+    dist = np.sqrt(((g - centre[:, None, None, None]) ** 2).sum(axis=0))
+    hu = np.full(dist.shape, -1000.0)
+    hu[dist < 86] = core_hu
+    shell = (dist >= 80) & (dist < 86)
+    if gaps:
+        shell &= (g[2] % 36) < 12
+    hu[shell] = shell_hu
+    return hu
+
+
+@pytest.mark.parametrize(("core_hu", "gaps", "brain"), [(30.0, False, True), (-800.0, False, False),
+                                                        (30.0, True, False), (150.0, False, False)])
+def test_skull_fit_recognises_a_brain_in_a_closed_shell(core_hu, gaps, brain):
+    """A head is a closed bone shell around brain; ribs leave gaps; lungs and organs denser than brain are no brain."""
+    from verse_cli.deface import BONE_HU, fit_skull
+
+    hu = _shell_phantom(900.0, core_hu, gaps)
+    zs = np.arange(hu.shape[2]) * 3.0
+    fit = fit_skull(hu > BONE_HU, hu > -400, zs, 60.0, 3.0, hu=hu)
+    assert fit is not None and abs(fit.radius - 83) < 5
+    assert fit.holds_brain is brain
+
+
+@pytest.mark.slow
 # a small (child-sized) chest, narrower than the head-and-neck limit, whose front rises toward the top
 @pytest.mark.parametrize(("spacing", "codes"), [(None, None), ((1.2, 1.2, 3.0), "LPS"), ((2.0, 2.0, 1.0), "PIR")])
 def test_auto_on_a_synthetic_thoracic_scan_changes_nothing(spacing, codes):

@@ -34,7 +34,10 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
    rib cage of a slim patient, narrow enough to pass for a head, around organs), means no
    head and no face. A scan that ends within 40 mm above C1 shows no vault: there a
    skull base on a neck (no deeper than 70 mm in front of the spine, unlike an abdomen)
-   is the head on its own.
+   is the head on its own. A head flexed so far that its skull lies in front of the
+   column's top shows no skull base in the midline band: there a sphere fitted to the
+   bone above the track whose core holds brain (0-100 HU, no bone) and whose shell band
+   is mostly bone (a skull, not ribs) is the head.
 4. **The chin** is where the body reaches at least 25 mm further in front of the spine
    than at the shallowest neck level (slices whose front is cut by the edge of the
    scanned volume, as at the top of an oblique or short scan, are never the neck); with
@@ -97,6 +100,13 @@ SKULL_CORE_MAX_BONE = 0.06  # ... holds brain, not bone (heads: under 2 %; a pel
 # scanned share of the core than the bone share, which a few slices of vertebra would swing.
 BRAIN_MAX_HU = 100.0
 BRAIN_CORE_MIN_CM3 = 20.0
+# Without a skull base in the midline band (a head flexed so far that the skull lies in front of the
+# column's top), a head is recognised by its skull alone: a core of brain (CSF 0-15 HU, brain 20-45)
+# inside a shell band that is mostly bone. The skull's band is closed bone (synthetic head 28, cut by
+# the field of view: 52 %); ribs around organs leave wide gaps, and lungs (-800 HU) are no brain.
+BRAIN_MIN_HU = 0.0
+SKULL_SHELL_BAND_MM = 6.0
+SKULL_SHELL_MIN_BONE = 0.4
 
 
 @dataclass
@@ -430,51 +440,78 @@ def column_midline(column: np.ndarray, xs: np.ndarray, zs: np.ndarray) -> np.nda
     return np.full(len(zs), float(np.median(x_med)))
 
 
-def head_axis(bone: np.ndarray, body: np.ndarray, ys: np.ndarray, zs: np.ndarray, z_c1: float,
-              y_front: np.ndarray, inside: np.ndarray | None = None,
-              hu: np.ndarray | None = None) -> tuple[float | None, bool]:
-    """Forward tilt (dy/dz) of the line from C1 to the centre of the skull (or None), and
-    whether the fitted "skull" is plainly something else.
+@dataclass
+class SkullFit:
+    """A sphere fitted to the bone above C1, and what its inner core holds."""
 
-    The skull shell (bone above C1) is fitted with a sphere by linear least squares,
-    which copes with a vault cut by the field of view. Implausible fits give None. A skull
-    holds the brain: when the scanned part of the sphere's inner core (``SKULL_CORE``
-    of its radius, at least ``SKULL_CORE_MIN_CM3``) holds more than
-    ``SKULL_CORE_MAX_BONE`` bone, the shell was a pelvis or a rib cage, and the second
-    value is True; so it is when ``hu`` is given and the core's median (from
-    ``BRAIN_CORE_MIN_CM3`` scanned) is denser than brain (``BRAIN_MAX_HU``).
+    centre: np.ndarray  # mm, on the coarse grid
+    radius: float
+    core_cm3: float = 0.0  # scanned volume of the core (``SKULL_CORE`` of the radius)
+    core_bone: float = 0.0  # share of the core that is bone
+    core_median_hu: float | None = None
+    shell_bone: float = 0.0  # share of the scanned shell band (``SKULL_SHELL_BAND_MM``) that is bone
+
+    @property
+    def encloses_no_brain(self) -> bool:
+        """A pelvis or rib cage fitted as a sphere: its core holds bone or organs denser than brain."""
+        if self.core_median_hu is not None and self.core_cm3 >= BRAIN_CORE_MIN_CM3 \
+                and self.core_median_hu > BRAIN_MAX_HU:
+            return True
+        return self.core_cm3 >= SKULL_CORE_MIN_CM3 and self.core_bone > SKULL_CORE_MAX_BONE
+
+    @property
+    def holds_brain(self) -> bool:
+        """Positive evidence of a head: a closed bone shell around a core of brain density."""
+        return (self.core_median_hu is not None and self.core_cm3 >= BRAIN_CORE_MIN_CM3
+                and BRAIN_MIN_HU <= self.core_median_hu <= BRAIN_MAX_HU
+                and self.core_bone <= SKULL_CORE_MAX_BONE and self.shell_bone >= SKULL_SHELL_MIN_BONE)
+
+
+def fit_skull(bone: np.ndarray, body: np.ndarray, zs: np.ndarray, z_from: float, step: float,
+              inside: np.ndarray | None = None, hu: np.ndarray | None = None) -> SkullFit | None:
+    """Sphere through the bone above ``z_from`` (mm), or None when implausible as a skull.
+
+    Linear least squares copes with a vault cut by the field of view. The core and the shell
+    band are judged only where the scan has data (``inside``).
     """
-    above = bone & body & (zs[None, None, :] > z_c1 + 10.0)
+    above = bone & body & (zs[None, None, :] > z_from)
     pts = np.argwhere(above)
     if len(pts) < 200:
-        return None, False
-    step = float(ys[1] - ys[0])
+        return None
     xyz = pts * step
     a = np.c_[2 * xyz, np.ones(len(xyz))]
     b = (xyz ** 2).sum(axis=1)
     sol, *_ = np.linalg.lstsq(a, b, rcond=None)
     centre = sol[:3]
     radius = float(np.sqrt(max(sol[3] + centre @ centre, 0.0)))
-    if not HEAD_RADIUS_MM[0] <= radius <= HEAD_RADIUS_MM[1] or centre[2] <= z_c1 + 20.0:
-        return None, False
-    # the sphere's core, in its bounding box only
-    lo = np.maximum(np.floor((centre - SKULL_CORE * radius) / step).astype(int), 0)
-    hi = np.minimum(np.ceil((centre + SKULL_CORE * radius) / step).astype(int) + 1, bone.shape)
-    if np.all(hi > lo):
-        grid = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        dist2 = sum((g * step - c) ** 2 for g, c in zip(grid, centre))
-        core = dist2 <= (SKULL_CORE * radius) ** 2
-        if inside is not None:
-            core = core & inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        core_cm3 = core.sum() * step ** 3 / 1000.0
-        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-        if hu is not None and core_cm3 >= BRAIN_CORE_MIN_CM3 and np.median(hu[box][core]) > BRAIN_MAX_HU:
-            return None, True
-        if core_cm3 >= SKULL_CORE_MIN_CM3 and float(bone[box][core].mean()) > SKULL_CORE_MAX_BONE:
-            return None, True
-    y_c1 = float(np.interp(z_c1, zs, y_front))
-    slope = (centre[1] - y_c1) / (centre[2] - z_c1)
-    return float(np.clip(slope, -HEAD_MAX_SLOPE, HEAD_MAX_SLOPE)), False
+    if not HEAD_RADIUS_MM[0] <= radius <= HEAD_RADIUS_MM[1] or centre[2] <= z_from + 10.0:
+        return None
+    fit = SkullFit(centre, radius)
+    reach = radius + SKULL_SHELL_BAND_MM
+    lo = np.maximum(np.floor((centre - reach) / step).astype(int), 0)
+    hi = np.minimum(np.ceil((centre + reach) / step).astype(int) + 1, bone.shape)
+    if not np.all(hi > lo):
+        return fit
+    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    grid = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    dist = np.sqrt(sum((g * step - c) ** 2 for g, c in zip(grid, centre)))
+    scanned = np.ones(dist.shape, bool) if inside is None else inside[box]
+    core = (dist <= SKULL_CORE * radius) & scanned
+    band = (np.abs(dist - radius) < SKULL_SHELL_BAND_MM) & scanned
+    fit.core_cm3 = float(core.sum()) * step ** 3 / 1000.0
+    if core.any():
+        fit.core_bone = float(bone[box][core].mean())
+        if hu is not None:
+            fit.core_median_hu = float(np.median(hu[box][core]))
+    if band.any():
+        fit.shell_bone = float(bone[box][band].mean())
+    return fit
+
+
+def head_axis(fit: SkullFit, z_c1: float, y_c1: float) -> float:
+    """Forward tilt (dy/dz) of the line from the top of C1 to the skull's centre."""
+    slope = (fit.centre[1] - y_c1) / (fit.centre[2] - z_c1)
+    return float(np.clip(slope, -HEAD_MAX_SLOPE, HEAD_MAX_SLOPE))
 
 
 VAULT_OUT_OF_VIEW_MM = 40.0  # a scan ending this close above C1 cannot show the skull vault (it rises ~100 mm higher)
@@ -597,22 +634,26 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
                "max_protrusion_mm": round(float(protrusion[zone].max()), 1),
                "spine_top_z_mm": round(float(spine_top), 1), "skull_base_seen": skull_base,
                "skull_base_z_mm": float(zs[min(clean, nz - 1)]) if skull_base else None}
-    if not skull_base and neck_level == int(in_zone.min()):
+    # A skull above C1 gives the head's orientation (the face turns with it).
+    # the skull and the brain's core are judged on the averaged scan alone: brain noise is no bone there
+    skull_hu = coarse if averaged is None else averaged
+    skull = fit_skull(skull_hu > BONE_HU, body, zs, spine_top + 10.0, step, inside, hu=skull_hu)
+    if skull_base and skull is not None and skull.encloses_no_brain:
+        details["skull_core_bony"] = True
+        return None, FaceReport(False, "the bone shell above the spine encloses bone or organs, not a brain: no head, no face",
+                                details)
+    # A head flexed so far that its skull lies in front of the column's top shows no skull base in
+    # the midline band; its skull, a bone shell around brain, shows the head all the same.
+    brain = not skull_base and skull is not None and skull.holds_brain
+    details["skull_holds_brain"] = brain
+    if not skull_base and not brain and neck_level == int(in_zone.min()):
         # No skull base, and the body is shallowest at the bottom of the zone: nothing here narrows
         # into a neck below a head. A child's chest (narrower than the head-and-neck limit) whose
         # front rises toward the top of the scan looked like a chin to the rule below.
         return None, FaceReport(False, "no skull base and no neck below the part in front of the spine: no face",
                                 details)
-    # A skull above C1 gives the head's orientation (the face turns with it).
-    # the skull and the brain's core are judged on the averaged scan alone: brain noise is no bone there
-    skull_bone = (coarse if averaged is None else averaged) > BONE_HU
-    axis, not_a_skull = (head_axis(skull_bone, body, ys, zs, spine_top, y_front, inside,
-                                   hu=coarse if averaged is None else averaged)
-                         if skull_base else (None, False))
-    if not_a_skull:
-        details["skull_core_bony"] = True
-        return None, FaceReport(False, "the bone shell above the spine encloses bone or organs, not a brain: no head, no face",
-                                details)
+    axis = (head_axis(skull, spine_top, float(np.interp(spine_top, zs, y_front)))
+            if skull is not None and (skull_base or brain) else None)
     # A scan that ends at the skull base shows no vault to fit a sphere to: the skull base on a
     # neck is the head, and the face hangs below and in front of it whether or not its chin shows.
     cut_at_base = skull_base and axis is None and head_cut_at_skull_base(zs, top, inside, spine_top, neck)

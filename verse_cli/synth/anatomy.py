@@ -10,6 +10,7 @@ by stacking bodies and discs from the sacrum upward and bending at each disc
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -789,6 +790,27 @@ def _segment_lookup(pts: np.ndarray, lo, hi, cell: float, k: int = 5):
 
 
 # --------------------------------------------------------------------------- sacrum / pelvis
+#: S2-S5 below the S1 body: centre (x, y, z) and half sizes, sacral frame (mm)
+_SACRAL_SEGMENTS = ((0, -6, -42, 40, 12, 14), (0, -15, -62, 30, 10, 12),
+                    (0, -25, -80, 20, 8, 10), (0, -35, -94, 13, 7, 8))
+
+
+def _sacral_fusion(q: np.ndarray, W: float, D: float, H: float) -> np.ndarray:
+    """Bony bridges between the sacral segments. In an adult the five sacral vertebrae are
+    one bone: their discs ossify from the rim (at most a thin residual S1/S2 line stays
+    inside), so on CT no segment is parted from the next by a disc-high gap, which only
+    the lumbosacral disc above S1 shows. Each segment is joined to the next by a bar as
+    deep as the smaller of the two and 0.85 of its width (the sacral foramina notch the
+    sides)."""
+    segs = [(0.0, 0.0, -H / 2, W / 2, D / 2, H / 2), *_SACRAL_SEGMENTS]
+    d = None
+    for a, b in itertools.pairwise(segs):
+        rx, ry = min(a[3], b[3]), min(a[4], b[4])
+        bar = capsule(q, a[:3], b[:3], ry, scale=(ry / (0.85 * rx), 1.0, 1.0))
+        d = bar if d is None else np.minimum(d, bar)
+    return d
+
+
 def sacrum_sdf_factory(lv: Level, rng, fused: dict):
     g = lv.dims
     W, D, H = g["W"], g["D"], g["H"]
@@ -800,9 +822,9 @@ def sacrum_sdf_factory(lv: Level, rng, fused: dict):
         body = body_sdf(q - np.array([0, 0, -H / 2], F32), W, D, H, waist=0.03, conc=0.8)
         ala = ellipsoid(m, (W / 2 + 4, -9.0, -H / 2 + 2), (g["ala"] - W / 2 - 2, 18.0, 14.0))
         d = smin(body, ala, 6.0)
-        for (cx, cy, cz, rx, ry, rz) in ((0, -6, -42, 40, 12, 14), (0, -15, -62, 30, 10, 12),
-                                         (0, -25, -80, 20, 8, 10), (0, -35, -94, 13, 7, 8)):
+        for (cx, cy, cz, rx, ry, rz) in _SACRAL_SEGMENTS:
             d = smin(d, ellipsoid(q, (cx, cy, cz), (rx, ry, rz)), 8.0)
+        d = smin(d, _sacral_fusion(q, W, D, H), 4.0)
         sup = ellipsoid(m, (W / 2 - 6, -D / 2 - 12, 2.0), (6.0, 7.0, 9.0))
         crest = capsule(q, (0, -D / 2 - 14, -12), (0, -42, -70), 4.0)
         lam = plate(m, (W / 2 - 4, -D / 2 - 8, -20), (-(W / 2 - 4), -8, -2), (0, 4, 20), 5.0)

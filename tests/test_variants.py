@@ -652,3 +652,33 @@ def test_cervical_rib_touching_the_shoulder_girdle_ends_where_it_meets_it():
     r = rate(ct, mask, aff)
     assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
     assert r["ribs"]["C7"]["left_status"] == "present" and abs(r["ribs"]["C7"]["left_mm"] - 30) <= 8, r["ribs"]["C7"]
+
+
+def test_bone_cut_by_the_scan_edge_below_the_last_label_is_not_named_the_sacrum():
+    """Unlabelled bone below the last label that the scan's edge cuts before it runs on
+    longer than a vertebral body may be the next vertebra as much as the sacrum: neither is
+    named, so the lumbar count stays undeterminable (it was closed at the last label)."""
+    ct, mask, aff = phantom(labels=(20, 21, 22, 23, 24), sacrum=False, unlabel=(24,))
+    sp = np.diag(aff)[:3]
+    zc = 25.0  # the unlabelled L5's centre: its body spans z 15-35 mm
+    keep = int(np.rint((zc - 3.0) / sp[2]))  # the scan ends 13 mm below the body's top
+    ct, mask = np.ascontiguousarray(ct[:, :, keep:]), np.ascontiguousarray(mask[:, :, keep:])
+    aff = aff.copy()
+    aff[2, 3] = keep * sp[2]
+    r = rate(ct, mask, aff)
+    found = r["evidence"]["castellvi"].get("unlabelled_sacrum", {})
+    assert found.get("cut_by_field_of_view"), found
+    assert r["castellvi"] is None
+    assert r["enumeration"]["lumbar"] is None and "L4" not in r["enumeration"]["flags"]
+
+
+def test_a_thin_disc_is_a_slab_much_emptier_than_the_bodies_beside_it():
+    """A disc thinner than the blur of the voxels leaves some bone in its slab; a slab much
+    emptier than the bodies above and below it is a disc all the same, while the varying
+    fill of a body's cancellous bone is none."""
+    from verse_cli.variants import _disc_slabs
+
+    profile = np.array([0.0, 0.0, 0.6, 0.7, 0.5, 0.7, 0.45, 0.7, 0.7, 0.7, 0.7, 0.7, 0.2, 0.7, 0.8, 0.8,
+                        0.8, 0.8, 0.8, 0.8])
+    disc = _disc_slabs(profile, 2.0)
+    assert disc[:2].all() and disc[12] and not disc[2:12].any() and not disc[13:].any()

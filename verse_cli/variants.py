@@ -62,6 +62,7 @@ TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
 MAX_DISC_MM = 20.0  # an intervertebral disc is at most this high (adult lumbar discs: 8-15 mm)
 MIN_BODY_MM = 15.0  # a vertebral body is at least this high (adult lumbar bodies: 25-30 mm)
+MAX_BODY_MM = 45.0  # ... and at most this high: longer bone unbroken by a disc is the sacrum
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 mm radius)
@@ -917,24 +918,18 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     # articular and spinous processes reach the next vertebra), and starting from them
     # would step over the disc below the body
     last_pts = grid.points(lumbar[-1]) * sp
-    centre = fr.body + down * _endplate_depth(last_pts - fr.body, down, fr.half_width)
+    start = fr.body + down * _endplate_depth(last_pts - fr.body, down, fr.half_width)
     walk_len = 120.0
-    _drop_specks(free, grid, centre, down, walk_len)
-    profile, centres = [], []
-    for _ in range(int(walk_len / step_mm)):
-        centre = centre + down * step_mm
-        region, box = _tube(grid, centre, down, -step_mm / 2, step_mm / 2, 15.0)
-        hit = free[box] & region
-        n = int(region.sum())
-        frac = float(hit.sum()) / n if n else 0.0
-        profile.append(frac)
-        centres.append(centre.copy())
-        if n == 0:
-            break
-        centre = _recentre(grid, free, centre, down)
-    # cancellous bone is partly below the threshold, so a body fills only 10-60 % of
-    # the disc while an intervertebral disc leaves it empty
-    solid = np.array(profile) >= 0.08
+    # the column below bends back with the lordosis (the lumbosacral angle is 20-40
+    # degrees, the sacrum runs down and back), so a walk held to the lumbar axis can
+    # leave a tilted L5 through its front and miss the sacrum: the walk headed 0-30
+    # degrees back that stays in bone the most is the column's
+    walks = []
+    for heading in _sagittal_tilts(down, fr.right, (0, -10, -20, -30)):
+        _drop_specks(free, grid, start, heading, walk_len)
+        walks.append(_walk(grid, free, start, heading, fr.right, step_mm, walk_len))
+    profile, centres, clipped = max(walks, key=lambda w: w[4])[:3]
+    solid = ~_disc_slabs(np.array(profile), step_mm)
     runs = []
     for a, b in _runs(solid):
         if runs and (a - runs[-1][1]) * step_mm < 4.0:
@@ -952,9 +947,17 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     # farther down is bone beside the column the walk strayed into) and is followed by
     # the sacrum one disc lower
     lstv = (len(runs) > 1 and runs[0][0] * step_mm <= MAX_DISC_MM
-            and MIN_BODY_MM <= (runs[0][1] - runs[0][0]) * step_mm <= 45.0
+            and MIN_BODY_MM <= (runs[0][1] - runs[0][0]) * step_mm <= MAX_BODY_MM
             and (runs[1][0] - runs[0][1]) * step_mm <= MAX_DISC_MM)
     evidence["transitional_vertebra"] = bool(lstv)
+    sacrum = runs[1] if lstv else runs[0]
+    if any(clipped[sacrum[1]:sacrum[1] + 2]) and (sacrum[1] - sacrum[0]) * step_mm < (
+            MIN_BODY_MM if lstv else MAX_BODY_MM):
+        # bone cut by the scan's edge before it ran on longer than a vertebral body (below
+        # a transitional vertebra, whose processes reach into the ala: shorter than a
+        # body): a cut vertebra as much as the sacrum's top, so neither is named
+        evidence["cut_by_field_of_view"] = True
+        return None, evidence
     if lstv:
         # the disc below the transitional body: halfway between the two runs, facing from
         # the body's middle towards the sacrum's top
@@ -979,12 +982,97 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     return pts, evidence
 
 
+def _walk(grid: Grid, free: np.ndarray, start: np.ndarray, down: np.ndarray, right: np.ndarray, step_mm: float,
+          length: float):
+    """One walk down the column from ``start``: the least bone fraction per step over
+    tilted slabs (the disc profile), the step centres, per step whether the scan's edge
+    clips the slab, its heading, and the bone it met (the sum of the square slabs'
+    fractions)."""
+    profile, centres, clipped, bone_met = [], [], [], 0.0
+    slabs = _sagittal_tilts(down, right)
+    centre = start
+    for _ in range(int(length / step_mm)):
+        centre = centre + down * step_mm
+        frac, n, square = _least_bone_slab(grid, free, centre, slabs, step_mm, 15.0)
+        profile.append(frac)
+        centres.append(centre.copy())
+        clipped.append(_slab_clipped(grid, centre, down, step_mm, 15.0))
+        bone_met += square
+        if n == 0:
+            break
+        centre = _recentre(grid, free, centre, down)
+    return profile, centres, clipped, down, bone_met
+
+
+def _slab_clipped(grid: Grid, centre: np.ndarray, normal: np.ndarray, thick_mm: float, radius: float) -> bool:
+    """True when the scan's edge cuts the slab (the disc of ``radius`` and ``thick_mm``)."""
+    reach = radius * np.sqrt(np.clip(1.0 - normal ** 2, 0.0, 1.0)) + thick_mm / 2 * np.abs(normal)
+    top = (np.asarray(grid.mask.shape) - 1) * grid.sp
+    return bool(np.any(centre - reach < 0.0) or np.any(centre + reach > top))
+
+
+def _sagittal_tilts(down: np.ndarray, right: np.ndarray, degrees=(0, -10, 10, -20, 20, -30, 30)) -> list:
+    """``down`` turned about ``right`` by each angle: the normals of the slabs that look for
+    a disc. The lumbosacral disc is wedge-shaped and tilted against the lumbar axis by the
+    lordosis (sacral slope 30-50 degrees against L3-L4's 0-15), so a slab square to that
+    axis cuts through both endplates at once and never finds the disc empty."""
+    out = []
+    for a in np.radians(degrees):
+        turned = down * np.cos(a) + np.cross(right, down) * np.sin(a) + right * (right @ down) * (1 - np.cos(a))
+        out.append(_unit(turned))
+    return out
+
+
+def _least_bone_slab(grid: Grid, free: np.ndarray, centre: np.ndarray, normals: list, thick_mm: float,
+                     radius: float) -> tuple[float, int, float]:
+    """The least fraction of bone over slabs through ``centre`` with the given normals, the
+    voxel count of the first slab (0: the walk left the scan) and its bone fraction."""
+    fracs, first_n = [], None
+    for d in normals:
+        region, box = _slab(grid, centre, d, thick_mm, radius)
+        n = int(region.sum())
+        first_n = n if first_n is None else first_n
+        if n:
+            fracs.append(float((free[box] & region).sum()) / n)
+    first = fracs[0] if fracs and first_n else 0.0
+    return (min(fracs) if fracs else 0.0), int(first_n or 0), first
+
+
+def _slab(grid: Grid, centre: np.ndarray, normal: np.ndarray, thick_mm: float, radius: float):
+    """Voxels of the disc of ``radius`` and ``thick_mm`` around ``centre`` facing ``normal``,
+    in a box fitted to the disc (``_tube``'s box is a cube around it, tens of times larger)."""
+    sp = grid.sp
+    reach = radius * np.sqrt(np.clip(1.0 - normal ** 2, 0.0, 1.0)) + thick_mm / 2 * np.abs(normal)
+    lo = np.clip(np.floor((centre - reach) / sp).astype(int), 0, grid.mask.shape)
+    hi = np.clip(np.ceil((centre + reach) / sp).astype(int) + 1, 0, grid.mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    gx, gy, gz = np.meshgrid(*[np.arange(a, b) * s - o for a, b, s, o in zip(lo, hi, sp, centre)],
+                             indexing="ij", sparse=True)
+    t = gx * normal[0] + gy * normal[1] + gz * normal[2]
+    r2 = gx ** 2 + gy ** 2 + gz ** 2 - t ** 2
+    return (t > -thick_mm / 2) & (t <= thick_mm / 2) & (r2 <= radius ** 2), box
+
+
+def _disc_slabs(profile: np.ndarray, step_mm: float, window_mm: float = 20.0, empty: float = 0.08,
+                relative: float = 0.35) -> np.ndarray:
+    """Slabs of the walk that lie in a disc. Cancellous bone is partly below the threshold,
+    so a body fills 10-100 % of a slab (its density varies with age and the scanner) while a
+    disc leaves it empty, or, where a thin disc is blurred by the voxels, much emptier than
+    the bodies on both sides of it (``relative`` of the fuller within ``window_mm``
+    above and below, the less full of the two)."""
+    k = max(round(window_mm / step_mm), 1)
+    padded = np.pad(profile, k)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * k + 1)
+    beside = np.minimum(windows[:, :k].max(axis=1), windows[:, k + 1:].max(axis=1))
+    return (profile < empty) | (profile < relative * beside)
+
+
 def _recentre(grid: Grid, free: np.ndarray, centre: np.ndarray, down: np.ndarray, radius: float = 15.0,
               half_mm: float = 3.0, gain: float = 0.7) -> np.ndarray:
     """The walk moved most of the way across the column towards the bone of a 6 mm slab
     around it (a thicker slab than the profile's, so that a body's cortical ring, not a
     single noisy plane, centres it), to follow the lordosis into the tilted sacrum."""
-    region, box = _tube(grid, centre, down, -half_mm, half_mm, radius)
+    region, box = _slab(grid, centre, down, 2 * half_mm, radius)
     hit = free[box] & region
     n = int(region.sum())
     if n == 0 or hit.sum() <= 0.1 * n:

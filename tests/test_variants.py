@@ -682,3 +682,14 @@ def test_a_thin_disc_is_a_slab_much_emptier_than_the_bodies_beside_it():
                         0.8, 0.8, 0.8, 0.8])
     disc = _disc_slabs(profile, 2.0)
     assert disc[:2].all() and disc[12] and not disc[2:12].any() and not disc[13:].any()
+
+
+def test_a_one_slab_disc_parts_two_bodies_but_a_cancellous_hole_does_not():
+    """One empty slab (2 mm) between two bodies is a thin disc; a slab in a body that is
+    only emptier than its neighbours (cancellous bone partly below the threshold) is closed."""
+    from verse_cli.variants import _body_runs
+
+    body = [0.4] * 12
+    hole = _body_runs(np.array([0.0, *body[:6], 0.12, *body[6:], 0.0]), 2.0)
+    disc = _body_runs(np.array([0.0, *body[:6], 0.02, *body[6:], 0.0]), 2.0)
+    assert hole == [(1, 14)] and disc == [(1, 7), (8, 14)]

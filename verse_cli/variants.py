@@ -929,14 +929,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         _drop_specks(free, grid, start, heading, walk_len)
         walks.append(_walk(grid, free, start, heading, fr.right, step_mm, walk_len))
     profile, centres, clipped = max(walks, key=lambda w: w[4])[:3]
-    solid = ~_disc_slabs(np.array(profile), step_mm)
-    runs = []
-    for a, b in _runs(solid):
-        if runs and (a - runs[-1][1]) * step_mm < 4.0:
-            runs[-1] = (runs[-1][0], b)
-        else:
-            runs.append((a, b))
-    runs = [(a, b) for a, b in runs if (b - a) * step_mm >= 8.0]
+    runs = _body_runs(np.array(profile), step_mm)
     if runs and runs[0][0] == 0 and len(runs) > 1:
         runs = runs[1:]  # bone right at the start is the last labelled vertebra's own
     evidence = {"bodies_below_mm": [[a * step_mm, b * step_mm] for a, b in runs],
@@ -1051,6 +1044,19 @@ def _slab(grid: Grid, centre: np.ndarray, normal: np.ndarray, thick_mm: float, r
     t = gx * normal[0] + gy * normal[1] + gz * normal[2]
     r2 = gx ** 2 + gy ** 2 + gz ** 2 - t ** 2
     return (t > -thick_mm / 2) & (t <= thick_mm / 2) & (r2 <= radius ** 2), box
+
+
+def _body_runs(profile: np.ndarray, step_mm: float, empty: float = 0.08) -> list[tuple[int, int]]:
+    """(start, stop) steps of the bodies along the walk: runs between disc slabs, at least 8 mm
+    long. A gap under 4 mm is a hole in a body's cancellous bone and is closed, unless a
+    slab in it is empty (under ``empty``) whatever its tilt: a thin disc."""
+    runs: list[tuple[int, int]] = []
+    for a, b in _runs(~_disc_slabs(profile, step_mm, empty=empty)):
+        if runs and (a - runs[-1][1]) * step_mm < 4.0 and profile[runs[-1][1]:a].min() >= empty:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return [(a, b) for a, b in runs if (b - a) * step_mm >= 8.0]
 
 
 def _disc_slabs(profile: np.ndarray, step_mm: float, window_mm: float = 20.0, empty: float = 0.08,

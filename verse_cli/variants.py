@@ -62,7 +62,8 @@ TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
 MAX_DISC_MM = 20.0  # an intervertebral disc is at most this high (adult lumbar discs: 8-15 mm)
 MIN_BODY_MM = 15.0  # a vertebral body is at least this high (adult lumbar bodies: 25-30 mm)
-MAX_BODY_MM = 45.0  # ... and at most this high: longer bone unbroken by a disc is the sacrum
+MAX_BODY_MM = 45.0  # ... and, met obliquely by the walk, at most this long
+TALL_BODY_MM = 35.0  # the tallest lumbar body (adult L1-L5 25-30 mm): a longer run of bone is no vertebra's
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 mm radius)
@@ -945,7 +946,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     evidence["transitional_vertebra"] = bool(lstv)
     sacrum = runs[1] if lstv else runs[0]
     if any(clipped[sacrum[1]:sacrum[1] + 2]) and (sacrum[1] - sacrum[0]) * step_mm < (
-            MIN_BODY_MM if lstv else MAX_BODY_MM):
+            MIN_BODY_MM if lstv else TALL_BODY_MM):
         # bone cut by the scan's edge before it ran on longer than a vertebral body (below
         # a transitional vertebra, whose processes reach into the ala: shorter than a
         # body): a cut vertebra as much as the sacrum's top, so neither is named

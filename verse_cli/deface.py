@@ -17,9 +17,7 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
    No such zone: no face.
 2. **The cervical spine** is the bony column that spans most of the neck; its midline
    band is tracked upward to the skull base, recognised by the jump in midline bone
-   (behind the column's front, which leads the column's own slowly creeping front by at
-   most 15 mm: a jaw touching the track in front, or creeping into it from below in a
-   flexed neck, does not count) where
+   (behind the column's front: a jaw touching the track in front does not count) where
    the skull meets C1, up to 30 mm above the thin run of C1's arches and dens; or, above
    that thin run, by a vertebra's worth of bone that spreads well in front of the column
    (dense arches make the column as wide in the midline band as the skull base). Its
@@ -281,18 +279,6 @@ SPINE_EXTEND_FIT_MM = 45.0
 SPINE_FRONT_HALF_WINDOW_MM = 15.0
 
 
-def limit_forward_creep(front: np.ndarray, z: np.ndarray, max_slope: float = SPINE_MAX_SLOPE) -> np.ndarray:
-    """The spine's front followed up from its lowest slices (their median), moving forward by at
-    most ``max_slope`` per unit of ``z``; it may move back freely. Bone that touches the column
-    (a jaw, the skull base) cannot drag it faster than the cervical lordosis does."""
-    limited = np.array(front, dtype=float)
-    limited[0] = np.median(limited[:5])
-    rises = max_slope * np.diff(np.asarray(z, dtype=float))
-    for i in range(1, len(limited)):  # a few dozen coarse slices
-        limited[i] = min(limited[i], limited[i - 1] + rises[i - 1])
-    return limited
-
-
 def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray,
                 extend_to: float | None = None) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """Anterior surface (y, mm) of the tracked spine for every axial slice, the top (z, mm)
@@ -317,7 +303,11 @@ def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray,
     _, y_max = _extent(spine.any(axis=0), ys)
     known = np.flatnonzero(~np.isnan(y_max))
     raw = y_max[known]
-    limited = limit_forward_creep(raw, zs[known])
+    limited = raw.copy()
+    limited[0] = np.median(raw[:5])
+    rises = SPINE_MAX_SLOPE * np.diff(zs[known])
+    for i in range(1, len(raw)):  # a few dozen coarse slices
+        limited[i] = min(raw[i], limited[i - 1] + rises[i - 1])
     y_front = np.interp(np.arange(len(zs)), known, limited)
     rise = np.zeros(len(zs))
     if extend_to is not None and extend_to > zs[known[-1]]:
@@ -373,7 +363,6 @@ def tallest_column(bone: np.ndarray, lower: slice, step: float) -> np.ndarray | 
 SKULL_BASE_SPIKE = 1.30
 SKULL_BASE_LOOKBACK_MM = 9.0  # the column's front just below a slice ...
 SKULL_BASE_AHEAD_MM = 10.0  # ... and how far in front of it a skull base's bone may reach
-SKULL_BASE_MAX_LEAD_MM = 15.0  # the track's front ahead of the column's own, at most
 C1_GAP_MM = 30.0  # C1 (arches and dens) is thin in the midline band: a jump this far above a thin run counts
 C1_SLICES_MM = 21.0  # keep this much of the track above the jump (all of C1 and the dens)
 
@@ -386,9 +375,7 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     skull base sits on C1 the band suddenly holds much more bone (a jump above
     ``SKULL_BASE_SPIKE`` times a vertebra's cross-section below, counting only bone behind the
     column's front just below plus ``SKULL_BASE_AHEAD_MM``, so that a jaw touching the
-    track in front does not count; that front leads the column's own, followed up with
-    :func:`limit_forward_creep`, by at most ``SKULL_BASE_MAX_LEAD_MM``, so that a jaw creeping
-    into the track from below does not carry it forward); above it lies only the skull shell. C1 itself (two
+    track in front does not count); above it lies only the skull shell. C1 itself (two
     arches and the dens) is thin in the band, so a jump up to ``C1_GAP_MM`` above a thin run is still the skull base;
     so is, there, bone as much as a vertebra's cross-section that reaches ``SKULL_BASE_AHEAD_MM`` further
     forward than the column below the thin run (no jump shows where dense arches make the column as wide
@@ -411,30 +398,14 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     profile = spine.sum(axis=0)  # (y, z)
     has = profile > 0
     front = np.where(has.any(axis=0), spine.shape[1] - 1 - has[::-1].argmax(axis=0), -1)
-    # The track's front may lead the column's own (its front followed up with a limited forward
-    # creep) by a vertebra's anterior rim and C1's arch, not more: a jaw that creeps into the track from
-    # below (a neck flexed 45 degrees, full-resolution synthetic head 12) would otherwise carry the
-    # limit forward with it and pass for the skull base.
-    led = front.copy()
-    if present.size:
-        steady = np.floor(limit_forward_creep(front[present].astype(float), present.astype(float)))
-        led[present] = np.minimum(front[present], steady.astype(int) + round(SKULL_BASE_MAX_LEAD_MM / step))
     look = max(1, round(SKULL_BASE_LOOKBACK_MM / step))
-
-    def front_below(fronts):  # the most anterior front within the lookback below each slice
-        prev = np.full_like(fronts, -1)
-        for lag in range(1, look + 1):  # a handful of shifted copies of a 1D array
-            prev[lag:] = np.maximum(prev[lag:], fronts[:-lag])
-        return prev
-
-    def bone_behind(prev):  # the track's bone behind that front plus SKULL_BASE_AHEAD_MM, per slice
-        limit = np.where(prev >= 0, prev + round(SKULL_BASE_AHEAD_MM / step), spine.shape[1] - 1)
-        return np.cumsum(profile, axis=0)[np.clip(limit, 0, spine.shape[1] - 1), np.arange(spine.shape[2])]
-
-    prev = front_below(front)
-    behind = bone_behind(prev)
+    prev = np.full_like(front, -1)
+    for lag in range(1, look + 1):  # a handful of shifted copies of a 1D array
+        prev[lag:] = np.maximum(prev[lag:], front[:-lag])
+    limit = np.where(prev >= 0, prev + round(SKULL_BASE_AHEAD_MM / step), spine.shape[1] - 1)
+    behind = np.cumsum(profile, axis=0)[np.clip(limit, 0, spine.shape[1] - 1), np.arange(spine.shape[2])]
     full = float(np.percentile(counts[lower], 75))  # a vertebra's cross-section, not a disc's
-    spikes = np.flatnonzero(bone_behind(front_below(led))[start:] > SKULL_BASE_SPIKE * full) + start
+    spikes = np.flatnonzero(behind[start:] > SKULL_BASE_SPIKE * full) + start
     thin = counts < 0.5 * typical
     drops = np.flatnonzero(thin[start:-1] & thin[start + 1:]) + start
     if drops.size:

@@ -352,10 +352,16 @@ def _tube(grid: Grid, origin: np.ndarray, d: np.ndarray, t0: float, t1: float, r
     corners = np.array([origin + d * t + s * radius for t in (t0, t1) for s in (-1, 1)])
     lo = np.floor((np.minimum(corners.min(axis=0), origin - radius) - radius) / sp).astype(int)
     hi = np.ceil((np.maximum(corners.max(axis=0), origin + radius) + radius) / sp).astype(int) + 1
+    return _cylinder_in_box(grid, lo, hi, origin, d, t0, t1, radius)
+
+
+def _cylinder_in_box(grid: Grid, lo, hi, origin: np.ndarray, d: np.ndarray, t0: float, t1: float, radius: float):
+    """The voxels of the box ``lo:hi`` (clipped to the grid) with t0 < (p-o).d <= t1 and radial
+    distance <= radius, and the box."""
     lo = np.clip(lo, 0, grid.mask.shape)
     hi = np.clip(hi, 0, grid.mask.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    axes = [(np.arange(a, b) * s - o) for a, b, s, o in zip(lo, hi, sp, origin)]
+    axes = [(np.arange(a, b) * s - o) for a, b, s, o in zip(lo, hi, grid.sp, origin)]
     gx, gy, gz = np.meshgrid(*axes, indexing="ij", sparse=True)
     t = gx * d[0] + gy * d[1] + gz * d[2]
     r2 = gx ** 2 + gy ** 2 + gz ** 2 - t ** 2
@@ -1037,14 +1043,9 @@ def _slab(grid: Grid, centre: np.ndarray, normal: np.ndarray, thick_mm: float, r
     in a box fitted to the disc (``_tube``'s box is a cube around it, tens of times larger)."""
     sp = grid.sp
     reach = radius * np.sqrt(np.clip(1.0 - normal ** 2, 0.0, 1.0)) + thick_mm / 2 * np.abs(normal)
-    lo = np.clip(np.floor((centre - reach) / sp).astype(int), 0, grid.mask.shape)
-    hi = np.clip(np.ceil((centre + reach) / sp).astype(int) + 1, 0, grid.mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    gx, gy, gz = np.meshgrid(*[np.arange(a, b) * s - o for a, b, s, o in zip(lo, hi, sp, centre)],
-                             indexing="ij", sparse=True)
-    t = gx * normal[0] + gy * normal[1] + gz * normal[2]
-    r2 = gx ** 2 + gy ** 2 + gz ** 2 - t ** 2
-    return (t > -thick_mm / 2) & (t <= thick_mm / 2) & (r2 <= radius ** 2), box
+    lo = np.floor((centre - reach) / sp).astype(int)
+    hi = np.ceil((centre + reach) / sp).astype(int) + 1
+    return _cylinder_in_box(grid, lo, hi, centre, normal, -thick_mm / 2, thick_mm / 2, radius)
 
 
 def _body_runs(profile: np.ndarray, step_mm: float, empty: float = 0.08) -> list[tuple[int, int]]:

@@ -407,6 +407,75 @@ def test_cervical_rib_measured_from_the_body_where_the_mask_covers_its_start():
     assert abs(r["ribs"]["C7"]["left_mm"] - length) <= 6, r["ribs"]["C7"]
 
 
+def _c7_with_short_rib(length, covered_mm, speck=False):
+    """C7 with a rib starting beside its body whose first ``covered_mm`` the mask labels as
+    C7 (the transverse process's front, as in synth cases); ``speck``: instead of the rest
+    of the rib, a 2 mm speck of bone beyond the label."""
+    labels, width = (6, 7, 8, 9), 260
+    ct, mask, aff = phantom(labels=labels, ribs={7: (None if speck else length, None), 8: (90, 90), 9: (120, 120)},
+                            sacrum=False, width_mm=width)
+    sp = np.asarray(SPACING)
+    z7 = 30 * len(labels) + 20 - 25 - 30
+    start = np.array([width / 2 - 17.0, 70.0 + 4.0, z7 + 3.0])
+    d = np.array([-0.8, 0.55, -0.25])
+    d /= np.linalg.norm(d)
+    covered = _capsule(ct.shape, sp, start - 2 * d, start + d * covered_mm, 3.5)
+    ct[covered] = 600
+    mask[covered & (mask == 0)] = 7
+    if speck:
+        ct[_capsule(ct.shape, sp, start + d * (length - 1.5), start + d * (length - 0.5), 1.6) & (mask == 0)] = 600
+    return ct, mask, aff
+
+
+def test_short_cervical_rib_showing_only_beyond_the_process():
+    """A short cervical rib (synth 90044 right, 23 mm; 90029, 28-29 mm) lies mostly under
+    C7's label along the process: beyond the cut next to the label only a piece of
+    150-250 mm3 shows, too small to skeletonise (lengths of -3 to 7 mm) and under the
+    speck volume, so it was called absent. A piece of bone that size in front of the
+    process, beside the body at C7's level, is the rib; its length runs from the body."""
+    ct, mask, aff = _c7_with_short_rib(24.0, 16.0)
+    r = rate(ct, mask, aff)
+    assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]["C7"]
+    assert abs(r["ribs"]["C7"]["left_mm"] - 24.0) <= 4, r["ribs"]["C7"]
+    # a speck of a few voxels there is noise, not a rib
+    ct, mask, aff = _c7_with_short_rib(24.0, 16.0, speck=True)
+    r = rate(ct, mask, aff)
+    assert r["cervical_ribs"]["left"] is False, r["ribs"]["C7"]
+
+
+def test_cervical_rib_piece_beside_a_first_rib_touching_c7_stays_at_c7():
+    """Synth 90029: the first rib's head touched only C7, so C7 got the first rib and,
+    as a second piece, the cervical rib's end beyond the process; both moved to T1. The
+    piece in front of the process at C7's level is C7's; a piece behind the body's
+    centre (the first rib's neck) or at T1's level is not."""
+    from verse_cli.ribs import Frame
+    from verse_cli.variants import Grid, _cervical_ribs_beside_process
+
+    shape, sp = (120, 120, 120), np.ones(3)
+    ex, ey, ez = np.eye(3)
+
+    def frame(lab, z):
+        c = np.array([60.0, 50.0, z])
+        return Frame(lab, c, c + 10 * ey, ex, ey, ez, 1000, 12.0)
+
+    frames = {7: frame(7, 80.0), 8: frame(8, 55.0)}
+
+    def block(x, y, z):  # a 6 x 6 x 6 mm piece of bone at that corner
+        g = np.indices((6, 6, 6)).reshape(3, -1).T + np.array([x, y, z])
+        return np.ravel_multi_index(tuple(g.T), shape)
+
+    first_rib = block(60 - 30, 50, 60)
+    in_front = block(60 - 28, 62, 78)  # left of the body, 12 mm in front of the centre, C7's level
+    behind = block(60 + 26, 52, 78)  # right, 8 mm behind the body's centre
+    low = block(60 + 26, 62, 60)  # right, at T1's level
+    grid = Grid(np.zeros(shape, np.uint8), None, np.eye(4), sp, [7, 8])
+    ribs = {7: {"left_status": "present", "right_status": "present"}}
+    found = _cervical_ribs_beside_process(grid, ribs, {(7, "left"): [first_rib, in_front],
+                                                       (7, "right"): [first_rib, behind, low]}, frames)
+    assert set(found) == {"left"}, found
+    assert found["left"]["voxels"] == 216 and 17 <= found["left"]["length_mm"] <= 20, found  # body side to far corner
+
+
 def test_cervical_rib_joined_to_the_first_rib():
     """A cervical rib that meets the first rib makes one bone with it. In synth cases
     90014, 90035, 90044 and 90059 (cervical-rib misses) the heads lay so close that the

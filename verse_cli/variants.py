@@ -70,6 +70,8 @@ MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 m
 TP_LATERAL = 0.6  # ... or lateral of this fraction of its reach, whichever is nearer the body
 TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
 FIRST_RIB_MIN_MM = 60.0  # a shorter first rib was not measured whole: no cervical rib is split off it
+MIN_CERVICAL_MM3 = 120.0  # a cervical rib shows at least this much bone beyond C7's process (3 mm radius, 4 mm)
+MIN_CERVICAL_VOXELS = 16  # ... in at least this many voxels: fewer are a speck of noise, whatever their size
 TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
 RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
 THORACOLUMBAR = {17, 18, 19, 28, 20}  # T10-T13, L1: where the rib rule moves the boundary
@@ -434,7 +436,13 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
             else:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = round(rib.length_mm, 1), "present"
         out[lab] = entry
+    beside = _cervical_ribs_beside_process(grid, out, components, frames)
     _first_rib_from_c7(out, evidence, components, measured)
+    for side, found in beside.items():
+        ok = out[7][f"{side}_status"] == "absent"
+        evidence.setdefault("C7", {})[f"{side}_beside_process"] = {**found, "accepted": ok}
+        if ok:
+            out[7][f"{side}_mm"], out[7][f"{side}_status"] = found["length_mm"], "present"
     if 7 in out and 8 in out:
         for side in SIDES:
             # only beside a first rib measured whole (adult first ribs run 100-150 mm)
@@ -443,6 +451,67 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 _cervical_rib_on_first_rib(grid, out, evidence, components[(8, side)], measured[(8, side)], frames,
                                            side, joint_distance, thr, outside, zone)
     return out, evidence
+
+
+def _cervical_ribs_beside_process(grid: Grid, ribs: dict, components: dict, frames: dict) -> dict:
+    """Per side, a short cervical rib that shows only as a small piece beside C7's process.
+
+    A cervical rib is C7's costal element grown out: it leaves the anterior root of the
+    transverse process, beside the body, and runs forward and outward. Where the mask
+    labels the process as C7, a short one shows only as the bit that sticks out of the
+    label beyond the cut next to it: a piece too small to measure as a rib (it failed
+    ``MIN_RIB_MM`` or the speck volume) yet clearly bone. Looked for among C7's pieces
+    on a side that came out without a rib, and otherwise among the pieces beside its
+    largest one (which may be the first rib, whose head touched only C7, and moves to T1).
+    """
+    if 7 not in ribs or 7 not in frames:
+        return {}
+    out = {}
+    for side in SIDES:
+        pieces = components.get((7, side), [])
+        candidates = pieces if ribs[7][f"{side}_status"] == "absent" else pieces[1:]
+        found = _piece_beside_process(grid, candidates, frames, side)
+        if found is not None:
+            out[side] = found
+    return out
+
+
+def _piece_beside_process(grid: Grid, pieces: list, frames: dict, side: str) -> dict | None:
+    """The largest piece that is a cervical rib beside C7's process, with its length, or None.
+
+    The piece must be bone, not a speck of noise (``MIN_CERVICAL_MM3`` in at least
+    ``MIN_CERVICAL_VOXELS``), and lie where a cervical rib leaves C7: lateral of the body,
+    in front of the body's centre (the costal element is the process's anterior root; the
+    posterior tubercle and the first rib's neck lie behind), and at C7's level, nearer
+    C7's body than T1's (the first rib's head sits on T1). Its length runs from the side
+    of the body, where its joint is, to its farthest point, as a rib's is measured from
+    the joint: the stretch along the process is under the label.
+    """
+    fr = frames[7]
+    sp = grid.sp
+    outward = fr.right if side == "right" else -fr.right
+    body_half_width = _cervical_body_half_width(frames, 7)
+    below = frames.get(8)
+    best = None
+    for flat in pieces:
+        if len(flat) < MIN_CERVICAL_VOXELS or len(flat) * float(np.prod(sp)) < MIN_CERVICAL_MM3:
+            continue
+        pts = np.array(np.unravel_index(flat, grid.mask.shape)).T * sp
+        rel = pts.mean(axis=0) - fr.body
+        if rel @ outward <= body_half_width or rel @ fr.anterior < 0.0:
+            continue
+        if below is not None:
+            down = below.body - fr.body
+            if rel @ down >= 0.5 * float(down @ down):
+                continue
+        if best is None or len(pts) > len(best):
+            best = pts
+    if best is None:
+        return None
+    joint = fr.body + outward * body_half_width
+    length = float(np.linalg.norm(best - joint, axis=1).max()) + 0.5 * float(np.mean(sp))
+    return {"length_mm": round(length, 1), "voxels": len(best), "volume_mm3": round(len(best) * float(np.prod(sp)), 1),
+            "joint_ras_mm": [round(float(v), 1) for v in joint]}
 
 
 def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames, side, joint_distance, thr,

@@ -176,6 +176,22 @@ def test_castellvi_labelled_vertebra(sides, grades, combined):
     assert c["vertebra"] == "L5"
 
 
+@pytest.mark.parametrize("sides, combined", [(("pseudo", "pseudo"), "2b"), (("tall", "pseudo"), "2a"),
+                                             (("tall", "tall"), "0/1")])
+def test_castellvi_pseudarthrosis_with_an_unlabelled_sacrum(sides, combined):
+    """With the sacrum unlabelled, as in VerSe, the sacrum found below the last label lacks
+    the bone within HALO_MM of it, so the labels' gap over a 1.5 mm cleft read several mm
+    (synth 90054: 2b rated 0/1). The non-bone on the raw CT between process and ala is the
+    cleft that grades; a tall process 9 mm clear of the ala stays grade I. The L5 label is
+    drawn a voxel inside its bone, as segmentations are."""
+    from scipy import ndimage
+
+    ct, mask, aff = phantom(labels=(22, 23, 24), castellvi=sides, unlabel=(26,))
+    mask[(mask == 24) & ~ndimage.binary_erosion(mask == 24)] = 0
+    c = rate(ct, mask, aff)["castellvi"]
+    assert c["vertebra"] == "L5" and c["grade"] == combined, c
+
+
 def test_castellvi_unlabelled_fused_vertebra():
     ct, mask, aff = phantom(labels=(22, 23, 24), castellvi=("fused", "fused"), unlabel=(24,))
     r = rate(ct, mask, aff)

@@ -1285,12 +1285,17 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float, s
     # soft tissue and cortex on any CT grid; one that stays brighter is narrower than the
     # voxels, however far apart the thresholded voxels are: a pseudarthrosis
     narrow_cleft = valley >= 0.5 * (peak + soft_hu)
+    # the gap between the labels overstates the cleft: the label is drawn inside the bone,
+    # and an unlabelled sacrum is found without the bone within HALO_MM of the label above
+    # it, which shaves the ala's top under the process. The non-bone on the raw CT between
+    # the two is the cleft a reader measures (Castellvi II: at most 2 mm)
+    thin_cleft = cleft_mm <= PSEUDARTHROSIS_MM
     # Castellvi II and III concern an enlarged (dysplastic) transverse process
     enlarged = tp_height >= TP_HEIGHT_MM
     fused = gap <= 0.5 and valley >= 0.75 * peak
     if fused and enlarged:
         grade = 3
-    elif enlarged and (gap <= PSEUDARTHROSIS_MM + 0.5 or narrow_cleft):
+    elif enlarged and (gap <= PSEUDARTHROSIS_MM + 0.5 or narrow_cleft or thin_cleft):
         grade = 2
     elif tp_height >= TP_HEIGHT_MM:
         grade = 1

@@ -223,6 +223,18 @@ def test_castellvi_side_of_a_fused_vertebra_regraded_by_lines_to_the_ala(gaps, g
     assert _regraded_by_lines(side, gaps)["grade"] == grade
 
 
+@pytest.mark.parametrize("bent, grade", [([0.0, 12.0], 2), ([4.0, 12.0], 2), ([11.0, 30.0], 1)])
+def test_castellvi_side_clear_only_when_the_lines_bent_back_are_clear(bent, grade):
+    """The fused vertebra sits in the lumbosacral bend, tilted back from the labelled one
+    above: lines held to that vertebra's axis can pass beside the contact with the ala
+    (synth 90011, 90057: fused and pseudarthrosis sides read clear). A side is clear only
+    when the lines turned back with the bend are clear too; they never make a fusion."""
+    from verse_cli.variants import _regraded_by_lines
+
+    side = {"grade": 2, "transverse_process_height_mm": 25.0}
+    assert _regraded_by_lines(side, [11.0, 14.0, 30.0], bent_gaps=bent)["grade"] == grade
+
+
 # --------------------------------------------------------------------------- real masks
 def test_real_verse004_mask_alone_reports_five_lumbar(real_data, verse, tmp_path):
     out = tmp_path / "v.json"

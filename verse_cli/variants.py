@@ -935,9 +935,14 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords, half_width, grid.soft_hu)
         if fused_vertebra:
             t_sacrum = t_sac_top - float((rated_frame_centre - fr.centre) @ fr.superior)
-            lines = _lines_to_the_ala(ct, base_mm, sp, rated_frame_centre, fr, sign, half_width, vert, lat_s,
-                                      rel_v @ fr.anterior, t_v, t_sacrum, thr)
-            sides[side] = _regraded_by_lines(sides[side], lines)
+            args = (ct, base_mm, sp, rated_frame_centre, fr, sign, half_width, vert, lat_s, rel_v @ fr.anterior,
+                    t_v, t_sacrum, thr)
+            # the fused vertebra sits in the lumbosacral bend, tilted back from the labelled
+            # vertebra above (the L5-S1 angle is 20-40 degrees beyond the lumbar axis): a line
+            # held to that axis can pass beside its contact with the ala, so a side is clear
+            # only when the lines turned back with the bend are clear too
+            bent = [g for tilt in (15.0, 30.0) for g in _lines_to_the_ala(*args, tilt_deg=tilt)]
+            sides[side] = _regraded_by_lines(sides[side], _lines_to_the_ala(*args), bent_gaps=bent)
     grades = {s: sides[s]["grade"] for s in sides}
     combined = _combine(grades["left"], grades["right"])
     evidence.update({"sides": sides, "unlabelled_vertebra_voxels": int(vert.sum()) if fused_vertebra else 0})
@@ -1310,46 +1315,54 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float, s
 
 
 def _lines_to_the_ala(ct, base_mm, sp, centre, fr, sign, half_width, vert, lat, ap, t, t_sacrum, thr,
-                      step_mm: float = 0.5) -> list[float]:
+                      step_mm: float = 0.5, tilt_deg: float = 0.0) -> list[float]:
     """Beside an unlabelled fused vertebra, the cleft between its transverse process and the
-    ala on raw-CT lines straight down from the process (lateral of the facet joints, a few
-    mm apart across it) into the sacrum: per line, the mm of non-bone between the process's
-    bone and the ala's (0: the bone runs on, a bony fusion). Lines without process bone
-    above the sacrum's top or without ala below it are left out."""
+    ala on raw-CT lines down from the process (lateral of the facet joints, a few mm apart
+    across it) into the sacrum: per line, the mm of non-bone between the process's bone and
+    the ala's (0: the bone runs on, a bony fusion). Lines without process bone above the
+    sacrum's top or without ala below it are left out. The lines run along the last
+    labelled vertebra's axis, turned back from it by ``tilt_deg``."""
     lateral = vert & (lat >= half_width + 6.0)
     if not lateral.any():
         return []
     a0 = float(np.median(ap[lateral]))
     ts = np.arange(float(t[lateral].max()), t_sacrum - 25.0, -step_mm)
+    back = (ts[0] - ts) * np.tan(np.radians(tilt_deg))  # how far behind the start each sample lies
+    per_sample_mm = step_mm / np.cos(np.radians(tilt_deg))
     grid_l, grid_a = np.meshgrid(np.arange(half_width + 6.0, float(lat[lateral].max()) + step_mm, 3.0),
                                  a0 + np.arange(-6.0, 6.5, 3.0), indexing="ij")
     gaps = []
     for l, a in zip(grid_l.ravel(), grid_a.ravel()):
-        pts = centre + sign * l * fr.right + a * fr.anterior + np.outer(ts, fr.superior)
+        pts = centre + sign * l * fr.right + np.outer(a - back, fr.anterior) + np.outer(ts, fr.superior)
         hu = ndimage.map_coordinates(ct, ((pts - base_mm) / sp).T, order=1, mode="nearest")
         runs = _runs(hu >= thr)
         if not runs or ts[runs[0][0]] < t_sacrum or ts[runs[-1][1] - 1] > t_sacrum - 8.0:
             continue
-        gaps.append(0.0 if len(runs) == 1 else float((runs[-1][0] - runs[0][1]) * step_mm))
+        gaps.append(0.0 if len(runs) == 1 else float((runs[-1][0] - runs[0][1]) * per_sample_mm))
     return gaps
 
 
-def _regraded_by_lines(side: dict, gaps: list[float], clear_mm: float = 10.0) -> dict:
+def _regraded_by_lines(side: dict, gaps: list[float], clear_mm: float = 10.0,
+                       bent_gaps: list[float] | None = None) -> dict:
     """A side of an unlabelled fused vertebra, graded again from the raw-CT lines to the
     ala. The vertebra and the sacrum were parted by a plane, which leaves sacral bone
     above it touching the sacrum along the cut (every side then reads as fused), and can
     leave a process fused below it as the sacrum's. Bone running on from the process into
-    the ala on a line is a fusion (III); a process that stays more than ``clear_mm`` above
-    the ala on every line (several times a pseudarthrosis's 2 mm, for lines that pass
-    beside an oblique contact) touches nothing: grade I if enlarged, else none."""
+    the ala on a line along the axis is a fusion (III); a process that stays more than
+    ``clear_mm`` above the ala on every line (several times a pseudarthrosis's 2 mm, for
+    lines that pass beside an oblique contact), along the axis and along ``bent_gaps``'
+    lines turned back with the lumbosacral angle, touches nothing: grade I if enlarged,
+    else none."""
     if not gaps or "grade" not in side or "transverse_process_height_mm" not in side:
         return side
     enlarged = side["transverse_process_height_mm"] >= TP_HEIGHT_MM
     out = {**side, "lines_to_ala": len(gaps), "fused_lines": int(sum(g == 0 for g in gaps)),
            "narrowest_line_gap_mm": round(min(gaps), 1)}
+    if bent_gaps:
+        out["narrowest_bent_line_gap_mm"] = round(min(bent_gaps), 1)
     if min(gaps) == 0 and enlarged:
         out["grade"] = 3
-    elif min(gaps) > clear_mm:
+    elif min(gaps + list(bent_gaps or [])) > clear_mm:
         out["grade"] = 1 if enlarged else 0
     return out
 

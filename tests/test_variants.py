@@ -235,6 +235,43 @@ def test_castellvi_side_clear_only_when_the_lines_bent_back_are_clear(bent, grad
     assert _regraded_by_lines(side, [11.0, 14.0, 30.0], bent_gaps=bent)["grade"] == grade
 
 
+def _shell_grid(top_mm: float, height_mm: float, start_z: float = 150.0):
+    """A 1 mm grid with an unlabelled hollow body (a 2 mm cortical shell of 22 mm radius
+    around the z axis, its cancellous bone below the threshold) whose top lies ``top_mm``
+    under a start point at ``start_z``, looking down."""
+    from verse_cli.variants import Grid
+
+    shape = (80, 80, 160)
+    x, y, z = np.indices(shape)
+    r = np.hypot(x - 40.0, y - 40.0)
+    top = start_z - top_mm
+    inside = (r <= 22) & (z <= top) & (z >= top - height_mm)
+    hollow = (r <= 20) & (z <= top - 2) & (z >= top - height_mm + 2)
+    grid = Grid(mask=np.zeros(shape, np.uint8), ct=None, affine=np.eye(4), sp=np.ones(3), present=[])
+    return grid, inside & ~hollow, np.array([40.0, 40.0, start_z]), np.array([0.0, 0.0, -1.0])
+
+
+@pytest.mark.parametrize("top_mm, height_mm, start_z, found", [
+    (8.0, 60.0, 150.0, True),   # a hollow sacrum under a normal disc
+    (30.0, 60.0, 150.0, False),  # bone first met farther below than a disc's height: not the sacrum
+    (8.0, 10.0, 150.0, False),  # shorter than a vertebral body
+    (8.0, 60.0, 40.0, False),   # cut by the scan's edge 32 mm under its top: a cut vertebra as much
+])
+def test_sacrum_found_by_its_shell_under_the_last_body(top_mm, height_mm, start_z, found):
+    """Where the walk meets no body under the last label (osteoporotic cancellous bone below
+    the bone threshold: a body is only its cortical shell, synth 90024: 2b rated nothing),
+    the sacrum is the unlabelled bone joined to what lies under the body within a disc's
+    height, running on for at least a body's height and not cut by the scan's edge before
+    it ran longer than a body."""
+    from verse_cli.variants import _sacrum_by_its_shell
+
+    grid, free, start, down = _shell_grid(top_mm, height_mm, start_z)
+    pts, ev = _sacrum_by_its_shell(grid, free, start, down, 20.0, {})
+    assert (pts is not None) == found, ev
+    if found:
+        assert len(pts) == int(free.sum())
+
+
 # --------------------------------------------------------------------------- real masks
 def test_real_verse004_mask_alone_reports_five_lumbar(real_data, verse, tmp_path):
     out = tmp_path / "v.json"

@@ -1016,7 +1016,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     evidence = {"bodies_below_mm": [[a * step_mm, b * step_mm] for a, b in runs],
                 "profile": [round(f, 2) for f in profile]}
     if not runs:
-        return None, evidence
+        return _sacrum_by_its_shell(grid, free, start, down, fr.half_width, evidence)
     # a transitional vertebra starts one disc below the last label (a body first met
     # farther down is bone beside the column the walk strayed into) and is followed by
     # the sacrum one disc lower
@@ -1031,6 +1031,10 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         # a transitional vertebra, whose processes reach into the ala: shorter than a
         # body): a cut vertebra as much as the sacrum's top, so neither is named
         evidence["cut_by_field_of_view"] = True
+        if not lstv and sacrum[0] * step_mm > MAX_DISC_MM:
+            # ... unless that bone lies farther below than a disc's height: the walk met no
+            # body under the last label at all
+            return _sacrum_by_its_shell(grid, free, start, down, fr.half_width, evidence)
         return None, evidence
     if lstv:
         # the disc below the transitional body: halfway between the two runs, facing from
@@ -1052,6 +1056,38 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     if len(ids) == 0:
         return None, evidence
     pts = np.argwhere(np.isin(comps, ids)) + np.array([sl.start for sl in box])
+    evidence["voxels"] = len(pts)
+    return pts, evidence
+
+
+def _sacrum_by_its_shell(grid: Grid, free: np.ndarray, start: np.ndarray, down: np.ndarray, half_width: float,
+                         evidence: dict):
+    """The sacrum as the unlabelled bone right under the last lumbar body, where the walk met
+    no body below it: with osteoporotic cancellous bone below the bone threshold a body is
+    only its cortical shell, which a slab inside the body never meets. The sacrum is the
+    bone joined to what lies within the body's half width of the axis, starting within a
+    disc's height (MAX_DISC_MM) under the body, and running on at least a body's height;
+    the transitional vertebra cannot be told from it here, and none is named."""
+    evidence = {**evidence, "found_by_shell": True}
+    region, box = _tube(grid, start, down, -3.0, 200.0, 80.0)
+    comps, n = ndimage.label(free[box] & region)
+    if n == 0:
+        return None, evidence
+    under, ubox = _tube(grid, start, down, 0.0, MAX_DISC_MM, half_width)
+    sub = tuple(slice(u.start - b.start, u.stop - b.start) for u, b in zip(ubox, box))
+    counts = np.bincount(comps[sub][under], minlength=n + 1)
+    counts[0] = 0
+    if counts.max() == 0:
+        return None, evidence
+    found = comps == int(np.argmax(counts))
+    pts = np.argwhere(found) + np.array([sl.start for sl in box])
+    depth = (pts * grid.sp - start) @ down
+    evidence["shell_extent_mm"] = round(float(depth.max() - depth.min()), 1)
+    if depth.max() - depth.min() < MIN_BODY_MM:
+        return None, evidence
+    if _touches_edge(found, box, grid.mask.shape) and depth.max() - depth.min() < TALL_BODY_MM:
+        evidence["cut_by_field_of_view"] = True
+        return None, evidence
     evidence["voxels"] = len(pts)
     return pts, evidence
 

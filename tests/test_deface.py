@@ -280,8 +280,9 @@ def test_auto_on_synthetic_heads(seed):
 # Full-resolution heads (the sweeps above run at scale 0.4, where both passed):
 # 28: the neck is flexed so far that the skull sits in front of C1 and leaves the field of view, with
 # most of the face outside it; no skull base shows in the midline band, the skull (a bone shell around
-# brain) shows the head. 39: oblique scan whose table ends a few slices before the scan does.
-@pytest.mark.parametrize("seed", [28, 39])
+# brain) shows the head. 39: oblique scan whose table ends a few slices before the scan does. 72: a short
+# scan of a broad head over a broad neck, the same in a thin band of every slice (no second table).
+@pytest.mark.parametrize("seed", [28, 39, 72])
 def test_auto_on_full_resolution_synthetic_heads(seed):
     from verse_cli.deface import auto_face_mask
     from verse_cli.synth import generate_case
@@ -309,6 +310,21 @@ def test_table_is_found_where_it_ends_before_the_scan(table_slices):
         tissue[50 - half:50 + half, 18:50, z] = True
     table = table_columns(tissue, None, 3.0)
     assert table[20:80, 10:18].all() and not table[:, 19:].any()
+
+
+def test_a_broad_band_inside_the_patient_is_no_table():
+    """A short scan of a broad head over a broad neck: the patient is the same over 150 mm in a thin band
+    of every slice, but that band has the patient on both sides; only the band under the patient is the
+    table (full-scale synthetic head 72 found no table and took the top of its scan for a trunk)."""
+    from verse_cli.deface import table_columns
+
+    tissue = np.zeros((100, 80, 60), bool)
+    tissue[:, 10:18, :] = True  # the table, across the field of view
+    tissue[20:80, 30:45, :] = True  # head and neck both 180 mm wide here
+    tissue[35:65, 20:30, :30] = True  # the neck reaches the table below, the head does not
+    tissue[30:70, 45:70, 30:] = True  # the back of the head above
+    table = table_columns(tissue, None, 3.0)
+    assert table[:, 10:18].all() and not table[:, 18:].any()
 
 
 def _shell_phantom(shell_hu: float, core_hu: float, gaps: bool, step: float = 3.0):

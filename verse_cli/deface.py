@@ -211,6 +211,9 @@ TABLE_MAX_THICKNESS_MM = 60.0
 # A table may end before the scan does (its head end, a head holder beyond it): full-scale synthetic
 # head 39 (oblique) has its table in 108 of the 114 scanned slices of each column, 0.947.
 TABLE_MIN_SHARE = 0.85
+# Share of a table's columns that may hold some of the patient on its far side too (an arm hanging
+# over its edge, a cable beneath it); a band inside the patient has the patient over all of it.
+TABLE_MAX_BEYOND_SHARE = 0.2
 
 
 def table_columns(tissue: np.ndarray, inside: np.ndarray | None, step: float) -> np.ndarray:
@@ -218,8 +221,11 @@ def table_columns(tissue: np.ndarray, inside: np.ndarray | None, step: float) ->
 
     A table is the same in every axial slice: tissue in most scanned slices of an
     (x, y) column, in rows whose run along x is wider than any neck (``TABLE_MIN_WIDTH_MM``),
-    forming one band no thicker than ``TABLE_MAX_THICKNESS_MM``. The patient changes from
-    head to neck to shoulders, so none of it is invariant over such a width.
+    forming a band no thicker than ``TABLE_MAX_THICKNESS_MM`` with the patient on one side
+    only: beyond it lie air or other such bands (a table's lower layers). The patient
+    changes from head to neck to shoulders, so little of it is invariant over such a width;
+    where some is (a broad head above a broad neck in a short scan), it has the patient
+    on both sides.
     """
     from scipy import ndimage
 
@@ -234,13 +240,17 @@ def table_columns(tissue: np.ndarray, inside: np.ndarray | None, step: float) ->
     # longest run along x per row y: an opening with a line as long as the table is wide
     line = np.ones((max(1, round(TABLE_MIN_WIDTH_MM / step)), 1), bool)
     wide = ndimage.binary_opening(inv, structure=line)
-    rows = wide.any(axis=0)
-    if not rows.any():
-        return np.zeros(tissue.shape[:2], bool)
-    runs = _runs(rows)
-    if len(runs) != 1 or (runs[0][1] - runs[0][0] + 1) * step > TABLE_MAX_THICKNESS_MM:
-        return np.zeros(tissue.shape[:2], bool)
-    return wide
+    table = np.zeros(tissue.shape[:2], bool)
+    elsewhere = tissue.any(axis=2) & ~wide  # (x, y): the patient, seen in any slice
+    for lo, hi in _runs(wide.any(axis=0)):
+        if (hi - lo + 1) * step > TABLE_MAX_THICKNESS_MM:
+            continue
+        band = wide[:, lo:hi + 1].any(axis=1)
+        behind = elsewhere[band, :lo].any(axis=1).mean()
+        ahead = elsewhere[band, hi + 1:].any(axis=1).mean()
+        if min(behind, ahead) <= TABLE_MAX_BEYOND_SHARE:
+            table[:, lo:hi + 1] = wide[:, lo:hi + 1]
+    return table
 
 
 def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:

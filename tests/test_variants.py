@@ -192,6 +192,18 @@ def test_castellvi_pseudarthrosis_with_an_unlabelled_sacrum(sides, combined):
     assert c["vertebra"] == "L5" and c["grade"] == combined, c
 
 
+def test_castellvi_side_cut_by_the_field_of_view_is_undeterminable():
+    """A scan cropped close to the spine (verse014 is 80 mm wide) cuts the transverse process: what lies
+    beyond the edge may be a taller process or a joint with the ala, so that side has no grade, and
+    the combined grade none either; the side in view is still rated."""
+    ct, mask, aff = phantom(labels=(22, 23, 24), castellvi=("pseudo", "pseudo"))
+    xs = np.flatnonzero((mask == 24).any(axis=(1, 2)))
+    keep = xs[0] + 4  # the first process's outer 4 voxels lie beyond the edge
+    shifted = aff @ np.array([[1, 0, 0, keep], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    c = rate(np.ascontiguousarray(ct[keep:]), np.ascontiguousarray(mask[keep:]), shifted)["castellvi"]
+    assert sorted([c["left"], c["right"]], key=str) == [2, None] and c["grade"] is None, c
+
+
 def test_castellvi_unlabelled_fused_vertebra():
     ct, mask, aff = phantom(labels=(22, 23, 24), castellvi=("fused", "fused"), unlabel=(24,))
     r = rate(ct, mask, aff)

@@ -929,6 +929,11 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         lat_s = lat_v * sign
         reach = float(lat_s[vert].max()) if (vert & (lat_s > 0)).any() else 0.0
         ala = in_sac & (lat_s >= 0.45 * reach)
+        if not fused_vertebra and _touches_edge(vert & (lat_s > half_width), box, grid.mask.shape):
+            # a process cut by the scan's edge may reach on to its ala or be taller than measured
+            # (an unlabelled fused vertebra's bone is joined to the ala, which may run on to the edge)
+            sides[side] = {"grade": None, "note": "the transverse process is cut by the field of view"}
+            continue
         if not ala.any():
             sides[side] = {"grade": 0, "note": "no sacral ala on this side"}
             continue
@@ -1403,7 +1408,9 @@ def _regraded_by_lines(side: dict, gaps: list[float], clear_mm: float = 10.0,
     return out
 
 
-def _combine(left: int, right: int) -> str:
+def _combine(left: int | None, right: int | None) -> str | None:
+    if left is None or right is None:  # a side that cannot be seen may hold any grade
+        return None
     g = {left, right}
     if 2 in g and 3 in g:
         return "4"
@@ -1556,7 +1563,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
     for level in ("T12", "T13", "L1"):
         n = sum(any(s["vertebra"] == level for s in r["stump_ribs"]) for r in with_ribs)
         add("Stump ribs", f"stump rib {level}", n, len(with_ribs))
-    cast = [r["castellvi"]["grade"] for r in results if r.get("castellvi")]
+    cast = [r["castellvi"]["grade"] for r in results if (r.get("castellvi") or {}).get("grade")]
     for g in ("0/1", "2a", "2b", "3a", "3b", "4"):
         add("Grading of the lumbosacral region", f"Castellvi {g}", cast.count(g), len(cast))
     return rows

@@ -369,6 +369,59 @@ def test_rib_length_on_a_coarse_anisotropic_grid():
             assert abs(entry[f"{side}_mm"] - length) <= 4.0, (name, side, entry)  # 2.5 mm voxels
 
 
+def test_rib_tip_is_the_edge_of_bone_against_its_costal_cartilage():
+    """Ribs 1-10 go on as costal cartilage (80-200 HU). A thin rib reads 250-350 HU on a
+    blurred CT, so the half-way level between it and soft tissue lies within the
+    cartilage, and the tip was placed where the search ran out (ribs 1-10 measured
+    1-2 mm long, up to 15 mm on 3 mm voxels); the edge is half-way to the cartilage."""
+    ribs = {17: (100, 100), 18: (90, 90)}
+    ct, mask, aff = phantom(ribs=ribs, sp=(1.5, 1.5, 2.0), width_mm=300)
+    sp = np.array([1.5, 1.5, 2.0])
+    rib = ct >= 525  # the phantom's ribs are 600 HU, its vertebrae 450 HU
+    ct[rib] = 320 + (ct[rib] - 600)
+    zlen = 30 * 6 + 20
+    d = np.array([0.8, 0.55, -0.25])
+    d /= np.linalg.norm(d)
+    for k, lab in enumerate((17, 18)):
+        zc = zlen - 25 - 30 * k
+        for side, length in zip((-1, 1), ribs[lab]):
+            p0 = np.array([150.0 + side * 17.0, 70.0 + 4.0, zc + 3.0])
+            dd = d * np.array([side, 1, 1])
+            tip = p0 + dd * (length + 3.5)  # the capsule's round end
+            cart = _capsule(ct.shape, sp, tip, tip + dd * 40.0, 3.0) & ~rib & (mask == 0)
+            ct[cart] = 190 + (ct[cart] - 40)
+    r = rate(ct, mask, aff)
+    for lab, name in ((17, "T10"), (18, "T11")):
+        for side, length in zip(("left", "right"), ribs[lab]):
+            entry = r["ribs"][name]
+            assert entry[f"{side}_status"] == "present", (name, side, entry)
+            assert abs(entry[f"{side}_mm"] - (length + 3.5)) <= 3.0, (name, side, entry)
+
+
+def test_centreline_keeps_the_bend_at_the_tubercle():
+    """Where the neck turns into the shaft (60-90 degrees at the tubercle) a Gaussian
+    about a rib's radius wide along the skeleton path cut the bend, 2.5 mm at a right
+    angle on 1 mm voxels; the centres of the rib's cross-sections keep it."""
+    from verse_cli.ribs import arc_length, rib_centreline
+
+    sp = np.array([1.0, 1.0, 1.0])
+    g = np.indices((150, 150, 120)).reshape(3, -1).T * sp
+    p0, knee = np.array([30.0, 20.0, 60.0]), np.array([30.0, 48.0, 60.0])
+    shaft = np.array([1.0, 0.0, 0.0])
+
+    def to_segment(q0, q1):
+        d = q1 - q0
+        t = np.clip((g - q0) @ d / (d @ d), 0, 1)
+        return np.linalg.norm(g - q0 - np.outer(t, d), axis=1)
+
+    bone = g[np.minimum(to_segment(p0, knee), to_segment(knee, knee + 100 * shaft)) <= 4.5]
+    true = np.vstack([p0 + np.outer(np.arange(0.0, 28.0, 0.5), [0.0, 1.0, 0.0]),
+                      knee + np.outer(np.arange(0.0, 100.1, 0.5), shaft)])
+    vox = np.rint(true / sp)
+    path = vox[np.r_[True, np.any(np.diff(vox, axis=0) != 0, axis=1)]] * sp  # the skeleton's voxels
+    assert abs(arc_length(rib_centreline(path, bone, sp)) - 128.0) <= 1.0
+
+
 def test_head_and_neck_without_shaft_is_not_a_stump_rib():
     """A short piece of bone beside a vertebra that runs along the spine (a rib head and
     neck whose shaft was lost, its tip back at the spine) is not a stump rib."""

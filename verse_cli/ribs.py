@@ -21,10 +21,11 @@ Method
    the sternum - is split geodesically from its contacts.
 4. Length: the component is skeletonised (scikit-image), the skeleton becomes a
    graph with edges weighted by the physical distance between voxel centres, and
-   the longest geodesic path from the skeleton node nearest the vertebra is the
-   centreline. Its length, plus the gap from that node to the vertebra surface and
-   the local radius at the tip (a skeleton stops one radius short of the end of a
-   tube), is the rib length from the joint to the osseous tip.
+   the longest geodesic path from the skeleton node nearest the vertebra, moved onto
+   the centres of the rib's cross-sections, is the centreline. Its length, plus the
+   gap from its start to the vertebra surface (less the head radius) and the bone
+   beyond its end up to the osseous tip (the edge against soft tissue or the costal
+   cartilage), is the rib length from the joint to the osseous tip.
 5. A rib with a voxel on the border of the image is *cut*: its length is only a
    lower bound.
 """
@@ -43,8 +44,10 @@ from .core import labels as L
 UNLABELLED = 255
 #: contacts within this distance lateral of the vertebral body are rib heads (mm)
 HEAD_REACH_MM = 12.0
-#: Gaussian width (mm) that smooths a rib's skeleton path into its centreline
+#: Gaussian width (mm) that smooths a rib's skeleton path into the guide of its centreline
 RIB_SMOOTH_MM = 4.0
+#: Gaussian width (mm) that smooths the centres of a rib's cross-sections into its centreline
+SECTION_SMOOTH_MM = 3.0
 
 SIDES = ("left", "right")
 
@@ -617,10 +620,7 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
         path, trimmed = _trim_at_osseous_tip(path, nodes, base, sp, smooth if smooth is not None else ct, thr,
                                              run_mm=max(4.0, 2.0 * float(sp.max())))
     raw, n_bridges = bridge_curves((nodes[path] + base) * sp, nodes[path], sp)
-    # the skeleton of a noisy tube wanders across its section; a Gaussian about a
-    # rib's radius wide removes that, while a rib's own bends (radii of curvature of
-    # several centimetres) lose well under a millimetre
-    line = smooth_path(raw, sigma_mm=max(RIB_SMOOTH_MM, 1.5 * float(sp.max())))
+    line = rib_centreline(raw, (np.argwhere(local) + base) * sp, sp)
     centreline = arc_length(line)
     # the rib's mean radius from its volume and length; the head is wider than the shaft
     radius = float(np.sqrt(len(pts) * vox_mm3 / (np.pi * max(centreline, 1.0))))
@@ -640,6 +640,52 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     n_pts = sum(len(u) for u in used)
     return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_ext,
                line[0].tolist(), tip_point.tolist(), len(used) - 1, tip_gap, radius, n_bridges, line)
+
+
+def rib_centreline(path_mm: np.ndarray, bone_mm: np.ndarray, sp: np.ndarray) -> np.ndarray:
+    """The centreline of a rib from its skeleton path (mm) and its bone voxels (mm).
+
+    The skeleton of a noisy tube wanders across its section. A Gaussian about a rib's
+    radius wide along the path removes that but also cuts the rib's bends (at the
+    tubercle, where the neck turns into the shaft, by ~2 mm); that smooth path is only
+    the guide along which the centres of the rib's cross-sections are taken
+    (:func:`section_centres`), and those need a lighter smoothing.
+    """
+    radius = float(np.sqrt(len(bone_mm) * float(np.prod(sp)) / (np.pi * max(arc_length(path_mm), 1.0))))
+    guide = smooth_path(path_mm, sigma_mm=max(RIB_SMOOTH_MM, 1.5 * float(sp.max())))
+    centres = section_centres(guide, bone_mm, reach_mm=1.5 * radius + float(sp.max()), step_mm=float(sp.max()))
+    return smooth_path(centres, sigma_mm=max(SECTION_SMOOTH_MM, float(sp.max())))
+
+
+def section_centres(guide_mm: np.ndarray, bone_mm: np.ndarray, reach_mm: float, step_mm: float = 1.0,
+                    min_voxels: int = 4) -> np.ndarray:
+    """A smooth guide path, resampled every ``step_mm``, moved to the centres of the rib's sections.
+
+    Every bone voxel within ``reach_mm`` of the guide goes to its nearest guide point,
+    which cuts the rib into slices across it; each point moves, across the guide only,
+    to the centroid of its slice (kept where the slice has under ``min_voxels``: a
+    bridge over hidden bone). A guide smoothed widely enough to lose the skeleton's
+    wander cuts the rib's bends (at the tubercle by ~2 mm); the slices bring it back
+    onto the bone's own middle there.
+    """
+    from scipy.spatial import cKDTree
+
+    even = smooth_path(np.asarray(guide_mm, dtype=float), sigma_mm=0.0, step_mm=step_mm)
+    if len(even) < 3 or len(bone_mm) == 0:
+        return even
+    dist, near = cKDTree(even).query(bone_mm, k=1, distance_upper_bound=reach_mm)
+    ok = np.isfinite(dist)
+    near, pts = near[ok], bone_mm[ok]
+    count = np.bincount(near, minlength=len(even))
+    sums = np.stack([np.bincount(near, weights=pts[:, i], minlength=len(even)) for i in range(3)], axis=1)
+    full = count >= min_voxels
+    shift = np.zeros_like(even)
+    shift[full] = sums[full] / count[full, None] - even[full]
+    # only across the guide: along it a thin slice's centroid jumps with the voxel grid
+    tangent = np.gradient(even, axis=0)
+    tangent /= np.maximum(np.linalg.norm(tangent, axis=1, keepdims=True), 1e-9)
+    shift -= (shift * tangent).sum(axis=1, keepdims=True) * tangent
+    return even + shift
 
 
 def _trim_head_spur(path, nodes, base, sp, body, reach_mm: float = 40.0):
@@ -719,16 +765,19 @@ def _tip_extension(line, field, sp, soft_hu, radius, outside, step_mm: float = 0
     """How far (mm) the bone reaches beyond the centreline's end, and whether it is cut.
 
     Samples the smoothed CT along the end direction, from two voxels inside the
-    centreline's end, and finds where it falls below the half-maximum between the
-    rib's HU near its tip and soft tissue. A rib whose bone still continues where the
-    scanned volume ends (the array border or the scanner's padding) is cut.
+    centreline's end, and finds where it falls half-way from the rib's HU near its tip
+    to what lies beyond the tip (:func:`_beyond_tip_level`). A rib whose bone still
+    continues where the scanned volume ends (the array border or the scanner's
+    padding) is cut.
     """
     d = _end_direction(line)
     if not d.any():
         return 0.0, False
     back = 2.0 * float(sp.max())
     reach = back + 2.0 * radius + 2.0 * float(sp.max())
-    s = np.arange(0.0, reach + step_mm, step_mm)
+    # sampled a little further than the tip is looked for, to see what lies beyond it
+    beyond_mm = max(radius, 2.0 * float(sp.max())) + 8.0
+    s = np.arange(0.0, reach + beyond_mm + step_mm, step_mm)
     pos = line[-1] + np.outer(s - back, d)
     vox = (pos / sp).T
     hu = ndimage.map_coordinates(field, vox, order=1, mode="nearest")
@@ -736,23 +785,44 @@ def _tip_extension(line, field, sp, soft_hu, radius, outside, step_mm: float = 0
     arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(line, axis=0), axis=1))]
     near_tip = line[arc >= arc[-1] - 10.0]
     own = float(np.median(ndimage.map_coordinates(field, (near_tip / sp).T, order=1, mode="nearest")))
-    level = 0.5 * (own + soft_hu)
-    below = np.flatnonzero(hu < level)
-    if len(below) == 0:
-        end = reach
-    else:
-        i = int(below[0])
-        if i == 0:
-            end = 0.0
-        else:  # linear interpolation between the samples around the crossing
-            h0, h1 = float(hu[i - 1]), float(hu[i])
-            end = float(s[i - 1] + step_mm * (h0 - level) / max(h0 - h1, 1e-6))
+    end = _half_way_fall(hu, s, 0.5 * (own + soft_hu), reach, step_mm)
+    after = _beyond_tip_level(hu, s, end, radius, sp)
+    if soft_hu < after < own:
+        end = _half_way_fall(hu, s, 0.5 * (own + after), reach, step_mm)
     ext = end - back
     cut = False
     if outside is not None:
         probe = line[-1] + np.outer(np.arange(0.0, 2.0 * float(sp.max()) + step_mm, step_mm) + max(ext, 0.0), d)
         cut = bool(np.any(outside(probe / sp)))
     return float(max(ext, -back)), cut
+
+
+def _half_way_fall(hu: np.ndarray, s: np.ndarray, level: float, reach: float, step_mm: float) -> float:
+    """Distance along the samples where ``hu`` first falls below ``level`` (within ``reach``)."""
+    below = np.flatnonzero((hu < level) & (s <= reach))
+    if len(below) == 0:
+        return reach
+    i = int(below[0])
+    if i == 0:
+        return 0.0
+    h0, h1 = float(hu[i - 1]), float(hu[i])  # linear interpolation between the samples
+    return float(s[i - 1] + step_mm * (h0 - level) / max(h0 - h1, 1e-6))
+
+
+def _beyond_tip_level(hu: np.ndarray, s: np.ndarray, end: float, radius: float, sp: np.ndarray,
+                      span_mm: float = 8.0) -> float:
+    """The HU of what continues the rib past its osseous tip.
+
+    The osseous tip is the edge between bone and whatever follows it: soft tissue at a
+    floating rib, but costal cartilage (80-200 HU) at ribs 1-10. The edge of a blurred
+    image lies half-way between the two levels it separates, so against cartilage the
+    half-way level to soft tissue lies inside the cartilage and the tip is placed
+    millimetres too far. The level beyond is the median over ``span_mm`` starting one
+    rib radius (at least two voxels, past the blur of the edge) beyond the first fall.
+    """
+    start = end + max(radius, 2.0 * float(sp.max()))
+    sel = (s >= start) & (s <= start + span_mm)
+    return float(np.median(hu[sel])) if sel.any() else -np.inf
 
 
 def _trim_at_osseous_tip(path, nodes, base, sp, ct, thr, run_mm: float = 4.0):

@@ -632,7 +632,7 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     tip_ext, tip_cut = 0.0, False
     field = smooth if smooth is not None else ct
     if field is not None:
-        tip_ext, tip_cut = _tip_extension(line, field, sp, soft_hu, radius, outside)
+        tip_ext, tip_cut = _tip_extension(line, field, sp, soft_hu, radius, outside, thr)
     cut = (cut and not trimmed) or tip_cut
     tip_point = line[-1] + _end_direction(line) * tip_ext
     tip_gap = float(joint_distance(np.atleast_2d(tip_point / sp))[0])
@@ -761,7 +761,7 @@ def _end_direction(line: np.ndarray, span_mm: float = 8.0) -> np.ndarray:
     return d / n if n > 0 else np.zeros(3)
 
 
-def _tip_extension(line, field, sp, soft_hu, radius, outside, step_mm: float = 0.25):
+def _tip_extension(line, field, sp, soft_hu, radius, outside, thr: float = np.inf, step_mm: float = 0.25):
     """How far (mm) the bone reaches beyond the centreline's end, and whether it is cut.
 
     Samples the smoothed CT along the end direction, from two voxels inside the
@@ -787,7 +787,9 @@ def _tip_extension(line, field, sp, soft_hu, radius, outside, step_mm: float = 0
     own = float(np.median(ndimage.map_coordinates(field, (near_tip / sp).T, order=1, mode="nearest")))
     end = _half_way_fall(hu, s, 0.5 * (own + soft_hu), reach, step_mm)
     after = _beyond_tip_level(hu, s, end, radius, sp)
-    if soft_hu < after < own:
+    # only tissue below the bone threshold continues a rib (cartilage); bone beyond the
+    # fall is another bone, and the rib's edge against it is not its osseous tip
+    if soft_hu < after < min(own, thr):
         end = _half_way_fall(hu, s, 0.5 * (own + after), reach, step_mm)
     ext = end - back
     cut = False
@@ -810,17 +812,19 @@ def _half_way_fall(hu: np.ndarray, s: np.ndarray, level: float, reach: float, st
 
 
 def _beyond_tip_level(hu: np.ndarray, s: np.ndarray, end: float, radius: float, sp: np.ndarray,
-                      span_mm: float = 8.0) -> float:
+                      span_mm: float = 3.0) -> float:
     """The HU of what continues the rib past its osseous tip.
 
     The osseous tip is the edge between bone and whatever follows it: soft tissue at a
     floating rib, but costal cartilage (80-200 HU) at ribs 1-10. The edge of a blurred
     image lies half-way between the two levels it separates, so against cartilage the
     half-way level to soft tissue lies inside the cartilage and the tip is placed
-    millimetres too far. The level beyond is the median over ``span_mm`` starting one
-    rib radius (at least two voxels, past the blur of the edge) beyond the first fall.
+    millimetres too far. The level beyond is the median over ``span_mm`` starting half
+    a rib radius (at least a voxel: past the blur of the edge) beyond the first fall;
+    further out the cartilage, which curves with the chest wall, has left the straight
+    line along which the profile is sampled.
     """
-    start = end + max(radius, 2.0 * float(sp.max()))
+    start = end + 0.5 * max(radius, 2.0 * float(sp.max()))
     sel = (s >= start) & (s <= start + span_mm)
     return float(np.median(hu[sel])) if sel.any() else -np.inf
 

@@ -45,9 +45,9 @@ SCHEDULE = [  # (variant, region): enrich every variant, with the region that sh
 GRADES = ["0/1", "2a", "2b", "3a", "3b", "4"]
 
 
-def case_spec(i: int) -> tuple[int, str | None, str]:
+def case_spec(i: int, first_seed: int = FIRST_SEED) -> tuple[int, str | None, str]:
     variant, region = SCHEDULE[i % len(SCHEDULE)]
-    return FIRST_SEED + i, variant, region
+    return first_seed + i, variant, region
 
 
 def _make_one(args):
@@ -80,9 +80,9 @@ def _make_one(args):
     return sub
 
 
-def make_cases(n: int, scale: float, cache: Path, jobs: int = 1) -> list[str]:
+def make_cases(n: int, scale: float, cache: Path, jobs: int = 1, first_seed: int = FIRST_SEED) -> list[str]:
     cache.mkdir(parents=True, exist_ok=True)
-    todo = [(*case_spec(i), scale, str(cache)) for i in range(n)]
+    todo = [(*case_spec(i, first_seed), scale, str(cache)) for i in range(n)]
     if jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--scale", type=float, default=0.6)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=FIRST_SEED,
+                    help="seed of the first case: another set of held-out cases, to see that the scores hold beyond "
+                    "the cases the rater was developed on (use another --cache)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "verse-bench-variants")
     ap.add_argument("--details", action="store_true", help="print every case that disagrees")
     ap.add_argument("--skip-timing", action="store_true", help="skip the full-resolution whole-spine timing")
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
     from verse_cli.variants import rate_variants
 
     t0 = time.perf_counter()
-    subs = make_cases(args.n, args.scale, args.cache, args.jobs)
+    subs = make_cases(args.n, args.scale, args.cache, args.jobs, args.first_seed)
     print(f"cases ready in {time.perf_counter() - t0:.0f} s ({args.cache})")
     pairs, base_pairs, seconds = [], [], []
     for sub in subs:

@@ -204,6 +204,22 @@ def test_castellvi_side_cut_by_the_field_of_view_is_undeterminable():
     assert sorted([c["left"], c["right"]], key=str) == [2, None] and c["grade"] is None, c
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_castellvi_without_ala_is_undeterminable_only_where_the_scan_cuts_the_sacrum(cut):
+    """No ala beside the process: grade 0 where the sacrum is whole in the scan (a narrow sacrum), no grade
+    where the scan ends in the sacrum's top (the ala may lie below the edge)."""
+    ct, mask, aff = phantom(labels=(22, 23, 24))
+    x = np.arange(ct.shape[0]) * SPACING[0] - 100.0
+    lateral = (np.abs(x) > 15)[:, None, None] & (mask == 26)
+    ct[lateral], mask[lateral] = 40.0, 0
+    if cut:  # the scan starts 5 mm below the sacrum's top (at z = 35 mm)
+        first = round(30.0 / SPACING[2])
+        ct, mask = np.ascontiguousarray(ct[:, :, first:]), np.ascontiguousarray(mask[:, :, first:])
+        aff = aff @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, first], [0, 0, 0, 1]], float)
+    c = rate(ct, mask, aff)["castellvi"]
+    assert (c["left"], c["right"], c["grade"]) == ((None, None, None) if cut else (0, 0, "0/1")), c
+
+
 def test_castellvi_unlabelled_fused_vertebra():
     ct, mask, aff = phantom(labels=(22, 23, 24), castellvi=("fused", "fused"), unlabel=(24,))
     r = rate(ct, mask, aff)

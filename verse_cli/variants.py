@@ -935,7 +935,10 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
             sides[side] = {"grade": None, "note": "the transverse process is cut by the field of view"}
             continue
         if not ala.any():
-            sides[side] = {"grade": 0, "note": "no sacral ala on this side"}
+            if _touches_edge(in_sac & (lat_s > 0), box, grid.mask.shape):  # the ala lies beyond the scan's edge
+                sides[side] = {"grade": None, "note": "the sacral ala is outside the field of view"}
+            else:
+                sides[side] = {"grade": 0, "note": "no sacral ala on this side"}
             continue
         sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords, half_width, grid.soft_hu)
         if fused_vertebra:

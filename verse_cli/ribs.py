@@ -539,13 +539,14 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     is the longest geodesic path of the joined skeleton graph; its end nearer the
     vertebral body is the joint, the other the tip.
 
-    The voxel path is smoothed along its length (a Gaussian a few voxels wide, which
-    removes the lattice zig-zag that lengthens a voxel path by up to ~8 %) before its
-    length is taken. Its two ends are then placed with sub-voxel precision:
+    The voxel path becomes the centreline through the centres of the rib's cross-sections
+    (:func:`rib_centreline`: no lattice zig-zag, which lengthens a voxel path by up to
+    ~8 %, and no bend cut short) before its length is taken. Its two ends are then placed
+    with sub-voxel precision:
 
     * tip: the centreline is extended along its end direction until the smoothed CT
-      falls below the half-maximum between the rib's own HU near the tip and soft tissue
-      (the osseous end, wherever the skeleton stopped);
+      falls half-way from the rib's own HU near the tip to what follows it, soft tissue
+      or costal cartilage (the osseous end, wherever the skeleton stopped);
     * joint: the centre of the rib head, one head radius from the vertebra's surface.
       The bone next to the vertebra was cut off to separate the rib, so the distance
       from the centreline's inner end to the vertebra, less the head radius (1.25 times
@@ -623,7 +624,7 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     line = rib_centreline(raw, (np.argwhere(local) + base) * sp, sp)
     centreline = arc_length(line)
     # the rib's mean radius from its volume and length; the head is wider than the shaft
-    radius = float(np.sqrt(len(pts) * vox_mm3 / (np.pi * max(centreline, 1.0))))
+    radius = tube_radius(len(pts) * vox_mm3, centreline)
     head_radius = 1.25 * radius
     # distance to the vertebra's surface: to the centres of its outer voxels, less half a voxel
     gap = float(joint_distance(nodes[[joint]] + base)[0]) - 0.5 * float(np.mean(sp))
@@ -642,6 +643,11 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
                line[0].tolist(), tip_point.tolist(), len(used) - 1, tip_gap, radius, n_bridges, line)
 
 
+def tube_radius(volume_mm3: float, length_mm: float) -> float:
+    """Mean radius (mm) of a tube of this volume and length (a length under 1 mm counts as 1)."""
+    return float(np.sqrt(volume_mm3 / (np.pi * max(length_mm, 1.0))))
+
+
 def rib_centreline(path_mm: np.ndarray, bone_mm: np.ndarray, sp: np.ndarray) -> np.ndarray:
     """The centreline of a rib from its skeleton path (mm) and its bone voxels (mm).
 
@@ -651,7 +657,7 @@ def rib_centreline(path_mm: np.ndarray, bone_mm: np.ndarray, sp: np.ndarray) -> 
     the guide along which the centres of the rib's cross-sections are taken
     (:func:`section_centres`), and those need a lighter smoothing.
     """
-    radius = float(np.sqrt(len(bone_mm) * float(np.prod(sp)) / (np.pi * max(arc_length(path_mm), 1.0))))
+    radius = tube_radius(len(bone_mm) * float(np.prod(sp)), arc_length(path_mm))
     guide = smooth_path(path_mm, sigma_mm=max(RIB_SMOOTH_MM, 1.5 * float(sp.max())))
     centres = section_centres(guide, bone_mm, reach_mm=1.5 * radius + float(sp.max()), step_mm=float(sp.max()))
     return smooth_path(centres, sigma_mm=max(SECTION_SMOOTH_MM, float(sp.max())))

@@ -751,3 +751,100 @@ def test_bundled_net_identifies_l1_to_l5_of_verse014_in_the_detect_box(verse, tm
     pred = read_centroids(tmp_path / "ctd.json", ref_affine=affine)
     hits = get_hits(dict(zip(gt.labels, gt.to_world(affine))), dict(zip(pred.labels, pred.to_world(affine))))
     assert sorted(lab for lab, hit in hits.items() if hit) == [20, 21, 22, 23, 24], (pred.labels, hits)
+
+
+# --------------------------------------------------------------------------- discs on the CT
+def _stack(affine, shape, bodies, axis=(0.0, 0.25, 1.0), centre=(0.0, 0.0, 0.0), bone=150.0, gap=90.0,
+           radius=20.0):
+    """A CT of vertebral bodies stacked along ``axis`` (world, through ``centre``): each body an
+    interval ``(top, bottom)`` in mm along the axis (head up), cancellous ``bone`` HU with 1.5 mm
+    endplates of 500 HU; between bodies, within ``radius``, ``gap`` HU (a disc: 90; fat: -100);
+    soft tissue (40 HU) elsewhere. Returns the CT and the world point of ``s`` mm along the axis."""
+    u = np.asarray(axis, float) / np.linalg.norm(axis)
+    c = np.asarray(centre, float)
+    world = geometry.vox2world(affine, np.indices(shape).reshape(3, -1).T)
+    s = (world - c) @ u
+    r = np.linalg.norm(world - c - s[:, None] * u, axis=1)
+    ct = np.full(len(s), 40.0, dtype=np.float32)
+    inside = r <= radius
+    tops = [b[0] for b in bodies]
+    ct[inside & (s <= max(tops)) & (s >= min(b[1] for b in bodies))] = gap
+    for top, bottom in bodies:
+        sel = inside & (s <= top) & (s >= bottom)
+        ct[sel] = np.where((s[sel] > top - 1.5) | (s[sel] < bottom + 1.5), 500.0, bone)
+    return ct.reshape(shape), (lambda mm: c + mm * u)
+
+
+LUMBOSACRAL = [(85, 60), (50, 25), (15, -10), (-20, -90)]  # L3, L4, L5 (10 mm discs), the sacrum (70 mm)
+
+
+@pytest.mark.parametrize("codes,spacing", [("PIR", (1.0, 1.0, 2.0)), ("LAS", (0.7, 3.0, 0.7))])
+def test_a_disc_is_seen_between_two_bodies_on_any_grid_and_none_inside_the_sacrum(codes, spacing):
+    aff = tilted_affine(spacing=spacing, codes=codes, angle_deg=10.0, origin=(0.0, 0.0, 0.0))
+    extent = {"P": 100, "A": 100, "I": 200, "S": 200, "R": 90, "L": 90}
+    shape = tuple(int(extent[c] / sp) for c, sp in zip(codes, spacing))
+    aff[:3, 3] = -aff[:3, :3] @ (np.array(shape) / 2)  # centred on the world origin
+    ct, at = _stack(aff, shape, LUMBOSACRAL, centre=(0.0, 0.0, -10.0))
+    depth, valley, ok = LB.disc_between(ct, aff, at(37.5), at(2.5))  # L4 -> L5 across the disc
+    assert ok and depth >= LB.DISC_HU and valley >= LB.DISC_TISSUE_HU, (depth, valley)
+    depth, _, ok = LB.disc_between(ct, aff, at(-30.0), at(-65.0))  # inside the sacrum
+    assert ok and depth < LB.DISC_HU, depth
+
+
+def _sacrum_case(gap=90.0, osteoporotic=False):
+    aff = tilted_affine(spacing=(1.0, 1.0, 2.0), codes="PIR", angle_deg=0.0, origin=(0.0, 0.0, 0.0))
+    shape = (100, 200, 45)
+    aff[:3, 3] = -aff[:3, :3] @ (np.array(shape) / 2)
+    ct, at = _stack(aff, shape, LUMBOSACRAL, centre=(0.0, 0.0, -10.0), gap=gap,
+                    bone=80.0 if osteoporotic else 150.0)
+    return ct, aff, at
+
+
+def _cands(points, sacrum, s1_peak=-1):
+    n = len(points)
+    return LB.Candidates(np.array(points), np.zeros((n, len(P.PRIOR_LABELS))), np.full(n, 0.6), np.full(n, 0.1),
+                         np.array(sacrum, float), s1_peak)
+
+
+@pytest.mark.parametrize("osteoporotic", [False, True])
+def test_of_two_sacrum_claims_one_level_apart_the_upper_one_is_a_mobile_vertebra(osteoporotic):
+    """The net calls L5 and the sacrum both the sacrum: the disc between them on the CT says
+    which is which. With label channels one level off (L4, L5, S1, S1) the chain then keeps
+    the mobile vertebra above S1 instead of naming it S1 or dropping it."""
+    ct, aff, at = _sacrum_case(osteoporotic=osteoporotic)
+    pts = [at(72.5), at(37.5), at(2.5), at(-20.0)]  # L3, L4, L5, the sacrum's top (S1)
+    cands = _cands(pts, [0.0, 0.0, 0.9, 0.7])
+    cands.label_logp = np.full((4, len(P.PRIOR_LABELS)), np.log(0.05))
+    for i, lab in enumerate([23, 24, 26, 26]):
+        cands.label_logp[i, P.PRIOR_LABELS.index(lab)] = 0.0
+    assert LB._chain(cands, {}).labels[2] in (26, None)  # the net alone: L5 is the sacrum, or false
+    out = LB.ct_sacrum_disc(ct, aff, cands)
+    assert out.exist[2] >= LB.MOBILE_EXIST and out.sacrum[2] <= LB.MOBILE_SACRUM
+    assert out.sacrum[3] >= 0.9 and out.exist[3] == 0.6
+    assert LB._chain(out, {}).labels == [22, 23, 24, 26]
+
+
+def test_a_sacrum_claim_with_no_disc_below_or_a_fat_gap_stands():
+    ct, aff, at = _sacrum_case()
+    # the claim is on the sacrum's top: bone continues below it, no candidate below to compare
+    cands = _cands([at(37.5), at(2.5), at(-20.0)], [0.0, 0.0, 0.9])
+    out = LB.ct_sacrum_disc(ct, aff, cands)
+    assert np.array_equal(out.sacrum, cands.sacrum) and np.array_equal(out.exist, cands.exist)
+    # fat, not disc tissue, between the two claims (separate bones): no evidence either way
+    ct_fat, aff, at = _sacrum_case(gap=-100.0)
+    cands = _cands([at(72.5), at(37.5), at(2.5), at(-20.0)], [0.0, 0.0, 0.9, 0.7])
+    out = LB.ct_sacrum_disc(ct_fat, aff, cands)
+    assert np.array_equal(out.sacrum, cands.sacrum)
+
+
+def test_a_disc_below_the_lowest_sacrum_claim_moves_the_sacrum_level_below_it():
+    """No candidate on the sacrum: the disc below the claimed L5 is looked for along the spine,
+    and the sacrum's level (the S1 channel's candidate, here on L5 itself) moves below it."""
+    ct, aff, at = _sacrum_case()
+    pts = [at(72.5), at(37.5), at(2.5), at(0.0)]  # L3, L4, L5, and the S1 channel's peak on L5
+    out = LB.ct_sacrum_disc(ct, aff, _cands(pts, [0.0, 0.0, 0.9, 0.9], s1_peak=3))
+    assert out.exist[2] >= LB.MOBILE_EXIST and out.sacrum[2] <= LB.MOBILE_SACRUM
+    assert -25.0 < out.world[3, 2] - at(0.0)[2] < -12.0  # in the sacrum, past the disc (-10 .. -20)
+    # without a peak of the S1 channel the level is a new candidate
+    out = LB.ct_sacrum_disc(ct, aff, _cands(pts[:3], [0.0, 0.0, 0.9]))
+    assert out.s1_peak == 3 and out.world[3, 2] < at(-10.0)[2]

@@ -16,7 +16,9 @@ Pipeline
 5. **Labels**: the anatomical prior (:mod:`verse_cli.prior`) picks the globally best
    chain; user corrections (``fix``) are hard constraints there. Ribs found on the CT
    (:func:`ct_rib_evidence`) and, where the sacrum is too faint to be a candidate, its
-   level from the S1 channel (:func:`label_with_sacrum_peak`) anchor the numbering.
+   level from the S1 channel (:func:`label_with_sacrum_peak`) anchor the numbering. The
+   discs on the CT decide where the net calls a mobile vertebra the sacrum (a body with a
+   disc above and below it is not the sacrum: :func:`ct_sacrum_disc`).
 6. **Refine** each centroid on the CT: the centre of the dense bone around it
    (:func:`refine_on_ct`), and write VerSe 2020 JSON on the input voxel grid with a
    ``confidence`` per vertebra.
@@ -886,6 +888,230 @@ def ct_rib_evidence(gv: GridVolume, grid_pts: np.ndarray) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------- discs on the CT
+DISC_SECTION_MM = (3.0, 6.0)  # rings of the cross-section averaged along a profile (+ its centre line)
+DISC_STEP_MM = 0.5
+DISC_FLANK_MM = 8.0  # an endplate lies within this of the disc's centre, on each side
+DISC_MIN_DZ_MM, DISC_MAX_DZ_MM = 10.0, 48.0  # two candidates this far apart along S may be neighbouring levels
+
+
+def ct_profile(ct: np.ndarray, affine: np.ndarray, a, b, step: float = DISC_STEP_MM,
+               rings=DISC_SECTION_MM, n_angles: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """HU along the segment from world point ``a`` to ``b``: ``(t mm, mean HU of the cross-section)``.
+
+    The cross-section is a disc of rings perpendicular to the segment, sampled in world mm
+    and mapped through ``affine`` (any orientation, any voxel size; linear interpolation).
+    Points outside the array or in padding (below -1100 HU) do not count; a section with
+    no scanned point is NaN.
+    """
+    from scipy import ndimage
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    length = float(np.linalg.norm(b - a))
+    if length < 1e-6:
+        return np.zeros(1), np.full(1, np.nan)
+    u = (b - a) / length
+    h = np.array([1.0, 0.0, 0.0]) if abs(u[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(u, h)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(u, e1)
+    ang = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
+    offs = [np.zeros(3)] + [r * (np.cos(x) * e1 + np.sin(x) * e2) for r in rings for x in ang]
+    t = np.arange(0.0, length + 1e-6, step)
+    pts = a[None, None] + t[:, None, None] * u[None, None] + np.asarray(offs)[None]
+    vox = geometry.world2vox(affine, pts.reshape(-1, 3)).T
+    v = ndimage.map_coordinates(np.asarray(ct, np.float32), vox, order=1, cval=np.nan).reshape(len(t), -1)
+    v[~(v > INVALID_HU + 100)] = np.nan
+    seen = np.isfinite(v).sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(seen >= max(3, v.shape[1] // 2), np.nansum(np.nan_to_num(v), axis=1) / np.maximum(seen, 1),
+                        np.nan)
+    return t, mean
+
+
+def disc_depth(t: np.ndarray, p: np.ndarray, margin_mm: float = 3.0, flank_mm: float = DISC_FLANK_MM,
+               within_mm: float | None = None) -> tuple[float, float, float]:
+    """The deepest disc-like valley of a profile: ``(depth HU, position mm, valley HU)``.
+
+    A disc between two bodies is a low band between two endplates: a minimum whose
+    profile rises on *both* sides within ``flank_mm``. Depth = the lower of the two
+    flanking maxima minus the minimum (0 where none; NaN where the profile is not seen).
+    Valleys are looked for from ``margin_mm`` to ``margin_mm`` before the end, or to
+    ``within_mm`` where given.
+    """
+    from scipy import ndimage
+
+    if len(p) < 5 or not np.all(np.isfinite(p)):
+        return float("nan"), float("nan"), float("nan")
+    step = float(t[1] - t[0])
+    q = ndimage.gaussian_filter1d(p, 0.75 / step, mode="nearest")
+    n = round(flank_mm / step)
+    best = (0.0, float("nan"), float("nan"))
+    lo, hi = round(margin_mm / step), len(q) - round(margin_mm / step)
+    if within_mm is not None:
+        hi = min(hi, round(within_mm / step) + 1)
+    for k in range(max(lo, 1), min(hi, len(q) - 1)):
+        if not (q[k] <= q[k - 1] and q[k] <= q[k + 1]):
+            continue
+        left = q[max(0, k - n):k].max()
+        right = q[k + 1:k + 1 + n].max()
+        depth = float(min(left, right) - q[k])
+        if depth > best[0]:
+            best = (depth, float(t[k]), float(q[k]))
+    return best
+
+
+SACRUM_CLAIM = 0.5  # the net's sacrum probability at which a candidate counts as claimed to be the sacrum
+DISC_HU = 90.0  # depth (HU) of a clear disc valley between two endplates (:func:`disc_depth`)
+#: A disc is fibrocartilage (70-120 HU, more with the endplates in the section): a valley lower
+#: than this is fat or fluid between two separate bones (a sacrum's segments, on some scans).
+#: Asked of the disc below a sacrum claim, the one that decides; a vacuum disc (gas) gives no evidence.
+DISC_TISSUE_HU = 80.0
+BONY_HU = 80.0  # mean HU of the cross-section at a body centroid (osteoporotic cancellous bone and more)
+SACRUM_DISC_MIN_DZ_MM = 13.0  # a disc between two sacrum claims: the lower one at least this far down
+MOBILE_EXIST = 0.99  # a body between two discs is a vertebra
+MOBILE_SACRUM = 0.05  # ... and a mobile one, not the sacrum
+
+
+def disc_between(ct: np.ndarray, affine: np.ndarray, a, b) -> tuple[float, float, bool]:
+    """``(depth HU, valley HU, ok)``: the disc valley on the CT between two candidates
+    (:func:`disc_depth`), and whether it can be one: both ends on bone (:data:`BONY_HU`; a
+    point on soft tissue is no body centroid) and the segment running along the spine
+    more than across it (one that runs across, from a body to the posterior elements or
+    from S1 to the curved-back S2, crosses bone walls, not a disc between stacked bodies)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    t, p = ct_profile(ct, affine, a, b)
+    depth, _pos, valley = disc_depth(t, p)
+    end = max(1, round(3.0 / DISC_STEP_MM))
+    with np.errstate(invalid="ignore"):
+        bony = bool(np.nanmean(p[:end + 1]) >= BONY_HU and np.nanmean(p[-end - 1:]) >= BONY_HU)
+    along = float(np.hypot(*(b - a)[:2])) <= abs(float(b[2] - a[2]))
+    return (0.0 if not np.isfinite(depth) else depth), valley, bony and along
+
+
+PROBE_MM = 32.0  # how far below a body centroid the disc below it is looked for
+PROBE_START_MM = 6.0  # ... and no nearer than this (a centroid is never on an endplate)
+PROBE_DISC_MM = 24.0  # a body's lower endplate lies within this of its centroid (half a body and some)
+PROBE_ANGLES_DEG = (-30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0)  # the lumbosacral disc is tilted
+#: A disc looked for (several directions, nothing to aim at) must be clearer than one between two
+#: candidates: inside verse014's sacrum such a probe finds valleys 120-150 HU deep (the S1-S2
+#: junction), below its L5 200-290 HU.
+PROBE_DISC_HU = 200.0
+
+
+def disc_below(ct: np.ndarray, affine: np.ndarray, above, centre) -> tuple[float, np.ndarray | None]:
+    """The clearest disc just below a body centroid, with no candidate below it to aim at.
+
+    Profiles run from ``centre`` down for :data:`PROBE_MM`, along the direction from the
+    candidate ``above`` to it and turned by :data:`PROBE_ANGLES_DEG` towards the front
+    or the back (the lumbosacral disc is tilted, the sacrum lies behind the last lumbar
+    body's axis). A disc counts from :data:`PROBE_START_MM` to :data:`PROBE_DISC_MM`, of disc
+    tissue (:data:`DISC_TISSUE_HU`), with bone at the start and bone again past it
+    (:data:`BONY_HU`). Returns ``(depth HU, a world point in the bone
+    below the disc)``, ``(0, None)`` where none is seen.
+    """
+    centre = np.asarray(centre, float)
+    u = centre - np.asarray(above, float)
+    if np.linalg.norm(u) < 1e-6:
+        return 0.0, None
+    u /= np.linalg.norm(u)
+    ant = np.array([0.0, 1.0, 0.0]) - u * u[1]  # world anterior, across the spine's direction
+    if np.linalg.norm(ant) < 0.2:
+        return 0.0, None
+    ant /= np.linalg.norm(ant)
+    best: tuple[float, np.ndarray | None] = (0.0, None)
+    for deg in PROBE_ANGLES_DEG:
+        d = np.cos(np.radians(deg)) * u + np.sin(np.radians(deg)) * ant
+        t, p = ct_profile(ct, affine, centre, centre + PROBE_MM * d)
+        depth, pos, valley = disc_depth(t, p, margin_mm=PROBE_START_MM, within_mm=PROBE_DISC_MM)
+        if not np.isfinite(depth) or depth <= best[0] or not valley >= DISC_TISSUE_HU:
+            continue
+        with np.errstate(invalid="ignore"):
+            start = float(np.nanmean(p[t <= 3.0]))
+            past = p[(t >= pos + 4.0) & (t <= pos + 12.0)]
+            after = float(np.nanmean(past)) if past.size else float("nan")
+        if start >= BONY_HU and after >= BONY_HU:
+            best = (depth, centre + (pos + 8.0) * d)
+    return best
+
+
+def _clear_disc(depth: float, valley: float, ok: bool) -> bool:
+    return ok and depth >= DISC_HU and valley >= DISC_TISSUE_HU
+
+
+def ct_sacrum_disc(ct: np.ndarray, affine: np.ndarray, cands: Candidates) -> Candidates:
+    """Correct the net's sacrum where the CT shows a disc below a candidate it calls the sacrum.
+
+    The net's sacrum channel can fire on L5 as well as on the sacrum below it (the
+    network's label channels are then one level off at the junction). The CT decides,
+    as a radiologist counts: the sacrum's top (S1) has a disc above it and bone
+    continuing down the sacrum below (the fused S1-S2 junction is at most a faint
+    remnant), while a mobile vertebra is a body with a disc above *and* below.
+
+    A candidate claimed as the sacrum (``sacrum`` >= :data:`SACRUM_CLAIM`) with a clear
+    disc (:func:`disc_between`: depth >= :data:`DISC_HU`, both ends on bone, the segment
+    along the spine) from a candidate above it is a mobile vertebra when also, below it,
+
+    * a clear disc of disc tissue (valley >= :data:`DISC_TISSUE_HU`) separates it from a
+      lower candidate (at least :data:`SACRUM_DISC_MIN_DZ_MM` down) that the net claims as
+      the sacrum too: two claims one level apart cannot both be the sacrum's top; the
+      claim passes to the lower one, which is not looked at again; or else
+    * a clearer disc (:data:`PROBE_DISC_HU`, of disc tissue) lies just below it
+      (:func:`disc_below`, no candidate to aim at):
+      the sacrum's level (:attr:`Candidates.s1_peak`, which numbers the chain from
+      below in :func:`label_with_sacrum_peak`) moves below that disc where it was above.
+
+    A mobile vertebra must be in the chain (:data:`MOBILE_EXIST`) and is not the sacrum
+    (:data:`MOBILE_SACRUM`). Without such evidence (a faint or no disc, a point off the
+    bone, nothing above to measure from) the net's evidence stands. Candidate positions
+    are in the world mm of ``affine``; ``ct`` in HU.
+    """
+    n = len(cands.world)
+    if n < 2:
+        return cands
+    world = cands.world.copy()
+    claimed = [k for k in range(n) if cands.sacrum[k] >= SACRUM_CLAIM and k != cands.s1_peak]
+    exist, sac = cands.exist.copy(), cands.sacrum.copy()
+    s1_peak, logp, rib = cands.s1_peak, cands.label_logp, cands.rib
+    below_disc: set[int] = set()  # claims the CT put below the disc of a mobile vertebra: the sacrum
+    for k in sorted(claimed, key=lambda k: -world[k, 2]):
+        if k in below_disc:
+            continue
+        above = [i for i in range(n) if i != cands.s1_peak
+                 and DISC_MIN_DZ_MM <= world[i, 2] - world[k, 2] <= DISC_MAX_DZ_MM]
+        disc_above = [(i, *disc_between(ct, affine, world[i], world[k])) for i in above]
+        disc_above = [(depth, i) for i, depth, _valley, ok in disc_above if depth >= DISC_HU and ok]
+        if not disc_above:
+            continue
+        below = [j for j in claimed if SACRUM_DISC_MIN_DZ_MM <= world[k, 2] - world[j, 2] <= DISC_MAX_DZ_MM]
+        lower = [j for j in below if _clear_disc(*disc_between(ct, affine, world[k], world[j]))]
+        level = None
+        if not lower:
+            # aim along the spine from each candidate above across a disc (one may lie off the body line)
+            depth, level = max((disc_below(ct, affine, world[i], world[k]) for _, i in disc_above),
+                               key=lambda r: r[0])
+            if level is None or depth < PROBE_DISC_HU:
+                continue
+        debug(f"candidate at S {world[k, 2]:.0f} mm: a disc above and below it on the CT, a mobile vertebra "
+              f"(sacrum {cands.sacrum[k]:.2f} -> {MOBILE_SACRUM})")
+        exist[k] = max(exist[k], MOBILE_EXIST)
+        sac[k] = min(sac[k], MOBILE_SACRUM)
+        for j in lower:
+            sac[j] = max(sac[j], cands.sacrum[k])
+            below_disc.add(j)
+        if level is not None:
+            if s1_peak < 0:
+                world = np.vstack([world, level[None]])
+                logp = np.vstack([logp, np.zeros((1, logp.shape[1]))])
+                exist, rib = np.append(exist, 0.5), np.append(rib, 0.5)
+                sac = np.append(sac, cands.sacrum[k])
+                s1_peak = len(world) - 1
+            elif world[s1_peak, 2] > level[2]:
+                world[s1_peak] = level
+            debug(f"sacrum level below that disc: S {world[s1_peak, 2]:.0f} mm")
+    return Candidates(world, logp, exist, rib, sac, s1_peak)
+
+
 # --------------------------------------------------------------------------- fixes
 def apply_fixes(cands: Candidates, fixes_world: dict[int, np.ndarray], radius_mm: float = 12.0):
     """Put user-corrected centroids into the candidate list as hard constraints.
@@ -1020,7 +1246,7 @@ def missed_levels(labels: list[int], world: np.ndarray, missing: list[int]) -> t
 
 def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_markers=None,
           refine: bool = True, keep_sacrum: bool = True, details: bool = False, ct_ribs: bool = True,
-          interpolate_missing: bool = True, upright: bool = True):
+          interpolate_missing: bool = True, upright: bool = True, ct_discs: bool = True):
     """Labelled vertebral-body centroids of a CT.
 
     Parameters
@@ -1045,6 +1271,9 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
         Where the labelled spine leans more than :data:`MAX_LEAN_DEG` from the
         superior axis, label it again on a grid turned so that it stands upright
         (:func:`upright_turn`).
+    ct_discs : bool
+        Where the net calls two levels the sacrum, let the discs on the CT decide which
+        is the sacrum and which a mobile vertebra (:func:`ct_sacrum_disc`).
 
     Returns
     -------
@@ -1072,7 +1301,7 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
         fixes = {int(k): np.asarray(v, float) for k, v in fix.items()}
     elif fix is not None or fix_markers is not None:
         fixes = read_fixes(fix, fix_markers, affine)
-    options = {"refine": refine, "keep_sacrum": keep_sacrum, "ct_ribs": ct_ribs,
+    options = {"refine": refine, "keep_sacrum": keep_sacrum, "ct_ribs": ct_ribs, "ct_discs": ct_discs,
                "interpolate_missing": interpolate_missing, "fix_source": fix or fix_markers}
     turn = None
     if upright and axis_hint is not None:
@@ -1106,7 +1335,8 @@ class _Found:
 
 
 def _label_in_frame(ct, affine, lo, hi, net, dev, fixes: dict[int, np.ndarray], *, refine: bool,
-                    keep_sacrum: bool, ct_ribs: bool, interpolate_missing: bool, fix_source=None) -> _Found:
+                    keep_sacrum: bool, ct_ribs: bool, interpolate_missing: bool, ct_discs: bool = True,
+                    fix_source=None) -> _Found:
     """Steps 1-6 of the pipeline on the world frame that ``affine`` and the box are given in.
 
     ``fix_source`` names the corrections' file in the error raised when they contradict each other.
@@ -1128,6 +1358,10 @@ def _label_in_frame(ct, affine, lo, hi, net, dev, fixes: dict[int, np.ndarray], 
         kept = P.last_rib_evidence(cands.world, found)
         debug("CT ribs: " + " ".join(f"{f:.2f}/{k:.2f}" for f, k in zip(found, kept)))
         cands.rib = np.where(kept != 0.5, kept, cands.rib)
+    if ct_discs and np.any(cands.sacrum >= SACRUM_CLAIM):
+        # the discs on the CT decide where the net calls a mobile vertebra the sacrum
+        offset = fix_hu_offset(ct)
+        cands = ct_sacrum_disc(ct if offset == 0 else ct + offset, affine, cands)
 
     fixed_idx: dict[int, int] = {}
     if fixes:

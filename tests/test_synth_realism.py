@@ -114,3 +114,44 @@ def test_low_density_draws_keep_the_body_core_above_soft_tissue():
         hu = mat(pts, np.full(len(pts), -10.0, np.float32))  # 10 mm deep: trabecular core
         assert np.median(hu) - b.centre_drop > 40
         assert np.percentile(hu, 10) > -40
+
+
+def _rendered_shapes(monkeypatch, seed: int, **kw):
+    """The pelvis, sacrum and vertebra shapes a case is rendered from, with their levels."""
+    from verse_cli.synth import anatomy, generate_case
+
+    got: dict = {}
+
+    def recorder(name, make):
+        def record(*args, **kwargs):
+            shape = make(*args, **kwargs)
+            got.setdefault(name, []).append((args[0], shape))
+            return shape
+        return record
+
+    for name in ("pelvis_shape", "sacrum_shape", "vertebra_shape"):
+        monkeypatch.setattr(anatomy, name, recorder(name, getattr(anatomy, name)))
+    generate_case(seed, **kw)
+    return got
+
+
+def _gap_mm(a, b, pts) -> float:
+    """Distance between two solids from their SDFs: twice the least max(d_a, d_b) over points."""
+    return 2.0 * float(np.maximum(a.sdf(pts), b.sdf(pts)).min())
+
+
+def test_ilium_clears_the_l5_transverse_process_and_the_sacrum(monkeypatch):
+    """The iliolumbar ligament, not bone, joins the L5 transverse process to the iliac crest, and
+    the sacroiliac joints are a joint space: the ilium touches neither L5 nor the sacrum."""
+    from verse_cli.synth.anatomy import SI_JOINT_MM
+
+    got = _rendered_shapes(monkeypatch, 301, region="lumbar", max_voxels=200_000)
+    pelvis = got["pelvis_shape"][0][1]
+    sacrum = got["sacrum_shape"][0][1]
+    l5, l5_shape = next((lv, sh) for lv, sh in got["vertebra_shape"] if lv.name == "L5")
+    rng = np.random.default_rng(0)
+    around_l5 = l5.to_world(rng.uniform([-75, -60, -45], [75, 40, 30], (150_000, 3))).astype(np.float32)
+    assert _gap_mm(pelvis, l5_shape, around_l5) >= 8.0
+    sac_lv = got["sacrum_shape"][0][0]
+    around_sacrum = sac_lv.to_world(rng.uniform([-80, -60, -110], [80, 30, 10], (150_000, 3))).astype(np.float32)
+    assert _gap_mm(pelvis, sacrum, around_sacrum) >= SI_JOINT_MM - 0.5

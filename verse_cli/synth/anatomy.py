@@ -862,9 +862,25 @@ def coccyx_shape(lv: Level, bone: BoneHU) -> Shape:
     return Shape(sdf=sdf, lo=lo, hi=hi, material=bone.material(), core_depth=None)
 
 
-def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict) -> Shape:
+#: The iliac crest is highest laterally (about the L4 level, Tuffier's line) and runs down
+#: medially and backwards to the posterior superior iliac spine at S1-S2 (Standring, Gray's
+#: Anatomy, 41st ed., pelvic girdle): its top falls this many mm per mm nearer the midline
+#: than ``CREST_PEAK_MM``, so that it passes 10-25 mm below and lateral of the L5 transverse
+#: process, which the iliolumbar ligament, not bone, joins to it.
+CREST_MEDIAL_SLOPE = 1.5
+CREST_PEAK_MM = 80.0
+#: Width of the sacroiliac joint space between the auricular surfaces (2-4 mm on CT in
+#: adults: Vogler et al., Radiology 1984;151:433-437).
+SI_JOINT_MM = 2.5
+
+
+def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict, sacrum_sdf=None) -> Shape:
     """Iliac wings, acetabula, pubic and ischial rami, femoral heads and necks, in the
-    sacral frame; the hip axis follows the pelvic incidence (Roussouly 2005)."""
+    sacral frame; the hip axis follows the pelvic incidence (Roussouly 2005).
+
+    ``sacrum_sdf`` (world points -> mm): the ilium keeps :data:`SI_JOINT_MM` clear of
+    the sacrum, the joint space of the sacroiliac joints (otherwise the two bones merge).
+    """
     pi = np.radians(p["pi"])
     L = p["hip_dist"]
     hx = p["hip_half"]
@@ -881,8 +897,11 @@ def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict) -> Shape:
         # below the crest and thickest posteriorly toward the PSIS (Hwang K et al.,
         # J Craniofac Surg 1997;8:274-278: iliac thickness map of 58 hip bones)
         c = np.array([30.0, 22.0, hz + 45.0])
-        shell = np.abs(ellipsoid(m, c, (95.0, 70.0, 85.0))) - _ilium_half_thickness(m, p["crest"])
-        clip = np.maximum.reduce([W / 2 + 4 - m[:, 0], m[:, 2] - (p["crest"]), (hz + 10) - m[:, 2],
+        top = crest_top(m, p["crest"])
+        shell = np.abs(ellipsoid(m, c, (95.0, 70.0, 85.0))) - _ilium_half_thickness(m, top)
+        # the distance to the sloping top, not its height difference: the SDF stays 1-Lipschitz
+        below_top = (m[:, 2] - top) / F32(np.sqrt(1.0 + CREST_MEDIAL_SLOPE ** 2))
+        clip = np.maximum.reduce([W / 2 + 4 - m[:, 0], below_top, (hz + 10) - m[:, 2],
                                   -40.0 - m[:, 1], m[:, 1] - (hy + 25)])
         wing = smax(shell, clip, 6.0)  # a fillet about the crest's half thickness: a rounded rim, not a cut
         si = capsule(m, (W / 2 + 6, -12, -14), (W / 2 + 22, -4, -40), 9.0)
@@ -904,19 +923,31 @@ def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict) -> Shape:
         return np.minimum(d, fem)
 
     def sdf(pw):
-        return side(_mirror(lv.local(pw)), 1.0)
+        d = side(_mirror(lv.local(pw)), 1.0)
+        if sacrum_sdf is None:
+            return d
+        return np.maximum(d, F32(SI_JOINT_MM) - sacrum_sdf(pw))
 
     lo, hi = world_box(lv, np.array([-(hx + 80), -70, hz - 230]), np.array([hx + 80, hy + 70, p["crest"] + 10]), 4)
     return Shape(sdf=sdf, lo=lo, hi=hi, material=bone.material(cortex_mm=1.8, trab=bone.trabecular + bone.ilium_trab),
                  core_depth=None)
 
 
-def _ilium_half_thickness(m: np.ndarray, crest: float) -> np.ndarray:
-    """Half thickness (mm) of the iliac wing at points ``m`` (sacral frame, mirrored to +x):
-    2.4 mm in the thin middle of the wing, +4.5 mm over the 18 mm below the crest (crest
-    ~14 mm thick), +8 mm toward the posterior ilium (~20 mm near the PSIS). The slopes stay
-    below 0.3, so the SDF keeps a Lipschitz constant within the renderer's margin."""
-    crest_band = np.clip(F32(1) - (F32(crest) - m[:, 2]) / F32(18.0), 0, 1)
+def crest_top(m: np.ndarray, crest: float) -> np.ndarray:
+    """Height (mm, sacral frame) of the iliac crest above points ``m`` (mirrored to +x):
+    ``crest`` laterally, falling by :data:`CREST_MEDIAL_SLOPE` per mm medial of
+    :data:`CREST_PEAK_MM`."""
+    medial = np.clip(F32(CREST_PEAK_MM) - m[:, 0], 0, None)
+    return F32(crest) - F32(CREST_MEDIAL_SLOPE) * medial
+
+
+def _ilium_half_thickness(m: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Half thickness (mm) of the iliac wing at points ``m`` (sacral frame, mirrored to +x)
+    under the crest's local height ``top``: 2.4 mm in the thin middle of the wing, +4.5 mm
+    over the 18 mm below the crest (crest ~14 mm thick), +8 mm toward the posterior ilium
+    (~20 mm near the PSIS). The slopes stay below 0.3, so the SDF keeps a Lipschitz
+    constant within the renderer's margin."""
+    crest_band = np.clip(F32(1) - (top - m[:, 2]) / F32(18.0), 0, 1)
     posterior = np.clip((F32(-5.0) - m[:, 1]) / F32(30.0), 0, 1)
     return F32(2.4) + F32(4.5) * crest_band + F32(8.0) * posterior
 

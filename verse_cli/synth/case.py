@@ -346,7 +346,7 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     fused_cv = {s: spec["castellvi"][s] for s in ("left", "right")}
     sac_shape = A.sacrum_shape(sac, bone, rng, fused_cv)
     sac_shape.channel, sac_shape.label = "vert", _SACRUM
-    shapes.append(A.pelvis_shape(sac, bone, rng, pelvis))
+    shapes.append(A.pelvis_shape(sac, bone, rng, pelvis, sacrum_sdf=sac_shape.sdf))
     shapes.append(sac_shape)
     shapes.append(A.coccyx_shape(sac, bone))
     for lv in levels[:-1]:

@@ -887,6 +887,36 @@ def test_bone_cut_by_the_scan_edge_below_the_last_label_is_not_named_the_sacrum(
     assert r["enumeration"]["lumbar"] is None and "L4" not in r["enumeration"]["flags"]
 
 
+@pytest.mark.parametrize("alae", [True, False])
+def test_sacrum_cut_by_the_scan_edge_is_named_by_its_alae(alae):
+    """Where the scan ends 10 mm into the sacrum, the bone below the last label is cut before
+    it runs on longer than a body, so it might be the next vertebra: the sacrum's alae tell
+    it, bone running on far beyond the body's sides beside its middle, where a lumbar
+    vertebra has none (its processes arise behind the body). Named, the sacrum is graded
+    (synth 95052, 95033: no grade); without alae in view it stays unnamed."""
+    ct, mask, aff = phantom(labels=(22, 23, 24), unlabel=(26,))
+    sp = np.diag(aff)[:3]
+    if not alae:  # only a body's breadth of the sacrum
+        x = np.arange(ct.shape[0]) * sp[0] - 100.0
+        z = np.arange(ct.shape[2]) * sp[2]
+        sacrum = (np.abs(x) > 15)[:, None, None] & ((z >= 14) & (z <= 36))[None, None, :] & (ct > 200)
+        ct[sacrum] = 40.0
+    keep = int(np.rint(25.0 / sp[2]))  # the sacrum's top is at z = 35 mm
+    ct, mask = np.ascontiguousarray(ct[:, :, keep:]), np.ascontiguousarray(mask[:, :, keep:])
+    aff = aff.copy()
+    aff[2, 3] = keep * sp[2]
+    r = rate(ct, mask, aff)
+    found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
+    assert found.get("cut_by_field_of_view"), found
+    if alae:
+        assert found.get("told_by_its_alae") and min(found["reach_beside_body_mm"]) >= 40.0, found
+        assert r["castellvi"]["vertebra"] == "L5" and r["castellvi"]["grade"] == "0/1", r["castellvi"]
+        assert r["field_of_view"]["last"] == "S1"
+    else:
+        assert max(found["reach_beside_body_mm"]) < 25.0, found
+        assert r["castellvi"] is None
+
+
 def test_a_thin_disc_is_a_slab_much_emptier_than_the_bodies_beside_it():
     """A disc thinner than the blur of the voxels leaves some bone in its slab; a slab much
     emptier than the bodies above and below it is a disc all the same, while the varying

@@ -64,6 +64,7 @@ MAX_DISC_MM = 20.0  # an intervertebral disc is at most this high (adult lumbar 
 MIN_BODY_MM = 15.0  # a vertebral body is at least this high (adult lumbar bodies: 25-30 mm)
 MAX_BODY_MM = 45.0  # ... and, met obliquely by the walk, at most this long
 TALL_BODY_MM = 35.0  # the tallest lumbar body (adult L1-L5 25-30 mm): a longer run of bone is no vertebra's
+ALA_BEYOND_MM = 15.0  # the sacral alae run on 25-35 mm beyond the S1 body's sides (S1 100-120 mm wide)
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 mm radius)
@@ -987,7 +988,9 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     it empty. After the last label: a body, a disc and another body mean an
     unlabelled transitional vertebra (Castellvi III/IV, unlabelled as in VerSe) above
     the sacrum; a single body is the sacrum. The sacrum is the unlabelled bone
-    connected to the column at its level, below its top.
+    connected to the column at its level, below its top. Bone that the scan's edge cuts
+    before it ran on longer than a body is the sacrum only when its alae are in view
+    (:func:`_reach_beside_body`); otherwise it may be the next vertebra, and none is named.
     """
     fr = frames[lumbar[-1]]
     sp = grid.sp
@@ -1017,7 +1020,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     for heading in _sagittal_tilts(down, fr.right, (0, -10, -20, -30)):
         _drop_specks(free, grid, start, heading, walk_len)
         walks.append(_walk(grid, free, start, heading, fr.right, step_mm, walk_len))
-    profile, centres, clipped = max(walks, key=lambda w: w[4])[:3]
+    profile, centres, clipped, heading = max(walks, key=lambda w: w[4])[:4]
     runs = _body_runs(np.array(profile), step_mm)
     if runs and runs[0][0] == 0 and len(runs) > 1:
         runs = runs[1:]  # bone right at the start is the last labelled vertebra's own
@@ -1033,6 +1036,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
             and (runs[1][0] - runs[0][1]) * step_mm <= MAX_DISC_MM)
     evidence["transitional_vertebra"] = bool(lstv)
     sacrum = runs[1] if lstv else runs[0]
+    pts = None
     if any(clipped[sacrum[1]:sacrum[1] + 2]) and (sacrum[1] - sacrum[0]) * step_mm < (
             MIN_BODY_MM if lstv else TALL_BODY_MM):
         # bone cut by the scan's edge before it ran on longer than a vertebral body (below
@@ -1043,7 +1047,16 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
             # ... unless that bone lies farther below than a disc's height: the walk met no
             # body under the last label at all
             return _sacrum_by_its_shell(grid, free, start, down, fr.half_width, evidence)
-        return None, evidence
+        # ... unless the alae are in view: bone beside the middle of the body, where a
+        # lumbar vertebra has none (its transverse processes arise behind the body)
+        pts = _bone_joined_at(grid, free, centres, sacrum[0], down)
+        # the body's middle just under its top, before the walk can drift
+        centre = centres[min(sacrum[0] + round(4.0 / step_mm), sacrum[1] - 1)]
+        reach = _reach_beside_body(grid, pts, centre, heading, fr.right)
+        evidence["reach_beside_body_mm"] = [round(r, 1) for r in reach]
+        if min(reach) < fr.half_width + ALA_BEYOND_MM:
+            return None, evidence
+        evidence["told_by_its_alae"] = True
     if lstv:
         # the disc below the transitional body: halfway between the two runs, facing from
         # the body's middle towards the sacrum's top
@@ -1051,21 +1064,56 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         sac_top = centres[min(runs[1][0] + 2, len(centres) - 1)]
         evidence["disc_point_mm"] = [round(float(v), 2) for v in centres[(runs[0][1] + runs[1][0]) // 2]]
         evidence["disc_normal"] = [round(float(v), 4) for v in _unit(sac_top - body_mid)]
-    k = runs[1][0] if lstv else runs[0][0]
-    top_point, seed_point = centres[max(k - 1, 0)], centres[min(k + 3, len(centres) - 1)]
-    region, box = _tube(grid, top_point, down, -3.0, 200.0, 80.0)
-    cand = free[box] & region
-    comps, _ = ndimage.label(cand)
-    seed = np.rint(seed_point / sp).astype(int) - np.array([sl.start for sl in box])
-    r = np.ceil(6.0 / sp).astype(int)
-    lo, hi = np.maximum(seed - r, 0), np.minimum(seed + r + 1, cand.shape)
-    ids = np.unique(comps[tuple(slice(a, b) for a, b in zip(lo, hi))])
-    ids = ids[ids > 0]
-    if len(ids) == 0:
+    if pts is None:
+        pts = _bone_joined_at(grid, free, centres, sacrum[0], down)
+    if len(pts) == 0:
         return None, evidence
-    pts = np.argwhere(np.isin(comps, ids)) + np.array([sl.start for sl in box])
     evidence["voxels"] = len(pts)
     return pts, evidence
+
+
+def _bone_joined_at(grid: Grid, free: np.ndarray, centres: list, k: int, down: np.ndarray) -> np.ndarray:
+    """Voxel indices of the unlabelled bone below the walk's step ``k`` joined to the bone
+    a few steps below it (the body the walk met there); empty when none."""
+    top_point, seed_point = centres[max(k - 1, 0)], centres[min(k + 3, len(centres) - 1)]
+    region, box = _tube(grid, top_point, down, -3.0, 200.0, 80.0)
+    comps, _ = ndimage.label(free[box] & region)
+    seed = np.rint(seed_point / grid.sp).astype(int) - np.array([sl.start for sl in box])
+    r = np.ceil(6.0 / grid.sp).astype(int)
+    lo, hi = np.maximum(seed - r, 0), np.minimum(seed + r + 1, comps.shape)
+    ids = np.unique(comps[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    ids = ids[ids > 0]
+    return np.argwhere(np.isin(comps, ids)) + np.array([sl.start for sl in box])
+
+
+def _reach_beside_body(grid: Grid, pts: np.ndarray, centre: np.ndarray, heading: np.ndarray, right: np.ndarray,
+                       band_mm: float = 4.0) -> tuple[float, float]:
+    """How far the bone ``pts`` runs on without a break from the walk's axis to the left and to
+    the right (mm), in the band through the middle of the body (within ``band_mm`` of its
+    ``centre`` front to back), seen along the walk's ``heading``.
+
+    The sacrum's alae are joined to the S1 body along its sides, so bone runs on there far
+    beyond the body; a lumbar vertebra's transverse processes arise from its arch behind the
+    body, so in that band its bone ends at the body's side. Looking along the walk fills the
+    cancellous bone a threshold misses with the endplates and cortices above and below it. One
+    centre, not the walk's steps: at the scan's edge the walk can drift back into the arch."""
+    if len(pts) == 0:
+        return 0.0, 0.0
+    rel = pts * grid.sp - centre
+    front = _unit(np.cross(right, heading))
+    lat = (rel @ right)[np.abs(rel @ front) <= band_mm]
+    bin_mm = float(grid.sp.max())
+    reach = []
+    for sign in (-1.0, 1.0):
+        bins = np.rint(lat * sign / bin_mm).astype(int)
+        occupied = np.bincount(bins[bins >= 0], minlength=1) > 0
+        # two empty bins in a row end the bone (one may fall between the voxels' centres)
+        gap = np.flatnonzero(~occupied[:-1] & ~occupied[1:]) if len(occupied) > 1 else np.array([], int)
+        if not occupied[0]:
+            reach.append(0.0)
+        else:
+            reach.append((gap[0] if len(gap) else len(occupied)) * bin_mm)
+    return reach[0], reach[1]
 
 
 def _sacrum_by_its_shell(grid: Grid, free: np.ndarray, start: np.ndarray, down: np.ndarray, half_width: float,

@@ -1050,9 +1050,10 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         # ... unless the alae are in view: bone beside the middle of the body, where a
         # lumbar vertebra has none (its transverse processes arise behind the body)
         pts = _bone_joined_at(grid, free, centres, sacrum[0], down)
-        # the body's middle just under its top, before the walk can drift
+        # the walk's axis just under the body's top, before the walk can drift
         centre = centres[min(sacrum[0] + round(4.0 / step_mm), sacrum[1] - 1)]
-        reach = _reach_beside_body(grid, pts, centre, heading, fr.right)
+        half_depth = _body_half_depth(last_pts - fr.body, fr.anterior, fr.right, fr.half_width)
+        reach = _reach_beside_body(grid, pts, centre, heading, fr.right, fr.half_width, half_depth)
         evidence["reach_beside_body_mm"] = [round(r, 1) for r in reach]
         if min(reach) < fr.half_width + ALA_BEYOND_MM:
             return None, evidence
@@ -1086,22 +1087,38 @@ def _bone_joined_at(grid: Grid, free: np.ndarray, centres: list, k: int, down: n
     return np.argwhere(np.isin(comps, ids)) + np.array([sl.start for sl in box])
 
 
+def _body_half_depth(rel_mm: np.ndarray, anterior: np.ndarray, right: np.ndarray, half_width: float) -> float:
+    """How far in front of its body centroid a vertebra's body reaches (``rel_mm``: its voxels
+    in mm from the centroid), near its midline."""
+    near = np.abs(rel_mm @ right) <= 0.5 * half_width
+    ahead = (rel_mm @ anterior)[near]
+    ahead = ahead[ahead > 0]
+    return float(np.percentile(ahead, 98)) if len(ahead) else half_width
+
+
 def _reach_beside_body(grid: Grid, pts: np.ndarray, centre: np.ndarray, heading: np.ndarray, right: np.ndarray,
-                       band_mm: float = 4.0) -> tuple[float, float]:
-    """How far the bone ``pts`` runs on without a break from the walk's axis to the left and to
-    the right (mm), in the band through the middle of the body (within ``band_mm`` of its
-    ``centre`` front to back), seen along the walk's ``heading``.
+                       half_width: float, half_depth: float, band_mm: float = 4.0) -> tuple[float, float]:
+    """How far the bone ``pts`` runs on without a break from the walk's axis (through
+    ``centre``) to the left and to the right (mm), seen along the walk's ``heading``, in the
+    band through the middle of the body: within ``band_mm`` of ``half_depth`` behind the
+    body's front, the front-most bone near the axis.
 
     The sacrum's alae are joined to the S1 body along its sides, so bone runs on there far
     beyond the body; a lumbar vertebra's transverse processes arise from its arch behind the
-    body, so in that band its bone ends at the body's side. Looking along the walk fills the
-    cancellous bone a threshold misses with the endplates and cortices above and below it. One
-    centre, not the walk's steps: at the scan's edge the walk can drift back into the arch."""
+    body, so in that band its bone ends at the body's side. The band is placed from the
+    body's front, not from the walk's centre: at the scan's edge the walk can drift back
+    towards the arch. Looking along the walk fills the cancellous bone a threshold misses
+    with the endplates and cortices above and below it."""
     if len(pts) == 0:
         return 0.0, 0.0
     rel = pts * grid.sp - centre
     front = _unit(np.cross(right, heading))
-    lat = (rel @ right)[np.abs(rel @ front) <= band_mm]
+    lat, ahead = rel @ right, rel @ front
+    near_axis = np.abs(lat) <= 0.5 * half_width
+    if not near_axis.any():
+        return 0.0, 0.0
+    middle = float(np.percentile(ahead[near_axis], 98)) - half_depth
+    lat = lat[np.abs(ahead - middle) <= band_mm]
     bin_mm = float(grid.sp.max())
     reach = []
     for sign in (-1.0, 1.0):

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from .core.arrays import true_runs
 from .core.errors import DataError, UsageError
 from .core.io import fresh_image, load_mask, read_json, save_mask, save_nifti, write_json
 from .core.progress import debug, info
@@ -242,14 +243,14 @@ def table_columns(tissue: np.ndarray, inside: np.ndarray | None, step: float) ->
     wide = ndimage.binary_opening(inv, structure=line)
     table = np.zeros(tissue.shape[:2], bool)
     elsewhere = tissue.any(axis=2) & ~wide  # (x, y): the patient, seen in any slice
-    for lo, hi in _runs(wide.any(axis=0)):
-        if (hi - lo + 1) * step > TABLE_MAX_THICKNESS_MM:
+    for lo, hi in true_runs(wide.any(axis=0)):
+        if (hi - lo) * step > TABLE_MAX_THICKNESS_MM:
             continue
-        band = wide[:, lo:hi + 1].any(axis=1)
+        band = wide[:, lo:hi].any(axis=1)
         behind = elsewhere[band, :lo].any(axis=1).mean()
-        ahead = elsewhere[band, hi + 1:].any(axis=1).mean()
+        ahead = elsewhere[band, hi:].any(axis=1).mean()
         if min(behind, ahead) <= TABLE_MAX_BEYOND_SHARE:
-            table[:, lo:hi + 1] = wide[:, lo:hi + 1]
+            table[:, lo:hi] = wide[:, lo:hi]
     return table
 
 
@@ -267,13 +268,6 @@ def _extent(mask2d: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndar
     first = np.where(hit, coords[mask2d.argmax(axis=0)], np.nan)
     last = np.where(hit, coords[len(coords) - 1 - mask2d[::-1].argmax(axis=0)], np.nan)
     return first, last
-
-
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """Inclusive (start, stop) index pairs of the runs of True in a 1D array."""
-    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2])]
 
 
 # --------------------------------------------------------------------------- detection
@@ -645,7 +639,7 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     neck = float(smooth[neck_level])
     threshold = max(neck + CHIN_EXTRA_OVER_NECK_MM, CHIN_MIN_PROTRUSION_MM)
     above_neck = zone & (np.arange(nz) > neck_level)
-    runs = [(a, b) for a, b in _runs((protrusion > threshold) & above_neck) if (b - a + 1) * step >= CHIN_MIN_RUN_MM]
+    runs = [(a, b) for a, b in true_runs((protrusion > threshold) & above_neck) if (b - a) * step >= CHIN_MIN_RUN_MM]
     details = {"zone_mm": zone_mm, "neck_protrusion_mm": round(neck, 1), "neck_z_mm": float(zs[neck_level]),
                "threshold_mm": round(threshold, 1),
                "max_protrusion_mm": round(float(protrusion[zone].max()), 1),

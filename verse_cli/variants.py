@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from .core import geometry
 from .core import labels as L
+from .core.arrays import true_runs
 from .core.errors import DataError
 from .ribs import (
     HEAD_REACH_MM,
@@ -1236,7 +1237,7 @@ def _body_runs(profile: np.ndarray, step_mm: float, empty: float = 0.08) -> list
     long. A gap under 4 mm is a hole in a body's cancellous bone and is closed, unless a
     slab in it is empty (under ``empty``) whatever its tilt: a thin disc."""
     runs: list[tuple[int, int]] = []
-    for a, b in _runs(~_disc_slabs(profile, step_mm, empty=empty)):
+    for a, b in true_runs(~_disc_slabs(profile, step_mm, empty=empty)):
         if runs and (a - runs[-1][1]) * step_mm < 4.0 and profile[runs[-1][1]:a].min() >= empty:
             runs[-1] = (runs[-1][0], b)
         else:
@@ -1321,13 +1322,6 @@ def _column_fraction(grid: Grid, free: np.ndarray, centre: np.ndarray, axis: np.
     region, box = _tube(grid, centre, axis, -half, half, 12.0)
     n = int(region.sum())
     return float((free[box] & region).sum()) / n if n else 0.0
-
-
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of every run of True."""
-    padded = np.r_[False, flags, False].astype(np.int8)
-    d = np.diff(padded)
-    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
 
 
 def _box_coords(shape, sp, base_mm) -> np.ndarray:
@@ -1444,7 +1438,7 @@ def _lines_to_the_ala(ct, base_mm, sp, centre, fr, sign, half_width, vert, lat, 
     for l, a in zip(grid_l.ravel(), grid_a.ravel()):
         pts = centre + sign * l * fr.right + np.outer(a - back, fr.anterior) + np.outer(ts, fr.superior)
         hu = ndimage.map_coordinates(ct, ((pts - base_mm) / sp).T, order=1, mode="nearest")
-        runs = _runs(hu >= thr)
+        runs = true_runs(hu >= thr)
         if not runs or ts[runs[0][0]] < t_sacrum or ts[runs[-1][1] - 1] > t_sacrum - 8.0:
             continue
         gaps.append(0.0 if len(runs) == 1 else float((runs[-1][0] - runs[0][1]) * per_sample_mm))

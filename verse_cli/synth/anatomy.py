@@ -926,7 +926,11 @@ def pelvis_shape(lv: Level, bone: BoneHU, rng, p: dict, sacrum_sdf=None) -> Shap
         d = side(_mirror(lv.local(pw)), 1.0)
         if sacrum_sdf is None:
             return d
-        return np.maximum(d, F32(SI_JOINT_MM) - sacrum_sdf(pw))
+        # the joint only moves the surface: points already this far outside the pelvis stay
+        # outside, and the lower bound d keeps the renderer's block skipping safe
+        near = d < F32(SI_JOINT_MM + 2.0)
+        d[near] = np.maximum(d[near], F32(SI_JOINT_MM) - sacrum_sdf(pw[near]))
+        return d
 
     lo, hi = world_box(lv, np.array([-(hx + 80), -70, hz - 230]), np.array([hx + 80, hy + 70, p["crest"] + 10]), 4)
     return Shape(sdf=sdf, lo=lo, hi=hi, material=bone.material(cortex_mm=1.8, trab=bone.trabecular + bone.ilium_trab),

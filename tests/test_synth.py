@@ -307,6 +307,23 @@ def test_from_masks_renders_real_shapes(verse, tmp_path, real_data):
     assert ctd.labels == _labels(mask)
 
 
+def test_from_masks_draws_a_joint_where_two_vertebrae_touch():
+    from verse_cli.synth.from_masks import label_interface, render_ct
+
+    mask = np.zeros((40, 30, 30), np.uint8)
+    mask[5:20, 5:25, 5:25] = 22
+    mask[20:35, 5:25, 5:25] = 23  # touching L3 across one face, as at a facet joint
+    joint = label_interface(mask)
+    assert joint.sum() == 20 * 20 and joint[20, 5:25, 5:25].all()
+    assert not joint[19].any()  # one voxel thick, on one side only
+    hu = render_ct(mask, np.diag([1.0, 1, 1, 1]), np.random.default_rng(0))
+    seam = hu[20, 8:22, 8:22].mean()
+    cortex_above, cortex_below = hu[19, 8:22, 8:22].mean(), hu[21, 8:22, 8:22].mean()
+    core = hu[12, 8:22, 8:22].mean()
+    assert cortex_above > core and cortex_below > core  # each vertebra has its own cortex there
+    assert seam < min(cortex_above, cortex_below)
+
+
 def test_face_mask_when_the_head_is_in_view(tmp_path):
     from verse_cli.synth import generate_case, write_case
 

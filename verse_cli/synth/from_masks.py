@@ -5,7 +5,8 @@ feeds training without real images.
 
 Per output case: a mask from DIR (cycled), a random smooth elastic deformation plus a
 small rotation/scaling, then a CT built from the labels: a cortical shell and a
-textured trabecular core per vertebra (random HU per vertebra), discs filled between
+textured trabecular core per vertebra (random HU per vertebra), a joint space with a
+cortex on both sides wherever two labels touch (the facet joints), discs filled between
 neighbouring bodies, the spinal canal left soft, and a random soft-tissue background
 (muscle/fat mixture, air outside a random body outline). The CT then passes through
 the same kernel/noise model as generated cases.
@@ -74,11 +75,14 @@ def render_ct(mask: np.ndarray, affine: np.ndarray, rng: np.random.Generator) ->
     # discs: soft gaps between bodies (closing of the bone union)
     closed = ndimage.binary_closing(bone, structure=np.ones((3, 3, 3)), iterations=int(rng.integers(2, 4)))
     img[closed & ~bone] = rng.uniform(60, 110)
-    # bones: shell and textured core with random HU per vertebra
-    inside = ndimage.distance_transform_edt(bone, sampling=sp)
+    # bones: shell and textured core with random HU per vertebra. Where two vertebrae touch
+    # (the facet joints, in VerSe masks) each gets its own cortex with a joint space between
+    # them, as on real CT; a shell around the union of the bones would hide the boundary.
+    joint = label_interface(mask)
+    inside = ndimage.distance_transform_edt(bone & ~joint, sampling=sp)
     tex = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 0.8 / sp)
     tex /= max(float(tex.std()), 1e-6)
-    shell_mm = rng.uniform(0.5, 1.5)
+    shell_mm = max(rng.uniform(0.5, 1.5), float(sp.min()))  # at least the outer voxel layer
     trab_case = rng.uniform(55, 340)  # osteoporotic to dense, per case; a little per vertebra
     for lab in [int(v) for v in np.unique(mask) if v]:
         m = mask == lab
@@ -86,7 +90,25 @@ def render_ct(mask: np.ndarray, affine: np.ndarray, rng: np.random.Generator) ->
         cort = rng.uniform(450, 1100)
         core = trab + rng.uniform(20, 80) * tex
         img[m] = np.where(inside[m] <= shell_mm, cort, core[m])
+    # the joint space: cartilage and fluid, partly volumed with the sclerotic cortex beside it
+    img[joint] = rng.uniform(60, 350)
     return img
+
+
+def label_interface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of one label that face a different non-zero label across a voxel face."""
+    mask = np.asarray(mask)
+    out = np.zeros(mask.shape, bool)
+    for axis in range(mask.ndim):
+        lo = [slice(None)] * mask.ndim
+        hi = [slice(None)] * mask.ndim
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        a, b = mask[tuple(lo)], mask[tuple(hi)]
+        touch = (a > 0) & (b > 0) & (a != b)
+        # one voxel thick: mark the side with the higher label, so the seam is not doubled
+        out[tuple(lo)] |= touch & (a > b)
+        out[tuple(hi)] |= touch & (b > a)
+    return out
 
 
 def render_from_masks(mask_dir, outdir, n: int = 1, seed: int = 0, jobs: int = 1, qc: bool = True) -> list[str]:

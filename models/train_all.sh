@@ -12,7 +12,7 @@
 # Tunables via environment:
 #   DATA=work/synth_train N=222 FINE=work/synth_fine NF=61 JOBS=<cores> MINUTES=6 SEG_MINUTES=9 OUTDIR=models
 #   LABEL_INIT=models/label.pt LABEL_MINUTES=30 SEG_FT=work/synth_segft NFT=156 NFTF=41 SEG_FT_MINUTES=6.3
-#   NFT2=124 NMASK=9 SEG_FT2_MINUTES=2.3 SHARED=../shared
+#   NFT2=124 NMASK=9 SEG_FT2_MINUTES=2.3 NFT3=60 SEG_FT3_MINUTES=72 SHARED=../shared
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-work/synth_train}    # all regions, grid capped at 40 M x 0.6^3 voxels: detect, label, segment
@@ -34,6 +34,8 @@ SEG_FT2_MINUTES=${SEG_FT2_MINUTES:-2.3}
 NFT2=${NFT2:-124}
 NMASK=${NMASK:-9}
 SHARED=${SHARED:-../shared}
+NFT3=${NFT3:-60}
+SEG_FT3_MINUTES=${SEG_FT3_MINUTES:-72}
 
 has_cuda() { python3 -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
 
@@ -93,5 +95,21 @@ cp "$OUTDIR/segment.pt" "$OUTDIR/.segment_init.pt"
 $VERSE train segment "${SEG_FT}2" --out "$OUTDIR/segment.pt" --init "$OUTDIR/.segment_init.pt" --lr 5e-4 \
   --minutes "$SEG_FT2_MINUTES" --device auto --seed 2 --workers "$SEG_FT_WORKERS" --batch 4 \
   > "$OUTDIR/segment_ft2.train.log" 2>&1
+# (3) a CPU-length fine-tune (72 min on 2 cores) on fresh synth (current generator, 0.6 and 0.8 scale) and
+# 60 renders of verse004 with joint spaces at the facets (since 104aa9a)
+if [ -f "$VERSE004" ]; then
+  render "${SEG_FT}3_a" "$NFT3" 95000 0.6
+  render "${SEG_FT}3_b" "$NFT3" 42000 0.8
+  if [ ! -f "${SEG_FT}3_m/.complete" ]; then
+    $VERSE synth "${SEG_FT}3_m" --from-masks "${SEG_FT}2_masks" --n "$NFT3" --seed 71000 --no-qc --jobs "$JOBS" --quiet
+    touch "${SEG_FT}3_m/.complete"
+  fi
+  mkdir -p "${SEG_FT}3"
+  ln -sf "$PWD/${SEG_FT}3_a"/sub-* "$PWD/${SEG_FT}3_b"/sub-* "$PWD/${SEG_FT}3_m"/sub-* "${SEG_FT}3"/
+  cp "$OUTDIR/segment.pt" "$OUTDIR/.segment_init.pt"
+  $VERSE train segment "${SEG_FT}3" --out "$OUTDIR/segment.pt" --init "$OUTDIR/.segment_init.pt" --lr 5e-4 \
+    --minutes "$SEG_FT3_MINUTES" --device auto --seed 5 --workers 1 --batch 2 \
+    > "$OUTDIR/segment_ft3.train.log" 2>&1
+fi
 rm -f "$OUTDIR/.label_init.pt" "$OUTDIR/.segment_init.pt"
 echo "weights written to $OUTDIR (logs: $OUTDIR/*.train.log)"

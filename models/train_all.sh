@@ -5,10 +5,11 @@
 # on one H200 (see the model cards: 222 + 61 cases were rendered in 140 s on 16 cores there).
 # label is a fine-tune of the bundled label weights (LABEL_INIT), as the bundled label.pt was: its
 # input preprocessing is kept, and the fresh synth ground truth has the corrected body centroids.
-# segment is then fine-tuned twice, as the bundled segment.pt was: (1) SEG_FT_MINUTES at lr 1e-3 on a fresh
+# segment is then fine-tuned three times, as the bundled segment.pt was: (1) SEG_FT_MINUTES at lr 1e-3 on a fresh
 # synthetic set (seeds 50000 and 60000); (2) SEG_FT2_MINUTES at lr 5e-4 on another fresh set (seed 52000)
 # plus SynthSeg-style renders (`verse synth --from-masks`) of the real verse004 expert mask, when
-# $SHARED/data/real is present, so that real vertebral shapes are seen.
+# $SHARED/data/real is present, so that real vertebral shapes are seen; (3) SEG_FT3_MINUTES at lr 5e-4 on
+# two more synthetic sets and more verse004 renders, also only when verse004 is present.
 # Tunables via environment:
 #   DATA=work/synth_train N=222 FINE=work/synth_fine NF=61 JOBS=<cores> MINUTES=6 SEG_MINUTES=9 OUTDIR=models
 #   LABEL_INIT=models/label.pt LABEL_MINUTES=30 SEG_FT=work/synth_segft NFT=156 NFTF=41 SEG_FT_MINUTES=6.3
@@ -98,7 +99,11 @@ $VERSE train segment "${SEG_FT}2" --out "$OUTDIR/segment.pt" --init "$OUTDIR/.se
 # (3) a CPU-length fine-tune (72 min on 2 cores) on fresh synth (current generator, 0.6 and 0.8 scale) and
 # 60 renders of verse004 with joint spaces at the facets (since 104aa9a)
 if [ -f "$VERSE004" ]; then
-  render "${SEG_FT}3_a" "$NFT3" 95000 0.6
+  if [ ! -f "${SEG_FT}3_a/.complete" ]; then  # set B of bench/bench_variants.py: its variant schedule, seed 95000
+    python -c 'import sys; from pathlib import Path; sys.path.insert(0, "bench"); import bench_variants as b
+b.make_cases(int(sys.argv[1]), 0.6, Path(sys.argv[2]), int(sys.argv[3]), first_seed=95000)' "$NFT3" "${SEG_FT}3_a" "$JOBS"
+    touch "${SEG_FT}3_a/.complete"
+  fi
   render "${SEG_FT}3_b" "$NFT3" 42000 0.8
   if [ ! -f "${SEG_FT}3_m/.complete" ]; then
     $VERSE synth "${SEG_FT}3_m" --from-masks "${SEG_FT}2_masks" --n "$NFT3" --seed 71000 --no-qc --jobs "$JOBS" --quiet

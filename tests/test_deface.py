@@ -282,7 +282,8 @@ def test_auto_on_synthetic_heads(seed):
 # most of the face outside it; no skull base shows in the midline band, the skull (a bone shell around
 # brain) shows the head. 39: oblique scan whose table ends a few slices before the scan does. 72: a short
 # scan of a broad head over a broad neck, the same in a thin band of every slice (no second table).
-@pytest.mark.parametrize("seed", [28, 39, 72])
+# 12: a neck flexed 45 degrees whose jaw joins the column below C2 and passed for the skull base.
+@pytest.mark.parametrize("seed", [12, 28, 39, 72])
 def test_auto_on_full_resolution_synthetic_heads(seed):
     from verse_cli.deface import auto_face_mask
     from verse_cli.synth import generate_case
@@ -295,6 +296,25 @@ def test_auto_on_full_resolution_synthetic_heads(seed):
     assert not removed[case.mask > 0].any()
     if seed == 28:
         assert not report.details["skull_base_seen"] and report.details["skull_holds_brain"]
+
+
+def test_a_jaw_in_front_of_a_flexed_column_does_not_end_the_spine_track():
+    """A plate joined to the column's front that fills the band like a skull base, with the column
+    going on above it (its front back on the column's own), leaves C1 and the dens in the track up to
+    where it thins under the skull, not just 21 mm above the plate."""
+    from verse_cli.deface import cut_at_skull_base
+
+    track = np.zeros((30, 90, 80), bool)  # coarse (x, y, z) voxels
+    for z in range(4, 56):  # a column leaning forward 0.6 voxel per slice; every sixth slice a disc
+        if z % 6 != 5:
+            track[12:18, 10 + int(0.6 * z):17 + int(0.6 * z), z] = True
+    for z in range(28, 36):  # a jaw in front of it, creeping in from below and then filling the band
+        y0 = 17 + int(0.6 * z)
+        track[8:22, y0:min(90, y0 + 3 * (z - 27)), z] = True
+    track[12:15, 30:34, 56:80] = True  # above C1: only the skull's thin back wall in the band
+    cut, skull_base, clean = cut_at_skull_base(track, 0, 3.0)
+    assert skull_base and 30 <= clean <= 35  # (the plate still stops the front's measurement)
+    assert cut[:, :, 52:56].any() and not cut[:, :, 57:].any()
 
 
 @pytest.mark.parametrize("table_slices", [100, 90])

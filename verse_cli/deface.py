@@ -20,7 +20,10 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
    (behind the column's front: a jaw touching the track in front does not count) where
    the skull meets C1, up to 30 mm above the thin run of C1's arches and dens; or, above
    that thin run, by a vertebra's worth of bone that spreads well in front of the column
-   (dense arches make the column as wide in the midline band as the skull base). Its
+   (dense arches make the column as wide in the midline band as the skull base). A jump
+   above which the track's front falls back onto the column within 9 mm is a plate in
+   front of it (a jaw in a flexed neck), not the floor of the skull: C1 lies above it, and
+   the track is kept up to where it thins under the skull. Its
    anterior surface ``y_front`` is measured below that jump, may drift forward by at
    most 35 degrees (so bone touching the column cannot drag it), and takes the most
    anterior front within about a vertebra's height (a disc cannot pull it back, the
@@ -410,6 +413,7 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     behind = np.cumsum(profile, axis=0)[np.clip(limit, 0, spine.shape[1] - 1), np.arange(spine.shape[2])]
     full = float(np.percentile(counts[lower], 75))  # a vertebra's cross-section, not a disc's
     spikes = np.flatnonzero(behind[start:] > SKULL_BASE_SPIKE * full) + start
+    plate_top = plates_in_front(spikes, front, present, step)
     thin = counts < 0.5 * typical
     drops = np.flatnonzero(thin[start:-1] & thin[start + 1:]) + start
     if drops.size:
@@ -426,6 +430,11 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
             spikes = regrown
     if spikes.size and (not drops.size or spikes[0] * step <= drops[0] * step + C1_GAP_MM):
         end, skull, clean = int(spikes[0]) + max(1, round(C1_SLICES_MM / step)), True, int(spikes[0])
+        if plate_top[spikes[0]] >= 0:
+            # A plate in front of the column (a jaw) with the column going on above it: C1 lies above
+            # the plate, not within C1_SLICES_MM of it; keep the track up to where it thins under the skull.
+            above = drops[drops > plate_top[spikes[0]]]
+            end = max(end, int(above[0])) if above.size else end
     elif drops.size:
         end, skull, clean = int(drops[0]), False, int(drops[0])
     else:
@@ -433,6 +442,44 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     spine = spine.copy()
     spine[:, :, end:] = False
     return spine, skull, clean
+
+
+def plates_in_front(spikes: np.ndarray, front: np.ndarray, present: np.ndarray, step: float) -> np.ndarray:
+    """Per slice, the top slice of the run of ``spikes`` it belongs to when that run is a plate in front
+    of the column (else -1): a run above which the track's front falls back onto the column within a
+    few slices.
+
+    The skull base is the floor of the skull: above it the track holds skull (clivus, the vault's
+    walls), which reaches as far forward as the floor did, or the scan ends. A jaw that joins the column
+    in a flexed neck is a plate in front of C2-C3: it can fill the midline band like the skull base
+    (creeping into the track from below, it carries the "column's front" of the jump test with it), but
+    above it the track is the column again, its front back within ``SKULL_BASE_AHEAD_MM`` of the
+    column's own front (followed up from below with at most ``SPINE_MAX_SLOPE`` of forward creep).
+    """
+    top = np.full(len(front), -1)
+    if not spikes.size:
+        return top
+    creep = np.full(len(front), -1.0)
+    creep[present] = limit_forward_creep(front[present].astype(float), present.astype(float))  # voxels both
+    back_on_column = (front >= 0) & (front <= creep + SKULL_BASE_AHEAD_MM / step)
+    look = max(1, round(SKULL_BASE_LOOKBACK_MM / step))
+    for run in np.split(np.arange(len(spikes)), np.flatnonzero(np.diff(spikes) > 1) + 1):  # a few runs
+        end = int(spikes[run[-1]])
+        if back_on_column[end + 1: end + 1 + look].any():
+            top[spikes[run]] = end
+    return top
+
+
+def limit_forward_creep(front: np.ndarray, z: np.ndarray, max_slope: float = SPINE_MAX_SLOPE) -> np.ndarray:
+    """The spine's front followed up from its lowest slices (their median), moving forward by at
+    most ``max_slope`` per unit of ``z``; it may move back freely. Bone that touches the column
+    (a jaw, the skull base) cannot drag it faster than the cervical lordosis does."""
+    limited = np.array(front, dtype=float)
+    limited[0] = np.median(limited[:5])
+    rises = max_slope * np.diff(np.asarray(z, dtype=float))
+    for i in range(1, len(limited)):  # a few dozen coarse slices
+        limited[i] = min(limited[i], limited[i - 1] + rises[i - 1])
+    return limited
 
 
 def column_midline(column: np.ndarray, xs: np.ndarray, zs: np.ndarray) -> np.ndarray:

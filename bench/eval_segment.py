@@ -10,12 +10,16 @@ centroid), which shows how much of the score the network adds.
 
 Usage::
 
-    .venv/bin/python bench/eval_segment.py [DATA_DIR] [--model models/segment.pt] [--max 50]
+    .venv/bin/python bench/eval_segment.py [DATA_DIR] [--model models/segment.pt] [--max 50] [--jsonl rows.jsonl]
+
+``--jsonl`` writes one line per scored vertebra (case, label, Dice, HD95), and the script
+prints the mean Dice per level, which shows where the synthetic score is lost.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +50,19 @@ def vertebra_rows(report: dict) -> list[dict]:
     return [r for r in report["vertebrae"] if r["in_gt"]]
 
 
+def print_levels(rows: list[dict]) -> None:
+    """Mean Dice per vertebra level, and what each level costs the overall mean."""
+    if not rows:
+        return
+    overall = np.mean([r["dice"] for r in rows])
+    for label in sorted({r["label"] for r in rows}):
+        d = [r["dice"] for r in rows if r["label"] == label]
+        name = next(r["name"] for r in rows if r["label"] == label)
+        cost = (overall * len(d) - np.sum(d)) / len(rows)  # what the overall mean would gain were this level average
+        print(f"  {name:>4}: n {len(d):3d}, Dice {np.mean(d):.3f} (min {np.min(d):.3f}), "
+              f"the mean would gain at the average level {cost:+.4f}")
+
+
 def main() -> None:
     from verse_cli.core.centroids import body_centroids, read_centroids
     from verse_cli.nets.train import discover_cases
@@ -54,8 +71,9 @@ def main() -> None:
     parser.add_argument("data", nargs="?", type=Path)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "segment.pt")
     parser.add_argument("--max", type=int, default=50)
+    parser.add_argument("--jsonl", type=Path, help="write one line per scored vertebra here")
     args = parser.parse_args()
-    dices, hd95s, case_means = [], [], []
+    dices, hd95s, case_means, all_rows = [], [], [], []
     start = time.perf_counter()
     if args.data is not None:
         for case in discover_cases(args.data)[: args.max]:
@@ -64,6 +82,8 @@ def main() -> None:
             ctd = read_centroids(case.ctd).subset(present)
             rep = run_case(case.ct, ctd, gt, args.model)
             rows = vertebra_rows(rep)
+            all_rows += [{"case": case.subject, "label": r["label"], "name": r["name"], "dice": r["dice"],
+                          "hd95_mm": r["hd95_mm"]} for r in rows]
             d = [r["dice"] for r in rows]
             h = [r["hd95_mm"] for r in rows if r["hd95_mm"] is not None]
             dices += d
@@ -71,6 +91,9 @@ def main() -> None:
             case_means.append(np.mean(d))
             print(f"{case.subject}: {len(d)} vertebrae, mean Dice {np.mean(d):.3f}, mean HD95 {np.mean(h):.2f} mm",
                   flush=True)
+        print_levels(all_rows)
+        if args.jsonl is not None:
+            args.jsonl.write_text("".join(json.dumps(r) + "\n" for r in all_rows))
         print(f"synthetic: {len(case_means)} cases, {len(dices)} vertebrae: mean Dice {np.mean(dices):.4f}, "
               f"mean HD95 {np.mean(hd95s):.2f} mm ({time.perf_counter() - start:.0f} s)")
     if (REAL / "verse014").is_dir():

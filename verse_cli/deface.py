@@ -24,7 +24,9 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
    above which the track's front falls back onto the column within 9 mm is a plate in
    front of it (a jaw in a flexed neck), not the floor of the skull: C1 lies above it, and
    the track is kept up to where it thins under the skull. Its
-   anterior surface ``y_front`` is measured below that jump, may drift forward by at
+   anterior surface ``y_front`` is measured below that jump (below C1's thin run where the
+   jump sits on it: flecks of C1 and the skull base's plate reaching down are no front of
+   the column), may drift forward by at
    most 35 degrees (so bone touching the column cannot drag it), and takes the most
    anterior front within about a vertebra's height (a disc cannot pull it back, the
    lordosis may bring C1 back). For judging the chin the front never retreats going up;
@@ -374,9 +376,10 @@ C1_GAP_MM = 30.0  # C1 (arches and dens) is thin in the midline band: a jump thi
 C1_SLICES_MM = 21.0  # keep this much of the track above the jump (all of C1 and the dens)
 
 
-def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.ndarray, bool, int]:
-    """Drop what the spine track picked up above C1; also say whether a skull base was seen
-    and below which slice the track is free of it (for measuring the spine's front).
+def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.ndarray, bool, int, int]:
+    """Drop what the spine track picked up above C1; also say whether a skull base was seen,
+    from which slice (the jump; without one, where the column ends), and below which slice the track is
+    free of it (for measuring the spine's front: below C1's thin run when the skull base sits on it).
 
     Within the midline band the cervical column has a steady cross-section. Where the
     skull base sits on C1 the band suddenly holds much more bone (a jump above
@@ -394,7 +397,7 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     counts = spine.sum(axis=(0, 1))
     present = np.flatnonzero(counts > 0)
     if present.size < 6:
-        return spine, False, spine.shape[2]
+        return spine, False, spine.shape[2], spine.shape[2]
     # The typical cross-section comes from the lower third of the track: a head tilted forward
     # or a long view of the skull can fill its upper half.
     lower = present[2: max(5, present.size // 3)]
@@ -430,18 +433,24 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
             spikes = regrown
     if spikes.size and (not drops.size or spikes[0] * step <= drops[0] * step + C1_GAP_MM):
         end, skull, clean = int(spikes[0]) + max(1, round(C1_SLICES_MM / step)), True, int(spikes[0])
+        measure_to = clean
         if plate_top[spikes[0]] >= 0:
             # A plate in front of the column (a jaw) with the column going on above it: C1 lies above
             # the plate, not within C1_SLICES_MM of it; keep the track up to where it thins under the skull.
             above = drops[drops > plate_top[spikes[0]]]
             end = max(end, int(above[0])) if above.size else end
+        elif drops.size and drops[0] < spikes[0]:
+            # The skull base sits on C1's thin run: there the band holds a few flecks of C1 and the
+            # skull base's plate reaching down in front of it, no front of the column to measure.
+            measure_to = int(drops[0])
     elif drops.size:
         end, skull, clean = int(drops[0]), False, int(drops[0])
+        measure_to = clean
     else:
-        return spine, False, spine.shape[2]
+        return spine, False, spine.shape[2], spine.shape[2]
     spine = spine.copy()
     spine[:, :, end:] = False
-    return spine, skull, clean
+    return spine, skull, clean, measure_to
 
 
 def plates_in_front(spikes: np.ndarray, front: np.ndarray, present: np.ndarray, step: float) -> np.ndarray:
@@ -651,10 +660,10 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     spine = tallest_column(bone & midline[:, None, :], lower, step)
     if spine is None:
         return None, FaceReport(False, "cervical spine not found: no face", {"zone_mm": zone_mm})
-    spine, skull_base, clean = cut_at_skull_base(spine, zone_lo, step)
+    spine, skull_base, clean, measure_to = cut_at_skull_base(spine, zone_lo, step)
     has_spine = spine.any(axis=(0, 1))
     measured = spine.copy()
-    measured[:, :, clean:] = False  # the skull base touching C1 would drag the front forward
+    measured[:, :, measure_to:] = False  # the skull base touching C1 would drag the front forward
     track_top = float(zs[np.flatnonzero(has_spine)[-1]])
     y_front, spine_top, y_front_up, y_reach = spine_front(measured if measured.any() else spine, ys, zs,
                                                           extend_to=track_top)

@@ -1055,3 +1055,109 @@ def cartilage_shape(rib: Rib, hu: float) -> Shape | None:
     if rib.cartilage is None or len(rib.cartilage) < 2:
         return None
     return tube_through(rib.cartilage, rib.radius * 0.85, hu)
+
+
+# --------------------------------------------------------------------------- joints between vertebrae
+#: Lipschitz bound of the bone SDFs assumed when sampling them coarsely (the engine's margin)
+_JOINT_LIPSCHITZ = 1.5
+
+
+def joint_contacts(sdf_a, sdf_b, lo, hi, gap: float, reach: float, steps=(8.0, 4.0, 2.0)) -> list:
+    """World boxes ``(lo, hi)`` around the places where bones ``a`` and ``b`` (raw SDFs) overlap
+    or come within ``gap`` of each other, inside the world box ``lo``-``hi``.
+
+    The carving of :func:`carve_joints` is active where ``d_a + d_b < gap`` and matters where
+    a bone is within ``reach`` of its surface. Both are tested on grids of cells (coarse to
+    fine: a kept cell is split into the next step's cells) with the SDFs relaxed by their
+    Lipschitz bound over a cell, so every such point lies in a kept cell of the finest grid.
+    Each connected group of those cells gives one box (left and right facets come as two
+    small boxes, not one spanning the canal); the coarse steps keep the cost to about 20 k
+    SDF evaluations per pair of vertebrae (about 10 ms), whatever the voxel size.
+    """
+    from scipy import ndimage
+
+    lo = np.asarray(lo, float)
+    hi = np.asarray(hi, float)
+    if np.any(hi <= lo):
+        return []
+    s = float(steps[0])
+    n = np.maximum(np.ceil((hi - lo) / s).astype(int), 1)
+    pts = (lo + (np.indices(n).reshape(3, -1).T + 0.5) * s).astype(F32)  # cell centres
+    for k, s in enumerate(steps):
+        if k:  # split each kept cell of the previous step into cells of this step
+            m = round(steps[k - 1] / s)
+            sub = ((np.indices((m, m, m)).reshape(3, -1).T + 0.5) * s - steps[k - 1] / 2).astype(F32)
+            pts = (pts[:, None, :] + sub[None]).reshape(-1, 3)
+        slack = F32(_JOINT_LIPSCHITZ * s * np.sqrt(3.0) / 2)
+        da = sdf_a(pts)
+        near = np.flatnonzero(da < reach + slack)
+        db = sdf_b(pts[near])
+        keep = (db < reach + slack) & (da[near] + db < gap + 2 * slack)
+        pts = pts[near[keep]]
+        if not len(pts):
+            return []
+    n = np.maximum(np.ceil((hi - lo) / s).astype(int), 1)
+    idx = np.clip(np.floor((pts - lo) / s).astype(int), 0, n - 1)
+    grid = np.zeros(n, bool)
+    grid[tuple(idx.T)] = True
+    comps, _ = ndimage.label(grid, structure=np.ones((3, 3, 3)))
+    boxes = []
+    for sl in ndimage.find_objects(comps):  # one slice triple per component (a handful)
+        c0 = np.array([x.start for x in sl])
+        c1 = np.array([x.stop for x in sl])
+        boxes.append((lo + c0 * s, lo + c1 * s))
+    return boxes
+
+
+def carve_joints(shape: Shape, contacts: list, gap: float, reach: float) -> None:
+    """Part ``shape`` from the bones it touches, in place: a joint space ``gap`` mm wide.
+
+    ``contacts``: ``(sdf_other, boxes)`` per neighbour, ``sdf_other`` its raw SDF. Inside the
+    boxes the bone becomes ``max(d, (d - d_other) / 2 + gap / 2)``: the half-difference of two
+    distance fields is a distance to their bisector (the mid-surface of an overlap, where two
+    facets meet face to face), so the neighbour, carved the same way with the roles swapped,
+    keeps a cleft of at least ``gap`` mm from this bone (the difference is 2-Lipschitz). The
+    shape's material sees the carved distance, so each bone gets its own cortex along the
+    joint, and its label stops at its own joint surface. Only points within ``reach`` mm of
+    the bone need the neighbour: farther out the carved distance is larger than the raw one
+    (which the engine then takes as a lower bound) and paints nothing.
+    """
+    raw = shape.sdf
+    half = F32(gap / 2)
+    boxes = [(sdf_o, np.asarray(b0, F32), np.asarray(b1, F32)) for sdf_o, bx in contacts for b0, b1 in bx]
+    if not boxes:
+        return
+
+    def sdf(p, raw=raw, boxes=boxes):
+        d = raw(p)
+        cand = np.flatnonzero(d < F32(reach))
+        if not len(cand):
+            return d
+        pc = p[cand]
+        base = d[cand]
+        out = base.copy()
+        for sdf_o, b0, b1 in boxes:
+            inb = np.flatnonzero(np.all((pc >= b0) & (pc <= b1), axis=1))
+            if len(inb):
+                cut = F32(0.5) * (base[inb] - sdf_o(pc[inb])) + half
+                out[inb] = np.maximum(out[inb], cut)
+        d[cand] = out
+        return d
+
+    shape.sdf = sdf
+
+
+def joint_shape(sdf_a, sdf_b, box, gap: float, hu: float) -> Shape:
+    """The cleft between two carved bones, to paint before them: cartilage and synovial
+    fluid wherever both raw bones are within ``gap / 2`` mm (the bones, painted after it,
+    keep their part; what stays is the joint space, up to where the facets part)."""
+    half = F32(gap / 2)
+    b0, b1 = (np.asarray(b, F32) for b in box)
+
+    def sdf(p):
+        d = np.maximum(sdf_a(p), sdf_b(p)) - half
+        outside = np.maximum(b0 - p, p - b1).max(1)  # stay inside the contact box
+        return np.maximum(d, outside)
+
+    return Shape(sdf=sdf, lo=np.asarray(box[0], float), hi=np.asarray(box[1], float), value=float(hu),
+                 core_depth=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,7 +14,7 @@ from . import anatomy as A
 from . import body as B
 from . import morphometry as M
 from . import variants as V
-from .engine import Canvas, Shape, capsule, ellipsoid, smax
+from .engine import Canvas, Shape, capsule, ellipsoid, side_rng, smax
 
 F32 = np.float32
 _FUSED = 250  # temporary label of a Castellvi 3/4 vertebra (removed before output)
@@ -346,18 +347,23 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     fused_cv = {s: spec["castellvi"][s] for s in ("left", "right")}
     sac_shape = A.sacrum_shape(sac, bone, rng, fused_cv)
     sac_shape.channel, sac_shape.label = "vert", _SACRUM
+    first_bone = len(shapes)  # the joint spaces go here, under the bones that part them
     shapes.append(A.pelvis_shape(sac, bone, rng, pelvis, sacrum_sdf=sac_shape.sdf))
     shapes.append(sac_shape)
     shapes.append(A.coccyx_shape(sac, bone))
+    chain = []
     for lv in levels[:-1]:
         sh = A.vertebra_shape(lv, bone, rng, deform_mm=0.3 if lv.extra.get("tp_sides") else rng.uniform(0.4, 1.3))
         if not lv.labelled:
             sh.channel, sh.label = "vert", _FUSED
         shapes.append(sh)
+        chain.append((lv, sh))
         if lv.extra.get("tp_sides"):
             meta["castellvi_gap_mm"] = _calibrate_castellvi(lv, sh, sac_shape, rng)
         if "schmorl" in lv.extra:
             shapes.append(_schmorl(lv, hu["disc"]))
+    chain.append((sac, sac_shape))
+    shapes[first_bone:first_bone] = _joints(chain, canvas, rng, meta)
     for rib in ribs:
         shapes.append(A.rib_shape(rib, bone))
         cart = A.cartilage_shape(rib, hu["cartilage"])
@@ -431,6 +437,54 @@ def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
             tp["drop"] = float(tp["drop"] + err)
         out[side] = round(gap, 2) if gap is not None else None
     return out
+
+
+def _joints(chain, canvas: Canvas, rng, meta) -> list[Shape]:
+    """Joint spaces between neighbouring vertebrae (and L5/S1): facets, and in the neck the
+    uncovertebral and atlanto-axial contacts. The bone SDFs of two neighbours overlap or
+    abut there, which painted as one continuous bone with no cortex between them; each
+    bone is now carved back to a cleft of ``gap`` mm (1-1.5 mm, as on CT) filled with
+    cartilage and fluid, and gets its own cortex along it (see ``A.carve_joints``).
+
+    The cleft is unlabelled in the vertebra mask, as in the VerSe expert masks, where the
+    joint space between two articular processes is background: the mask keeps to what the
+    CT shows as bone, and a net learns that a facet ends at its cortex.
+
+    Gap and fill are drawn from a side stream: the main stream, and with it every other
+    anatomy, acquisition and ground-truth draw, stays as it was. Returns the joint shapes,
+    to paint before the bones. Must run after ``_calibrate_castellvi`` (it measures the
+    raw transverse process against the ala).
+    """
+    sr = side_rng(rng, 0xFACE7)
+    gap = float(sr.uniform(1.0, 1.5))
+    # what fills the cleft before the ramp and PSF blur it with the cortex on both sides
+    # (from_masks' 60-350 HU is that blurred mix in one voxel; here the blur adds it)
+    fill = float(sr.uniform(60, 200))
+    reach = max(gap, canvas.ramp)  # farther out a bone's occupancy is zero, carved or not
+    corners = np.array(list(itertools.product(*[(0, s - 1) for s in canvas.shape])), float)
+    world = corners @ canvas.affine[:3, :3].T + canvas.affine[:3, 3]
+    glo, ghi = world.min(0) - 2 * reach, world.max(0) + 2 * reach
+    raw = [sh.sdf for _, sh in chain]
+    contacts: list[list] = [[] for _ in chain]
+    joints: list[Shape] = []
+    for i in range(len(chain) - 1):
+        (la, sa), (lb, sb) = chain[i], chain[i + 1]
+        lo = np.maximum.reduce([sa.lo, sb.lo, glo])
+        hi = np.minimum.reduce([sa.hi, sb.hi, ghi])
+        # the boxes also hold the fill's soft edge (its ramp reaches past the cleft proper)
+        boxes = A.joint_contacts(raw[i], raw[i + 1], lo, hi, gap + canvas.ramp, reach)
+        if lb.region == "S":
+            # lumbosacral facets only: a transverse process on the ala is a Castellvi grade
+            # (II: its own calibrated gap, III/IV: fused bone), not a facet joint
+            half_w = la.dims["W"] / 2 + 6
+            boxes = [b for b in boxes if abs(la.local(((b[0] + b[1]) / 2).astype(F32)[None])[0, 0]) < half_w]
+        contacts[i].append((raw[i + 1], boxes))
+        contacts[i + 1].append((raw[i], boxes))
+        joints += [A.joint_shape(raw[i], raw[i + 1], b, gap, fill) for b in boxes]
+    for (_, sh), con in zip(chain, contacts):
+        A.carve_joints(sh, con, gap, reach)
+    meta["joint_gap_mm"] = round(gap, 2)
+    return joints
 
 
 def _fov_states(vert: np.ndarray, levels) -> dict:

@@ -312,11 +312,7 @@ def spine_front(spine: np.ndarray, ys: np.ndarray, zs: np.ndarray,
     _, y_max = _extent(spine.any(axis=0), ys)
     known = np.flatnonzero(~np.isnan(y_max))
     raw = y_max[known]
-    limited = raw.copy()
-    limited[0] = np.median(raw[:5])
-    rises = SPINE_MAX_SLOPE * np.diff(zs[known])
-    for i in range(1, len(raw)):  # a few dozen coarse slices
-        limited[i] = min(raw[i], limited[i - 1] + rises[i - 1])
+    limited = limit_forward_creep(raw, zs[known])
     y_front = np.interp(np.arange(len(zs)), known, limited)
     rise = np.zeros(len(zs))
     if extend_to is not None and extend_to > zs[known[-1]]:
@@ -483,12 +479,12 @@ def limit_forward_creep(front: np.ndarray, z: np.ndarray, max_slope: float = SPI
     """The spine's front followed up from its lowest slices (their median), moving forward by at
     most ``max_slope`` per unit of ``z``; it may move back freely. Bone that touches the column
     (a jaw, the skull base) cannot drag it faster than the cervical lordosis does."""
-    limited = np.array(front, dtype=float)
-    limited[0] = np.median(limited[:5])
-    rises = max_slope * np.diff(np.asarray(z, dtype=float))
-    for i in range(1, len(limited)):  # a few dozen coarse slices
-        limited[i] = min(limited[i], limited[i - 1] + rises[i - 1])
-    return limited
+    start = np.array(front, dtype=float)
+    start[0] = np.median(start[:5])
+    # limited[i] = min(front[i], limited[i - 1] + rise): a running minimum in the frame that
+    # moves forward at max_slope
+    climb = max_slope * (np.asarray(z, dtype=float) - float(z[0]))
+    return np.minimum.accumulate(start - climb) + climb
 
 
 def column_midline(column: np.ndarray, xs: np.ndarray, zs: np.ndarray) -> np.ndarray:

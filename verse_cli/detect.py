@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .core.errors import DataError
-from .core.geometry import axcodes, vox2world, world2vox
+from .core.geometry import axcodes, vox2world, world2vox, world_bounds
 from .core.progress import debug, warn
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "detect.pt"
@@ -46,14 +46,6 @@ HU_AIR = -1024.0
 
 
 # --------------------------------------------------------------------------- coarse grid
-def world_bounds(shape, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """RAS min and max (mm) of the outer voxel corners of a grid (its world bounding box)."""
-    n = np.asarray(shape[:3], dtype=np.float64)
-    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in n], indexing="ij")).reshape(3, -1).T
-    xyz = vox2world(affine, corners)
-    return xyz.min(axis=0), xyz.max(axis=0)
-
-
 def coarse_grid(shape, affine: np.ndarray, spacing_mm: float) -> tuple[tuple[int, int, int], np.ndarray]:
     """An RAS-aligned grid of isotropic ``spacing_mm`` voxels covering a scan's world box.
 

@@ -41,6 +41,14 @@ def vox2world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     return ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
 
 
+def world_bounds(shape, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RAS min and max (mm) of the outer voxel corners of a grid (its world bounding box)."""
+    n = np.asarray(shape[:3], dtype=np.float64)
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in n], indexing="ij")).reshape(3, -1).T
+    xyz = vox2world(affine, corners)
+    return xyz.min(axis=0), xyz.max(axis=0)
+
+
 def world2vox(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
     """Map RAS+ world mm ``(N, 3)`` (or ``(3,)``) to continuous voxel coordinates."""
     inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..core import labels as L
 from ..core.centroids import Centroids, body_centroids
+from ..core.geometry import world_bounds
 from . import acquisition as acq
 from . import anatomy as A
 from . import body as B
@@ -461,9 +461,8 @@ def _joints(chain, canvas: Canvas, rng, meta) -> list[Shape]:
     # (from_masks' 60-350 HU is that blurred mix in one voxel; here the blur adds it)
     fill = float(sr.uniform(60, 200))
     reach = max(gap, canvas.ramp)  # farther out a bone's occupancy is zero, carved or not
-    corners = np.array(list(itertools.product(*[(0, s - 1) for s in canvas.shape])), float)
-    world = corners @ canvas.affine[:3, :3].T + canvas.affine[:3, 3]
-    glo, ghi = world.min(0) - 2 * reach, world.max(0) + 2 * reach
+    glo, ghi = world_bounds(canvas.shape, canvas.affine)
+    glo, ghi = glo - 2 * reach, ghi + 2 * reach
     raw = [sh.sdf for _, sh in chain]
     contacts: list[list] = [[] for _ in chain]
     joints: list[Shape] = []

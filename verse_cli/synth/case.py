@@ -364,6 +364,9 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
             shapes.append(_schmorl(lv, hu["disc"]))
     chain.append((sac, sac_shape))
     shapes[first_bone:first_bone] = _joints(chain, canvas, rng, meta)
+    for lv, sh in chain:
+        if lv.extra.get("tp_sides"):  # the contact as painted, after the joints were carved
+            meta["castellvi_rendered_gap_mm"] = _contact_gaps(lv, sh, sac_shape)
     for rib in ribs:
         shapes.append(A.rib_shape(rib, bone))
         cart = A.cartilage_shape(rib, hu["cartilage"])
@@ -439,6 +442,19 @@ def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
     return out
 
 
+def _contact_gaps(lv, vshape: Shape, sshape: Shape) -> dict:
+    """Per side with a Castellvi contact, the gap between the process and the ala (mm,
+    negative where they overlap), measured as :func:`_calibrate_castellvi` does, on probe
+    points from a generator of its own: the case's stream is unchanged."""
+    out = {}
+    for side, tp in lv.extra["tp_sides"].items():
+        s = 1.0 if side == "right" else -1.0
+        pts = (np.asarray(tp["contact"], float) + np.random.default_rng(0).uniform(-18, 18, (40000, 3))).astype(F32)
+        pts = pts[lv.local(pts)[:, 0] * s > lv.dims["W"] / 2 + 6]
+        out[side] = round(2.0 * float(np.maximum(vshape.sdf(pts), sshape.sdf(pts)).min()), 2)
+    return out
+
+
 def _joints(chain, canvas: Canvas, rng, meta) -> list[Shape]:
     """Joint spaces between neighbouring vertebrae (and L5/S1): facets, and in the neck the
     uncovertebral and atlanto-axial contacts. The bone SDFs of two neighbours overlap or
@@ -470,20 +486,31 @@ def _joints(chain, canvas: Canvas, rng, meta) -> list[Shape]:
         (la, sa), (lb, sb) = chain[i], chain[i + 1]
         lo = np.maximum.reduce([sa.lo, sb.lo, glo])
         hi = np.minimum.reduce([sa.hi, sb.hi, ghi])
-        # the boxes also hold the fill's soft edge (its ramp reaches past the cleft proper)
-        boxes = A.joint_contacts(raw[i], raw[i + 1], lo, hi, gap + canvas.ramp, reach)
+        a, b = raw[i], raw[i + 1]
         if lb.region == "S":
             # lumbosacral facets only: a transverse process on the ala is a Castellvi grade
-            # (II: its own calibrated gap, III/IV: fused bone), not a facet joint
-            half_w = la.dims["W"] / 2 + 6
-            boxes = [b for b in boxes if abs(la.local(((b[0] + b[1]) / 2).astype(F32)[None])[0, 0]) < half_w]
-        contacts[i].append((raw[i + 1], boxes))
-        contacts[i + 1].append((raw[i], boxes))
-        joints += [A.joint_shape(raw[i], raw[i + 1], b, gap, fill) for b in boxes]
+            # (II: its own calibrated gap, III/IV: fused bone), not a facet joint. Filtering
+            # whole contact boxes is not enough: a fused process's contact joins the facet's
+            # in one box, whose carving then gave the fusion a cleft (a grade II on CT)
+            a, b = (_medial_part(sdf, la, la.dims["W"] / 2 + 6) for sdf in (a, b))
+        # the boxes also hold the fill's soft edge (its ramp reaches past the cleft proper)
+        boxes = A.joint_contacts(a, b, lo, hi, gap + canvas.ramp, reach)
+        contacts[i].append((b, boxes))
+        contacts[i + 1].append((a, boxes))
+        joints += [A.joint_shape(a, b, box, gap, fill) for box in boxes]
     for (_, sh), con in zip(chain, contacts):
         A.carve_joints(sh, con, gap, reach)
     meta["joint_gap_mm"] = round(gap, 2)
     return joints
+
+
+def _medial_part(sdf, lv, half_width: float):
+    """``sdf`` cut off ``half_width`` mm either side of ``lv``'s midline. The cut-off is a
+    plane pair's distance, so the result is still 1-Lipschitz, as the contact search needs."""
+    def medial(p):
+        return np.maximum(sdf(p), np.abs(lv.local(p)[:, 0]) - F32(half_width))
+
+    return medial
 
 
 def _fov_states(vert: np.ndarray, levels) -> dict:

@@ -251,6 +251,37 @@ def test_castellvi_side_of_a_fused_vertebra_regraded_by_lines_to_the_ala(gaps, g
     assert _regraded_by_lines(side, gaps)["grade"] == grade
 
 
+def _lines_beside_a_process(process_bottom_z: int):
+    """Raw-CT lines down from a transverse process (x 56-69 mm, to ``process_bottom_z``) into
+    an ala (z 30-45, the sacrum's top at z 45) with other bone below it (z 20-23, an ilium)."""
+    from verse_cli.ribs import Frame
+    from verse_cli.variants import _box_coords, _lines_to_the_ala
+
+    sp, shape = np.ones(3), (80, 30, 80)
+    ct = np.full(shape, 40.0, np.float32)
+    ct[56:70, 10:21, process_bottom_z:66] = 1000.0  # the process
+    ct[56:70, 10:21, 30:46] = 1000.0  # the ala
+    ct[56:70, 10:21, 20:24] = 1000.0  # bone below the ala, parted from it by 6 mm
+    centre = np.array([40.0, 15.0, 60.0])
+    fr = Frame(label=24, centre=centre, body=centre, right=np.array([1.0, 0, 0]), anterior=np.array([0, 1.0, 0]),
+               superior=np.array([0, 0, 1.0]), voxels=1, half_width=10.0)
+    rel = _box_coords(shape, sp, np.zeros(3)) - centre
+    lat, ap, t = rel @ fr.right, rel @ fr.anterior, rel @ fr.superior
+    vert = np.zeros(shape, bool)
+    vert[56:70, 10:21, 50:66] = True
+    return _lines_to_the_ala(ct, np.zeros(3), sp, centre, fr, 1.0, 10.0, vert, lat, ap, t, -15.0, 200.0)
+
+
+@pytest.mark.parametrize("process_bottom_z, narrowest", [(30, 0.0), (55, 9.0)])
+def test_lines_to_the_ala_measure_the_cleft_under_the_process_not_bone_beyond_the_ala(process_bottom_z,
+                                                                                        narrowest):
+    """A line from a fused process runs through the ala and out of it, and may meet other bone
+    farther down. The cleft is the first one under the process: measured to the last bone on
+    the line, a fusion had a 6 mm 'gap' (synth 96011, 96040: fused sides read as clear)."""
+    gaps = _lines_beside_a_process(process_bottom_z)
+    assert gaps and min(gaps) == pytest.approx(narrowest, abs=1.0)
+
+
 @pytest.mark.parametrize("bent, grade", [([0.0, 12.0], 2), ([4.0, 12.0], 2), ([11.0, 30.0], 1)])
 def test_castellvi_side_clear_only_when_the_lines_bent_back_are_clear(bent, grade):
     """The fused vertebra sits in the lumbosacral bend, tilted back from the labelled one
@@ -660,6 +691,24 @@ def test_first_rib_touching_only_c7_is_not_a_cervical_rib():
     assert ribs[7]["right_status"] == "present" and ribs[8]["right_mm"] == 110.0
     assert evidence["T1"]["left"]["length_mm"] == 85.5 and "left" not in evidence["C7"]
 
+
+
+def test_rib_at_l1_beside_a_t12_without_one_is_the_twelfth_rib():
+    """The twelfth rib's head sits low on T12, by the T12/L1 disc, and its bone may touch only
+    L1's label (synth 96018: T12's right rib read as L1's, L1 counted thoracic and the lumbar
+    count one short). A rib at L1 comes below a rib of T12, never instead of it."""
+    from verse_cli.variants import _last_rib_from_below
+
+    ribs = {19: {"left_mm": 90.0, "left_status": "present", "right_mm": None, "right_status": "absent"},
+            20: {"left_mm": 25.0, "left_status": "present", "right_mm": None, "right_status": "cut",
+                 "right_visible_mm": 60.0}}
+    evidence = {"L1": {"left": {"length_mm": 25.0}, "right": {"length_mm": 60.0}}}
+    _last_rib_from_below(ribs, evidence)
+    assert ribs[19]["right_status"] == "cut" and ribs[19]["right_visible_mm"] == 60.0
+    assert ribs[20]["right_status"] == "absent" and "right_visible_mm" not in ribs[20]
+    assert evidence["T12"]["right"]["length_mm"] == 60.0 and "right" not in evidence["L1"]
+    # an L1 stump rib below a twelfth rib stays at L1
+    assert ribs[20]["left_status"] == "present" and ribs[19]["left_mm"] == 90.0
 
 
 def test_long_c7_rib_beside_a_t1_speck_is_the_first_rib():

@@ -440,6 +440,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
         out[lab] = entry
     beside = _cervical_ribs_beside_process(grid, out, components, frames)
     _first_rib_from_c7(out, evidence, components, measured)
+    _last_rib_from_below(out, evidence)
     for side, found in beside.items():
         ok = out[7][f"{side}_status"] == "absent"
         evidence.setdefault("C7", {})[f"{side}_beside_process"] = {**found, "accepted": ok}
@@ -596,6 +597,33 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
             ev = evidence.get("C7", {}).pop(side, None)
             if ev is not None:
                 evidence.setdefault("T1", {})[side] = {**ev, "moved_from": "C7 (T1 had no whole rib on this side)"}
+
+
+def _last_rib_from_below(ribs: dict, evidence: dict) -> None:
+    """A rib at the vertebra below the last thoracic one, on a side where that vertebra has
+    none, is the last thoracic vertebra's own rib.
+
+    A lumbar rib (a rib at L1, or at T13 below T12) comes below a rib of the vertebra above
+    it, never instead of it, just as a cervical rib comes on top of a first rib. The head of
+    the lowest rib sits low on its vertebra, by the disc below, where its bone can touch only
+    the next label; read as that vertebra's, it moved the thoracolumbar boundary one level
+    down and gave a lumbar count one short."""
+    order = [lab for lab in (19, 28, 20) if lab in ribs]  # T12, T13, L1
+    for upper, lower in itertools.pairwise(order):
+        above, below = ribs[upper], ribs[lower]
+        for side in SIDES:
+            if above.get(f"{side}_status") != "absent" or below.get(f"{side}_status") in (None, "absent"):
+                continue
+            for key in (f"{side}_mm", f"{side}_status", f"{side}_visible_mm"):
+                if key in below:
+                    above[key] = below.pop(key)
+                else:
+                    above.pop(key, None)
+            below[f"{side}_mm"], below[f"{side}_status"] = None, "absent"
+            ev = evidence.get(L.name(lower), {}).pop(side, None)
+            if ev is not None:
+                evidence.setdefault(L.name(upper), {})[side] = {
+                    **ev, "moved_from": f"{L.name(lower)} ({L.name(upper)} had no rib on this side)"}
 
 
 def _cervical_body_half_width(frames: dict, lab: int) -> float:
@@ -1441,7 +1469,11 @@ def _lines_to_the_ala(ct, base_mm, sp, centre, fr, sign, half_width, vert, lat, 
         runs = true_runs(hu >= thr)
         if not runs or ts[runs[0][0]] < t_sacrum or ts[runs[-1][1] - 1] > t_sacrum - 8.0:
             continue
-        gaps.append(0.0 if len(runs) == 1 else float((runs[-1][0] - runs[0][1]) * per_sample_mm))
+        # the cleft is the first one below the process: farther down the line may leave the
+        # ala and meet other bone (a lower sacral segment, the ilium), whose distance from
+        # the process is no cleft. A process whose bone runs on past the ala's top is fused
+        ran_on = ts[runs[0][1] - 1] <= t_sacrum - 8.0
+        gaps.append(0.0 if len(runs) == 1 or ran_on else float((runs[1][0] - runs[0][1]) * per_sample_mm))
     return gaps
 
 

@@ -48,6 +48,9 @@ HEAD_REACH_MM = 12.0
 RIB_SMOOTH_MM = 4.0
 #: Gaussian width (mm) that smooths the centres of a rib's cross-sections into its centreline
 SECTION_SMOOTH_MM = 3.0
+#: ... and in voxels (of the median axis), whichever is wider: on coarse grids the section
+#: centres wander by a good part of a voxel, which lengthened a whole rib by 5-8 mm
+SECTION_SMOOTH_VOXELS = 3.5
 
 SIDES = ("left", "right")
 
@@ -660,7 +663,8 @@ def rib_centreline(path_mm: np.ndarray, bone_mm: np.ndarray, sp: np.ndarray) -> 
     radius = tube_radius(len(bone_mm) * float(np.prod(sp)), arc_length(path_mm))
     guide = smooth_path(path_mm, sigma_mm=max(RIB_SMOOTH_MM, 1.5 * float(sp.max())))
     centres = section_centres(guide, bone_mm, reach_mm=1.5 * radius + float(sp.max()), step_mm=float(sp.max()))
-    return smooth_path(centres, sigma_mm=max(SECTION_SMOOTH_MM, float(sp.max())))
+    sigma = max(SECTION_SMOOTH_MM, float(sp.max()), SECTION_SMOOTH_VOXELS * float(np.median(sp)))
+    return smooth_path(centres, sigma_mm=sigma)
 
 
 def section_centres(guide_mm: np.ndarray, bone_mm: np.ndarray, reach_mm: float, step_mm: float = 1.0,

@@ -711,6 +711,27 @@ def test_rib_at_l1_beside_a_t12_without_one_is_the_twelfth_rib():
     assert ribs[20]["left_status"] == "present" and ribs[19]["left_mm"] == 90.0
 
 
+def test_bone_starting_far_from_t1_is_no_first_rib(monkeypatch):
+    """At the thoracic inlet the clavicle, scapula and humerus lie beside the first rib; a
+    shoulder bone given to T1 (synth 96046: a 405 mm 'first rib' of radius 8 mm whose end
+    lay 25 mm from T1) made a false cervical rib of the real first rib. Bone starting
+    20 mm or more from T1 is no first rib; the same bone by T2 stays a rib."""
+    from dataclasses import replace
+
+    import verse_cli.variants as V
+
+    real = V.measure_rib
+
+    def far_from_its_vertebra(*args, **kw):
+        return replace(real(*args, **kw), joint_gap_mm=25.0)
+
+    monkeypatch.setattr(V, "measure_rib", far_from_its_vertebra)
+    ct, mask, aff = phantom(labels=(7, 8, 9), ribs={8: (110, 110), 9: (150, 150)}, width_mm=260)
+    r = rate(ct, mask, aff)
+    assert r["ribs"]["T1"]["left_status"] == r["ribs"]["T1"]["right_status"] == "absent"
+    assert r["ribs"]["T2"]["left_status"] in ("present", "cut")
+
+
 def test_long_c7_rib_beside_a_t1_speck_is_the_first_rib():
     """A first rib whose head went to C7 while a speck of it went to T1 (synth case 90059:
     'C7 ribs' of 100 mm, T1 pieces of 8-14 mm) is the first rib, and its bone

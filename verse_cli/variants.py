@@ -74,6 +74,7 @@ TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was 
 FIRST_RIB_MIN_MM = 60.0  # a shorter first rib was not measured whole: no cervical rib is split off it
 MIN_CERVICAL_MM3 = 120.0  # a cervical rib shows at least this much bone beyond C7's process (3 mm radius, 4 mm)
 MIN_CERVICAL_VOXELS = 16  # ... in at least this many voxels: fewer are a speck of noise, whatever their size
+FAR_FROM_T1_MM = 20.0  # a rib head articulates with its vertebra: bone farther from T1 is no first rib
 TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
 RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
 THORACOLUMBAR = {17, 18, 19, 28, 20}  # T10-T13, L1: where the rib rule moves the boundary
@@ -412,7 +413,12 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 rib = _from_the_body(rib, frames[lab], side, _cervical_body_half_width(frames, lab))
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
             measured[(lab, side)] = rib
-            if rib.cut:
+            if lab == 8 and rib.joint_gap_mm >= FAR_FROM_T1_MM:
+                # at the thoracic inlet the clavicle, the scapula and the humerus lie beside the
+                # first rib; bone that starts this far from T1 is one of them, and the first
+                # rib is elsewhere (its head may touch only C7: see _first_rib_from_c7)
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
+            elif rib.cut:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.length_mm < MIN_RIB_MM:

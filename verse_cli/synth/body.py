@@ -139,8 +139,15 @@ def _box(prof: Profile, zlo, zhi, margin=10.0):
     return lo, hi
 
 
-def soft_tissue(levels: list[Level], hab: dict, hu: dict, rng: np.random.Generator, zr, sk) -> list[Shape]:
-    """Soft-tissue shapes in paint order (skin/fat first, organs last)."""
+#: codes of the ``organ`` label channel: where the vessel trees and the parenchyma texture go
+LUNG, LIVER = 1, 2
+
+
+def soft_tissue(levels: list[Level], hab: dict, hu: dict, rng: np.random.Generator, zr, sk,
+                organs: dict | None = None) -> list[Shape]:
+    """Soft-tissue shapes in paint order (skin/fat first, organs last). ``organs``, when
+    given, receives the geometry of the lungs and liver (for their vessel trees)."""
+    organs = {} if organs is None else organs
     prof = body_profile(levels, hab)
     zlo, zhi = zr
     lo, hi = _box(prof, zlo, zhi, 12)
@@ -170,8 +177,13 @@ def soft_tissue(levels: list[Level], hab: dict, hu: dict, rng: np.random.Generat
     if retro is not None:  # below the ribs and above the pelvis the back of the trunk is fat and muscles
         shapes.append(Shape(sdf=retro[0], lo=retro[1], hi=retro[2], value=vfat, core_depth=0.0))
     by_name = {lv.name: lv for lv in levels}
-    shapes += _abdomen(levels, by_name, prof, hab, hu, rng, cavity)
-    shapes += _thorax(levels, by_name, prof, hab, hu, rng, cavity)
+    # fat planes (thicker in obese patients): between the trunk wall and the organs, and
+    # around the kidneys; drawn on their own side stream, after every other draw's stream
+    fr = side_rng(rng, 0xFA7)
+    planes = {"wall": float(fr.uniform(1.5, 4.0) + 0.06 * hab["fat_mm"]),
+              "renal": float(fr.uniform(3.0, 8.0) + 0.2 * hab["fat_mm"]), "fat": vfat}
+    shapes += _abdomen(levels, by_name, prof, hab, hu, rng, cavity, organs, planes)
+    shapes += _thorax(levels, by_name, prof, hab, hu, rng, cavity, organs)
     shapes += _vessels(levels, by_name, hu, rng)
     shapes += _muscles(levels, hab, hu, sr)
     shapes += _head(levels, by_name, hab, hu, rng)
@@ -186,7 +198,7 @@ def _level_z(by_name, names, default):
     return default
 
 
-def _thorax(levels, by_name, prof, hab, hu, rng, cavity):
+def _thorax(levels, by_name, prof, hab, hu, rng, cavity, organs):
     th = [lv for lv in levels if lv.region == "T"]
     if not th:
         return []
@@ -235,7 +247,10 @@ def _thorax(levels, by_name, prof, hab, hu, rng, cavity):
 
     lo = np.array([ccx.min() - ca.max() - 10, cyc.min() - cb.max() - 10, bottom[2] - 90])
     hi = np.array([ccx.max() + ca.max() + 10, cyc.max() + cb.max() + 10, top[2] + 60])
-    shapes = [Shape(sdf=lungs, lo=lo, hi=hi, value=hu["lung"], core_depth=0.0)]
+    shapes = [Shape(sdf=lungs, lo=lo, hi=hi, value=hu["lung"], core_depth=0.0, channel="organ", label=LUNG)]
+    hz = th[min(n_t - 1, round(n_t * 0.45))].centre  # the hila, about T5-T6
+    organs["lung"] = {"sdf": lungs, "hu": hu["lung"], "hilum_z": float(hz[2]), "mid": (float(hz[0]), float(hz[1])),
+                      "y_back": float((cyc - cb).min()), "y_front": float((cyc + cb).max())}
     # heart: an ellipsoid resting on the diaphragm, to the left and anterior
     mid = th[min(n_t - 1, int(n_t * 0.6))].centre
     hc = np.array([mid[0] - 25, mid[1] + 70 * hab["size"], mid[2] - 5])
@@ -248,7 +263,7 @@ def _thorax(levels, by_name, prof, hab, hu, rng, cavity):
     return shapes
 
 
-def _abdomen(levels, by_name, prof, hab, hu, rng, cavity):
+def _abdomen(levels, by_name, prof, hab, hu, rng, cavity, organs, planes):
     shapes = []
     lum = [lv for lv in levels if lv.region == "L"]
     th = [lv for lv in levels if lv.region == "T"]
@@ -262,15 +277,23 @@ def _abdomen(levels, by_name, prof, hab, hu, rng, cavity):
     upper = th[-3].centre if len(th) >= 3 else lz + (0, 0, 60)
     lc = np.array([cx + a * 0.35, cy + b * 0.05, upper[2] - 10])
     lr = np.array([a * 0.55, b * 0.7, 85 * s])
-    shapes.append(_clipped(lambda p: ellipsoid(p, lc, lr), cavity, lc - lr, lc + lr, hu["liver"]))
+    gap = planes["wall"]
+    liver = _clipped(lambda p: ellipsoid(p, lc, lr), cavity, lc - lr, lc + lr, hu["liver"], gap)
+    liver.channel, liver.label = "organ", LIVER
+    shapes.append(liver)
+    organs["liver"] = {"sdf": liver.sdf, "centre": lc, "radii": lr}
     sc = np.array([cx - a * 0.55, cy - b * 0.2, upper[2] - 5])
     sr = np.array([35, 55, 50]) * s
-    shapes.append(_clipped(lambda p: ellipsoid(p, sc, sr), cavity, sc - sr, sc + sr, hu["spleen"]))
+    shapes.append(_clipped(lambda p: ellipsoid(p, sc, sr), cavity, sc - sr, sc + sr, hu["spleen"], gap))
     # kidneys beside L1-L3, posterior
     kref = by_name.get("L2", ref)
     for side in (1, -1):
         kc = kref.centre + np.array([side * (kref.dims["W"] / 2 + 38 * s), -8, 8 * side])
         kr = np.array([27, 24, 55]) * s
+        # perirenal fat: the kidney sits in its own fat capsule (Gerota's fascia)
+        fr = kr + planes["renal"]
+        shapes.append(Shape(sdf=lambda p, kc=kc, fr=fr: ellipsoid(p, kc, fr), lo=kc - fr, hi=kc + fr,
+                            value=planes["fat"]))
         shapes.append(Shape(sdf=lambda p, kc=kc, kr=kr: ellipsoid(p, kc, kr), lo=kc - kr, hi=kc + kr,
                             value=hu["kidney"]))
         if hu["kidney_medulla"] != hu["kidney"]:
@@ -279,11 +302,11 @@ def _abdomen(levels, by_name, prof, hab, hu, rng, cavity):
     # stomach (fluid with an air cap) and bowel loops with gas
     gc = np.array([cx - a * 0.35, cy + b * 0.45, upper[2] - 25])
     gr = np.array([45, 35, 45]) * s
-    shapes.append(_clipped(lambda p: ellipsoid(p, gc, gr), cavity, gc - gr, gc + gr, hu["bowel"]))
+    shapes.append(_clipped(lambda p: ellipsoid(p, gc, gr), cavity, gc - gr, gc + gr, hu["bowel"], gap))
     if rng.random() < 0.7:
         ac = gc + np.array([0, gr[1] * 0.55, 0])
         ar = gr * np.array([0.7, 0.4, 0.7])
-        shapes.append(_clipped(lambda p: ellipsoid(p, ac, ar), cavity, ac - ar, ac + ar, -1000.0))
+        shapes.append(_clipped(lambda p: ellipsoid(p, ac, ar), cavity, ac - ar, ac + ar, -1000.0, gap))
     sac = by_name.get("S1")
     z_lo = (sac.centre[2] - 60) if sac is not None else lz[2] - 150
     z_hi = upper[2] - 60
@@ -294,16 +317,18 @@ def _abdomen(levels, by_name, prof, hab, hu, rng, cavity):
         c = np.array([cxz + rng.uniform(-0.7, 0.7) * az, cyz + rng.uniform(-0.1, 0.8) * bz, z])
         r = rng.uniform(8, 28, 3) * s
         val = -1000.0 if rng.random() < hab["gas"] else hu["bowel"] + rng.uniform(-20, 25)
-        shapes.append(_clipped(lambda p, c=c, r=r: ellipsoid(p, c, r), cavity, c - r, c + r, val))
+        shapes.append(_clipped(lambda p, c=c, r=r: ellipsoid(p, c, r), cavity, c - r, c + r, val, gap))
     if sac is not None:
         bc = sac.to_world([0, 90, -95])
         br = np.array([40, 35, 35]) * s
-        shapes.append(_clipped(lambda p: ellipsoid(p, bc, br), cavity, bc - br, bc + br, hu["bladder"]))
+        shapes.append(_clipped(lambda p: ellipsoid(p, bc, br), cavity, bc - br, bc + br, hu["bladder"], gap))
     return shapes
 
 
-def _clipped(sdf, cavity, lo, hi, value):
-    return Shape(sdf=lambda p: np.maximum(sdf(p), cavity(p)), lo=lo - 3, hi=hi + 3, value=value, core_depth=0.0)
+def _clipped(sdf, cavity, lo, hi, value, gap: float = 0.0):
+    """An organ inside the visceral cavity, ``gap`` mm clear of its wall (a fat plane)."""
+    g = F32(gap)
+    return Shape(sdf=lambda p: np.maximum(sdf(p), cavity(p) + g), lo=lo - 3, hi=hi + 3, value=value, core_depth=0.0)
 
 
 def _vessels(levels, by_name, hu, rng):

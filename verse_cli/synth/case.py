@@ -14,6 +14,7 @@ from . import anatomy as A
 from . import body as B
 from . import morphometry as M
 from . import variants as V
+from . import vessels as VS
 from .engine import Canvas, Shape, capsule, ellipsoid, side_rng, smax
 
 F32 = np.float32
@@ -59,7 +60,7 @@ def _tissue_hu(rng) -> dict:
     muscle = float(rng.uniform(32, 60))
     hu = {
         "fat": float(rng.uniform(-120, -80)), "visceral_fat": float(rng.uniform(-110, -60)), "muscle": muscle,
-        "lung": float(rng.uniform(-900, -780)), "heart": float(rng.uniform(30, 50)),
+        "lung": float(rng.uniform(-920, -840)), "heart": float(rng.uniform(30, 50)),
         "liver": float(rng.uniform(48, 66)), "spleen": float(rng.uniform(40, 55)),
         "kidney": float(rng.uniform(25, 40)), "bowel": float(rng.uniform(10, 40)),
         "bladder": float(rng.uniform(0, 15)), "aorta": float(rng.uniform(35, 50)), "ivc": float(rng.uniform(35, 50)),
@@ -334,7 +335,8 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     scanner = acq.sample_scanner(rng)
     bone.fit_to_grid(np.sqrt((grid.affine[:3, :3] ** 2).sum(0)), scanner.blur_mm)
     canvas = Canvas(grid.shape, grid.affine, background=-1000.0)
-    shapes: list[Shape] = B.soft_tissue(levels, hab, hu, rng, zr, size)
+    organs: dict = {}
+    shapes: list[Shape] = B.soft_tissue(levels, hab, hu, rng, zr, size, organs)
     shapes.append(B.canal_shape(levels, hu["csf"]))
     for lv in levels:
         db = lv.extra.get("disc_below")
@@ -383,6 +385,7 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     for sh in shapes:
         canvas.paint(sh)
     hu_img = canvas.to_array(canvas.hu)
+    _organ_detail(hu_img, canvas, organs, hu, rng)
     hu_img = acq.tissue_texture(hu_img, grid, rng, hu["fat"], hu["muscle"])
     ct = acq.form_image(hu_img, grid, scanner, rng, metal_pts)
     meta.update({"kernel": scanner.kernel, "noise_hu": round(scanner.noise_hu, 1)})
@@ -511,6 +514,75 @@ def _medial_part(sdf, lv, half_width: float):
         return np.maximum(sdf(p), np.abs(lv.local(p)[:, 0]) - F32(half_width))
 
     return medial
+
+
+def _first_inside(sdf, cands: np.ndarray, margin: float) -> np.ndarray | None:
+    """The first of the candidate points at least ``margin`` mm inside ``sdf``, or None."""
+    ok = np.flatnonzero(sdf(cands.astype(F32)) < -margin)
+    return cands[ok[0]] if len(ok) else None
+
+
+def _lung_trees(lung: dict, sr) -> list:
+    """Pulmonary arteries and veins: per lung eight lobar and segmental trunks (4-6.5 mm) leaving the
+    hilum (at T5-T6, beside the mediastinum) up, down, back, forward and out."""
+    mx, my = lung["mid"]
+    trees = []
+    for s in (1.0, -1.0):
+        cands = np.array([[mx + s * dx, my + 40.0, lung["hilum_z"]] for dx in (40, 48, 56, 64, 75, 90, 105)])
+        hub = _first_inside(lung["sdf"], cands, 14.0)
+        if hub is None:
+            continue
+        dirs = np.array([[0.45 * s, 0.0, 1.0], [1.0 * s, 0.25, 0.15], [0.5 * s, -0.1, -1.0],
+                         [0.45 * s, -0.7, -0.6], [0.6 * s, 0.7, -0.3], [0.7 * s, -0.5, 0.4],
+                         [0.3 * s, 0.5, 0.8], [0.3 * s, -0.3, -1.0]])
+        dirs = dirs + sr.normal(0, 0.15, dirs.shape)
+        roots = hub + 3.0 * dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+        trees.append(VS.grow_tree(sr, roots, dirs, sr.uniform(4.0, 6.5, len(dirs)), lung["sdf"], hub))
+    return trees
+
+
+def _liver_trees(liver: dict, sr) -> list:
+    """Portal veins from the porta hepatis (medial, low, posterior) and hepatic veins
+    converging on the vena cava (medial, high, posterior); liver vessels under ~1 mm do
+    not show on CT."""
+    c, r = np.asarray(liver["centre"], float), np.asarray(liver["radii"], float)
+    trees = []
+    for off, dirs in (((-0.45, -0.15, -0.25), [[1, 0.2, 0.4], [1, -0.3, -0.2], [0.3, 0.6, 0.5], [0.4, -0.2, 0.9]]),
+                      ((-0.35, -0.35, 0.55), [[0.9, 0.3, -0.4], [0.4, 0.6, -0.6], [0.1, 0.2, -1.0]])):
+        cands = c + np.array([[off[0] * f, off[1] * f, off[2] * f] for f in (1.0, 0.8, 0.6, 0.4, 0.2)]) * r
+        hub = _first_inside(liver["sdf"], cands, 7.0)
+        if hub is None:
+            continue
+        dirs = np.array(dirs, float) + sr.normal(0, 0.15, (len(dirs), 3))
+        roots = hub + 2.0 * dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+        trees.append(VS.grow_tree(sr, roots, dirs, sr.uniform(3.5, 5.5, len(dirs)), liver["sdf"], hub, min_r=1.0))
+    return trees
+
+
+def _organ_detail(img: np.ndarray, canvas: Canvas, organs: dict, hu: dict, rng) -> None:
+    """Lung parenchyma and vessel trees (lungs, liver), in place on the rendered HU.
+
+    Drawn from a side stream: the main stream, and with it the anatomy, acquisition and
+    ground truth of every seed, is unchanged."""
+    if not organs:
+        return
+    sr = side_rng(rng, 0x1E55E1)
+    lab = canvas.to_array(canvas.labels["organ"])
+    if "lung" in organs:
+        lung = organs["lung"]
+        VS.lung_detail(img, lab, B.LUNG, canvas.affine, lung, sr)
+        blood = hu["blood"] if hu.get("blood") is not None else hu["aorta"]
+        for tree in _lung_trees(lung, sr):
+            VS.draw_tree(img, lab, B.LUNG, tree, canvas.affine, canvas.ramp, blood, lung["hu"])
+    if "liver" in organs:
+        # unenhanced blood is 10-20 HU below liver; venous phase veins are brighter than liver
+        if hu["phase"] == "venous":
+            val = hu["ivc"]
+        else:
+            val = hu["liver"] - float(sr.uniform(10, 22))
+        for tree in _liver_trees(organs["liver"], sr):
+            VS.draw_tree(img, lab, B.LIVER, tree, canvas.affine, canvas.ramp, val, hu["liver"], 12.0)
+        VS.organ_texture(img, lab, B.LIVER, canvas.affine, hu["liver"], 12.0, float(sr.uniform(3, 7)), sr)
 
 
 def _fov_states(vert: np.ndarray, levels) -> dict:

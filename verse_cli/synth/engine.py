@@ -165,7 +165,7 @@ class Shape:
     material: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     core_depth: float | None = 0.0
     label: int = 0
-    channel: str = ""  # "", "vert", "rib", "face": which label map receives ``label``
+    channel: str = ""  # "", "vert", "rib", "face", "organ": which label map receives ``label``
     mode: str = "paint"  # "paint" composites; "mult" scales existing HU toward ``value``; "label" only labels
     lipschitz: float = _LIPSCHITZ_MARGIN
 
@@ -185,7 +185,7 @@ class Canvas:
         full = self.nb + self.B
         self.hu = np.full(full, background, dtype=np.float32)
         self.labels = {"vert": np.zeros(full, np.uint8), "rib": np.zeros(full, np.uint8),
-                       "face": np.zeros(full, np.uint8)}
+                       "face": np.zeros(full, np.uint8), "organ": np.zeros(full, np.uint8)}
         M = self.affine[:3, :3].astype(np.float32)
         self._M = M
         self._inv = np.linalg.inv(self.affine[:3, :3])

@@ -119,8 +119,9 @@ def rasterise(tree: Tree, shape, affine: np.ndarray, ramp: float, chunk: int = 1
     inv = np.linalg.inv(M)
     sp = np.sqrt((M ** 2).sum(0))
     a, b, r = tree.a, tree.b, tree.r
-    # centreline samples no farther apart than half a voxel or 0.7 of the radius
-    step = np.maximum(0.7 * r, 0.5 * sp.min())
+    # centreline samples a voxel or 0.7 radius apart (denser samples cost more stencil
+    # overlap than the smaller stencils save)
+    step = np.maximum(0.7 * r, sp.min())
     n = np.ceil(np.linalg.norm(b - a, axis=1) / step).astype(int) + 1
     seg = np.repeat(np.arange(len(r)), n)
     t = (np.arange(len(seg)) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(np.maximum(n - 1, 1), n)
@@ -130,16 +131,18 @@ def rasterise(tree: Tree, shape, affine: np.ndarray, ramp: float, chunk: int = 1
     # occupancy is zero beyond r + ramp / 2 of the axis; the centre voxel lies within half a
     # voxel diagonal of the sample, and samples are ``step`` apart
     reach = r[seg] + 0.5 * step[seg] + 0.5 * ramp + 0.5 * float(np.sqrt((sp ** 2).sum()))
-    hw = np.ceil(reach / sp.min()).astype(int)
+    unit = 0.25 * float(sp.min())
+    hw = np.ceil(reach / unit).astype(int)  # stencil radius in quarter voxels
     dims = np.array(shape, np.int32)
     af, bf, rf = a.astype(F32), b.astype(F32), r.astype(F32)
     idx_all, occ_all = [], []
     for h in np.unique(hw):  # a few stencil sizes, not voxels
         sel = np.flatnonzero(hw == h)
-        rng_h = [np.arange(-int(np.ceil(h * sp.min() / s)), int(np.ceil(h * sp.min() / s)) + 1) for s in sp]
+        ball = h * unit
+        rng_h = [np.arange(-int(np.ceil(ball / s)), int(np.ceil(ball / s)) + 1) for s in sp]
         off = np.stack(np.meshgrid(*rng_h, indexing="ij"), -1).reshape(-1, 3).astype(np.int32)
         offw = (off @ M.T).astype(F32)
-        keep = np.sqrt((offw ** 2).sum(1)) <= h * sp.min()  # a ball, not a cube
+        keep = np.sqrt((offw ** 2).sum(1)) <= ball  # a ball, not a cube
         off, offw = off[keep], offw[keep]
         per = max(1, chunk // len(off))
         for i in range(0, len(sel), per):
@@ -172,10 +175,10 @@ def _bbox(mask: np.ndarray):
 
 def _noise(sr: np.random.Generator, shape, sp, lo_mm: float, hi_mm: float) -> np.ndarray:
     """Band-limited unit noise (``lo_mm``-``hi_mm`` blobs) over ``shape``: drawn on a grid
-    of about a third of ``lo_mm`` per cell and interpolated (cheap for large boxes)."""
+    of ``lo_mm`` cells (or the voxel, if coarser) and interpolated (cheap for large boxes)."""
     from .acquisition import band_pass, upsample
 
-    cell = max(lo_mm / 2.0, float(np.min(sp)))
+    cell = max(lo_mm, float(np.min(sp)))
     cshape = tuple(int(max(np.ceil(n * s / cell), 4)) for n, s in zip(shape, sp))
     csp = np.array(sp) * np.array(shape) / np.array(cshape)
     w = sr.standard_normal(cshape).astype(F32)

@@ -35,11 +35,14 @@ KNOWN = [
     "median below 50 HU (was 22), none below 0 HU (was 8), the lowest case median 54 HU (was -4 HU).",
     "The arch's thick parts have a rim and a less dense core (mid-sagittal laminae and spinous",
     "processes p10/p90 267/883 HU, was 346/784, verse014 175/993),",
-    "but transverse processes stay denser than verse014's (core 378 vs 45 HU), and",
-    "tall, thin synthetic spinous processes still show as bright even sheets where a mid-sagittal",
-    "cut grazes them. The sacrum and ilia are unions of simple solids; organs and muscles are",
-    "smooth, uniform shapes without vessels or fat planes; oblique acquisitions cut the spine",
-    "obliquely in these array-axis slices.",
+    "and transverse processes now keep a fatty cancellous core (verse014: 45 HU). Neighbouring",
+    "spinous processes leave an interspinous space of mostly 2-10 mm (was touching, -6..+4 mm), but",
+    "they are still flat-sided plates that show as bright even sheets where a mid-sagittal cut",
+    "grazes them. Lungs (-840..-920 HU, dorsal gradient, mottle) carry pulmonary vessel trees from",
+    "the hila and the liver portal and hepatic veins, but the trees are random, not lobar anatomy;",
+    "organs keep fat planes to the wall and around the kidneys, yet remain ellipsoids. The sacrum",
+    "and ilia are unions of simple solids; oblique acquisitions cut the spine obliquely in these",
+    "array-axis slices.",
 ]
 
 

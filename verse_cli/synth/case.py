@@ -523,8 +523,9 @@ def _first_inside(sdf, cands: np.ndarray, margin: float) -> np.ndarray | None:
 
 
 def _lung_trees(lung: dict, sr) -> list:
-    """Pulmonary arteries and veins: per lung eight lobar and segmental trunks (4-6.5 mm) leaving the
-    hilum (at T5-T6, beside the mediastinum) up, down, back, forward and out."""
+    """Pulmonary arteries and veins: per lung eleven lobar and segmental trunks (4-6.5 mm) leaving
+    the hilum (at T5-T6, beside the mediastinum) up, down, forward and out, and three of them
+    back into the dorsal lung, which in supine CT is the best perfused and holds the most."""
     mx, my = lung["mid"]
     trees = []
     for s in (1.0, -1.0):
@@ -534,7 +535,8 @@ def _lung_trees(lung: dict, sr) -> list:
             continue
         dirs = np.array([[0.45 * s, 0.0, 1.0], [1.0 * s, 0.25, 0.15], [0.5 * s, -0.1, -1.0],
                          [0.45 * s, -0.7, -0.6], [0.6 * s, 0.7, -0.3], [0.7 * s, -0.5, 0.4],
-                         [0.3 * s, 0.5, 0.8], [0.3 * s, -0.3, -1.0]])
+                         [0.3 * s, 0.5, 0.8], [0.3 * s, -0.3, -1.0],
+                         [0.3 * s, -1.0, -0.5], [0.5 * s, -1.0, 0.2], [0.2 * s, -0.8, -1.0]])
         dirs = dirs + sr.normal(0, 0.15, dirs.shape)
         roots = hub + 3.0 * dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
         trees.append(VS.grow_tree(sr, roots, dirs, sr.uniform(4.0, 6.5, len(dirs)), lung["sdf"], hub))

@@ -594,15 +594,20 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
             for store in (components, measured):
                 if store is not None and (7, side) in store:
                     store[(8, side)] = store.pop((7, side))
-            for key in (f"{side}_mm", f"{side}_status", f"{side}_visible_mm"):
-                if key in c7:
-                    t1[key] = c7.pop(key)
-                else:
-                    t1.pop(key, None)
-            c7[f"{side}_mm"], c7[f"{side}_status"] = None, "absent"
-            ev = evidence.get("C7", {}).pop(side, None)
-            if ev is not None:
-                evidence.setdefault("T1", {})[side] = {**ev, "moved_from": "C7 (T1 had no whole rib on this side)"}
+            _move_rib_side(ribs, evidence, 7, 8, side, "C7 (T1 had no whole rib on this side)")
+
+
+def _move_rib_side(ribs: dict, evidence: dict, src: int, dst: int, side: str, why: str) -> None:
+    """Give ``src``'s rib on ``side`` (its entry and evidence) to ``dst``; ``src`` is left without one."""
+    for key in (f"{side}_mm", f"{side}_status", f"{side}_visible_mm"):
+        if key in ribs[src]:
+            ribs[dst][key] = ribs[src].pop(key)
+        else:
+            ribs[dst].pop(key, None)
+    ribs[src][f"{side}_mm"], ribs[src][f"{side}_status"] = None, "absent"
+    ev = evidence.get(L.name(src), {}).pop(side, None)
+    if ev is not None:
+        evidence.setdefault(L.name(dst), {})[side] = {**ev, "moved_from": why}
 
 
 def _last_rib_from_below(ribs: dict, evidence: dict) -> None:
@@ -618,18 +623,9 @@ def _last_rib_from_below(ribs: dict, evidence: dict) -> None:
     for upper, lower in itertools.pairwise(order):
         above, below = ribs[upper], ribs[lower]
         for side in SIDES:
-            if above.get(f"{side}_status") != "absent" or below.get(f"{side}_status") in (None, "absent"):
-                continue
-            for key in (f"{side}_mm", f"{side}_status", f"{side}_visible_mm"):
-                if key in below:
-                    above[key] = below.pop(key)
-                else:
-                    above.pop(key, None)
-            below[f"{side}_mm"], below[f"{side}_status"] = None, "absent"
-            ev = evidence.get(L.name(lower), {}).pop(side, None)
-            if ev is not None:
-                evidence.setdefault(L.name(upper), {})[side] = {
-                    **ev, "moved_from": f"{L.name(lower)} ({L.name(upper)} had no rib on this side)"}
+            if above.get(f"{side}_status") == "absent" and below.get(f"{side}_status") not in (None, "absent"):
+                _move_rib_side(ribs, evidence, lower, upper, side,
+                               f"{L.name(lower)} ({L.name(upper)} had no rib on this side)")
 
 
 def _cervical_body_half_width(frames: dict, lab: int) -> float:

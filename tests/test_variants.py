@@ -878,6 +878,24 @@ def test_short_bone_below_the_last_label_is_no_transitional_body():
     assert r["castellvi"]["vertebra"] == "L5" and not r["castellvi"]["unlabelled_vertebra"]
 
 
+def test_sacrum_with_a_residual_s1_s2_line_is_no_transitional_vertebra():
+    """An S1 segment 40 mm long along the walk, over a thin residual S1/S2 line, read as a
+    body, a disc and another body: an L6 or fused L5 graded III (held-out synth 93013, 93021;
+    dev 96015). A lumbar body met by the walk is at most ~36 mm long (adult 25-30 mm)."""
+    ct, mask, aff = phantom(labels=(20, 21, 22, 23, 24), unlabel=(24, 26))
+    sp = np.diag(aff)[:3]
+    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp
+    x, y, z = g[..., 0] - 100.0, g[..., 1] - 70.0, g[..., 2]
+    ct[z < 75] = 40.0  # below L4's disc: an unlabelled sacrum, drawn anew
+    sacrum = (x / 48) ** 2 + (y / 18) ** 2 <= 1
+    ct[sacrum & (z >= 35) & (z < 75)] = 450.0  # S1, 40 mm
+    ct[sacrum & (z >= 5) & (z < 32)] = 450.0  # S2 and below, under a 3 mm line
+    r = rate(ct, mask, aff)
+    found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
+    assert not found["transitional_vertebra"], found["bodies_below_mm"]
+    assert r["castellvi"]["vertebra"] == "L4" and not r["castellvi"]["unlabelled_vertebra"]
+
+
 def test_noise_specks_around_the_walk_are_cleared_by_their_volume_in_mm3():
     """Specks of bone noise (under 30 mm3, whatever the voxel size) near the walk below the
     last label are cleared, so that they cannot fill a disc; bone of the spine stays."""

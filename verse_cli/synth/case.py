@@ -424,16 +424,11 @@ def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
     for side, tp in lv.extra["tp_sides"].items():
         if "gap" not in tp and "min_gap" not in tp:
             continue
-        s = 1.0 if side == "right" else -1.0
-        c = np.asarray(tp["contact"], dtype=float)
         # grade I draws its probe points from its own generator: the case's stream is unchanged
-        pts = (c + (rng if "gap" in tp else np.random.default_rng(0)).uniform(-18, 18, (40000, 3))).astype(F32)
-        local = lv.local(pts)
-        pts = pts[local[:, 0] * s > lv.dims["W"] / 2 + 6]  # lateral of the body and facet joints
+        pts = _contact_probes(lv, side, tp, rng if "gap" in tp else np.random.default_rng(0))
         gap = None
         for _ in range(6):
-            d = np.maximum(vshape.sdf(pts), sshape.sdf(pts))
-            gap = 2.0 * float(d.min())
+            gap = _solid_gap(pts, vshape, sshape)
             if "min_gap" in tp and gap >= tp["min_gap"]:
                 break
             err = gap - tp.get("gap", tp.get("min_gap"))
@@ -449,13 +444,22 @@ def _contact_gaps(lv, vshape: Shape, sshape: Shape) -> dict:
     """Per side with a Castellvi contact, the gap between the process and the ala (mm,
     negative where they overlap), measured as :func:`_calibrate_castellvi` does, on probe
     points from a generator of its own: the case's stream is unchanged."""
-    out = {}
-    for side, tp in lv.extra["tp_sides"].items():
-        s = 1.0 if side == "right" else -1.0
-        pts = (np.asarray(tp["contact"], float) + np.random.default_rng(0).uniform(-18, 18, (40000, 3))).astype(F32)
-        pts = pts[lv.local(pts)[:, 0] * s > lv.dims["W"] / 2 + 6]
-        out[side] = round(2.0 * float(np.maximum(vshape.sdf(pts), sshape.sdf(pts)).min()), 2)
-    return out
+    return {side: round(_solid_gap(_contact_probes(lv, side, tp, np.random.default_rng(0)), vshape, sshape), 2)
+            for side, tp in lv.extra["tp_sides"].items()}
+
+
+def _contact_probes(lv, side: str, tp: dict, gen) -> np.ndarray:
+    """Probe points (world mm) in an 18 mm box around a process's contact with the ala,
+    lateral of the body and the facet joints."""
+    s = 1.0 if side == "right" else -1.0
+    pts = (np.asarray(tp["contact"], float) + gen.uniform(-18, 18, (40000, 3))).astype(F32)
+    return pts[lv.local(pts)[:, 0] * s > lv.dims["W"] / 2 + 6]
+
+
+def _solid_gap(pts: np.ndarray, vshape: Shape, sshape: Shape) -> float:
+    """The gap between two solids near ``pts``: twice the least max(d1, d2) (reached midway
+    between them; negative where they overlap)."""
+    return 2.0 * float(np.maximum(vshape.sdf(pts), sshape.sdf(pts)).min())
 
 
 def _joints(chain, canvas: Canvas, rng, meta) -> list[Shape]:

@@ -162,15 +162,12 @@ def rasterise(tree: Tree, shape, affine: np.ndarray, ramp: float, chunk: int = 1
     return np.concatenate(idx_all), np.concatenate(occ_all).astype(F32)
 
 
-def _bbox(mask: np.ndarray):
-    """Slices of the smallest box holding ``mask`` (None when empty)."""
-    out = []
-    for ax in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(k for k in range(3) if k != ax)))
-        if len(hit) == 0:
-            return None
-        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(out)
+def _organ_box(lab: np.ndarray, code: int):
+    """Slices of the smallest box holding the organ ``code`` of the label map (None when absent)."""
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(lab, max_label=code)
+    return boxes[code - 1] if len(boxes) >= code else None
 
 
 def _noise(sr: np.random.Generator, shape, sp, lo_mm: float, hi_mm: float) -> np.ndarray:
@@ -201,7 +198,7 @@ def lung_detail(img: np.ndarray, lab: np.ndarray, code: int, affine: np.ndarray,
     """Lung parenchyma in place: a gravity-dependent density gradient (supine: the dorsal
     lung is 20-60 HU denser), a fine mottle (sub-resolution vessels and interstitium, blobs
     of 1.5-5 mm) and a slow drift. Real parenchyma reads about -850 to -900 HU, not -1000."""
-    box = _bbox(lab == code)
+    box = _organ_box(lab, code)
     if box is None:
         return
     sp = np.sqrt((affine[:3, :3] ** 2).sum(0))
@@ -222,7 +219,7 @@ def organ_texture(img: np.ndarray, lab: np.ndarray, code: int, affine: np.ndarra
                   tol: float, amp: float, sr: np.random.Generator) -> None:
     """Slow parenchymal heterogeneity (3-15 mm, ``amp`` HU) in place, where the organ label is
     ``code`` and the voxel is still the organ's own tissue (within ``tol`` HU of ``host_hu``)."""
-    box = _bbox(lab == code)
+    box = _organ_box(lab, code)
     if box is None:
         return
     sp = np.sqrt((affine[:3, :3] ** 2).sum(0))

@@ -881,7 +881,7 @@ def test_short_bone_below_the_last_label_is_no_transitional_body():
 def test_sacrum_with_a_residual_s1_s2_line_is_no_transitional_vertebra():
     """An S1 segment 40 mm long along the walk, over a thin residual S1/S2 line, read as a
     body, a disc and another body: an L6 or fused L5 graded III (held-out synth 93013, 93021;
-    dev 96015). A lumbar body met by the walk is at most ~36 mm long (adult 25-30 mm)."""
+    dev 96015). A lumbar body met by the walk is at most 35 mm long (adult 25-30 mm)."""
     ct, mask, aff = phantom(labels=(20, 21, 22, 23, 24), unlabel=(24, 26))
     sp = np.diag(aff)[:3]
     g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp

@@ -63,8 +63,9 @@ TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
 MAX_DISC_MM = 20.0  # an intervertebral disc is at most this high (adult lumbar discs: 8-15 mm)
 MIN_BODY_MM = 15.0  # a vertebral body is at least this high (adult lumbar bodies: 25-30 mm)
-MAX_BODY_MM = 36.0  # ... and, met obliquely by the walk, at most this long (S1 over a residual S1/S2 line: 38-42)
-TALL_BODY_MM = 35.0  # the tallest lumbar body (adult L1-L5 25-30 mm): a longer run of bone is no vertebra's
+# the tallest lumbar body (adult L1-L5 25-30 mm; met by the walk 20-30 mm): a longer run of bone is no
+# vertebra's (S1 over a residual S1/S2 line runs 38-42 mm)
+TALL_BODY_MM = 35.0
 ALA_BEYOND_MM = 15.0  # the sacral alae run on 25-35 mm beyond the S1 body's sides (S1 100-120 mm wide)
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
@@ -1063,7 +1064,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     # farther down is bone beside the column the walk strayed into) and is followed by
     # the sacrum one disc lower
     lstv = (len(runs) > 1 and runs[0][0] * step_mm <= MAX_DISC_MM
-            and MIN_BODY_MM <= (runs[0][1] - runs[0][0]) * step_mm <= MAX_BODY_MM
+            and MIN_BODY_MM <= (runs[0][1] - runs[0][0]) * step_mm <= TALL_BODY_MM
             and (runs[1][0] - runs[0][1]) * step_mm <= MAX_DISC_MM)
     evidence["transitional_vertebra"] = bool(lstv)
     sacrum = runs[1] if lstv else runs[0]

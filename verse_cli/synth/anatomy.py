@@ -666,14 +666,24 @@ def vertebra_shape(lv: Level, bone: BoneHU, rng: np.random.Generator, deform_mm:
     # less dense core where the bone is thick
     ped = F32(-0.88 * g["D"] / 2 - min(6.0, 0.5 * g.get("pl", 8.0)))
     side = F32(g["W"] / 2)
+    # transverse processes (beyond the articular pillars) hold fatty cancellous bone: verse014
+    # reads 45 HU at their core, under the body's ~110 HU, where the arch's dense core model
+    # gave ~380 HU; out there the core falls to (1 - 0.6 arch_core) of the body's cancellous HU,
+    # without the arch's extra shell and compact layer
+    tp_x = F32(g["W"] / 2 + 6.0 if lv.region in ("T", "L") else 1e6)  # thoracic and lumbar only
+    tp_drop = F32(0.6 * bone.arch_core * (bone.trabecular + lv.extra.get("trab_shift", 0.0)))
+    tp_thin = F32(0.3 * bone.cortex)  # and a thinner, less dense cortex (verse014: 242 HU at 1-2 mm)
 
     def mat(p, d, base=base, amp=amp, width=width):
         q_all = lv.local(p)
         w = arch_w(q_all)  # 0 in the body, 1 in the posterior arch
         behind = np.clip(np.maximum(ped - q_all[:, 1], np.abs(q_all[:, 0]) - side) / F32(6.0), 0, 1) * (w > 0)
         t_arch = w * arch_t * (F32(1) - behind * (F32(1) - arch_post))
-        out = base(p, d, t_add=t_arch, tr_add=w * arch_tr, q=q_all, core_w=w * arch_core,
-                   dense_mm=F32(2.5) - F32(1.5) * behind, co_add=behind * arch_rim)
+        lat = np.clip((np.abs(q_all[:, 0]) - tp_x) / F32(6.0), 0, 1) * w
+        keep = F32(1) - lat
+        out = base(p, d, t_add=t_arch * keep, tr_add=w * arch_tr * keep - lat * tp_drop, q=q_all,
+                   core_w=w * arch_core * keep, dense_mm=(F32(2.5) - F32(1.5) * behind) * (F32(1) - F32(0.8) * lat),
+                   co_add=behind * arch_rim * keep - lat * tp_thin)
         # only the body's inside needs the rest (the box also holds the arch and soft tissue)
         if not (amp > 0 or vein or drop > 0):
             return out

@@ -1026,3 +1026,28 @@ def test_a_one_slab_disc_parts_two_bodies_but_a_cancellous_hole_does_not():
     hole = _body_runs(np.array([0.0, *body[:6], 0.12, *body[6:], 0.0]), 2.0)
     disc = _body_runs(np.array([0.0, *body[:6], 0.02, *body[6:], 0.0]), 2.0)
     assert hole == [(1, 14)] and disc == [(1, 7), (8, 14)]
+
+
+def test_a_rib_joined_to_a_bone_mass_is_undeterminable_not_a_long_rib():
+    """A stump rib at L1 whose tip touches the iliac crest was measured as one piece with it
+    (synth 93019, 93045: L1 'ribs' of 270-320 mm, mean radius 9-12 mm) and L1 was counted
+    thoracic. A piece much thicker than a rib is a rib joined to other bone: its length
+    cannot be told, and the label's region stands."""
+    labels = (17, 18, 19, 20, 21)
+    ct, mask, aff = phantom(labels=labels, ribs={19: (90, 90), 20: (None, 30)}, width_mm=240)
+    sp = np.diag(aff)[:3]
+    zlen = 30 * (len(labels) + 1) + 20
+    cx, cy, zc = 120.0, 70.0, zlen - 25 - 30 * 3  # L1
+    p0 = np.array([cx + 17.0, cy + 4.0, zc + 3.0])
+    d = np.array([0.8, 0.55, -0.25]) / np.linalg.norm([0.8, 0.55, -0.25])
+    tip = p0 + d * 30
+    # a wing of bone 16 mm thick and 70 x 60 mm wide whose edge the rib's tip touches
+    g = np.indices(ct.shape).transpose(1, 2, 3, 0) * sp
+    wing = ((g[..., 0] >= tip[0]) & (g[..., 0] <= tip[0] + 16) & (np.abs(g[..., 1] - tip[1]) <= 35)
+            & (g[..., 2] <= tip[2] + 3) & (g[..., 2] >= tip[2] - 57))
+    ct[wing & (mask == 0)] = 600
+    r = rate(ct, mask, aff)
+    assert r["ribs"]["L1"]["right_status"] == "undeterminable", r["ribs"]["L1"]
+    assert r["ribs"]["L1"]["right_visible_mm"] > 38
+    assert not any("L1" in w and "thoracic" in w for w in r["warnings"]), r["warnings"]
+    assert r["ribs"]["T12"]["left_status"] == r["ribs"]["T12"]["right_status"] == "present"

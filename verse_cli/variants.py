@@ -69,6 +69,11 @@ TALL_BODY_MM = 35.0
 ALA_BEYOND_MM = 15.0  # the sacral alae run on 25-35 mm beyond the S1 body's sides (S1 100-120 mm wide)
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
+# a rib is a flattened tube of about 13 x 6 mm (mean radius 4-5 mm, its head included; 6.3 mm at
+# most for ribs measured whole on synthetic CT at 0.5-3 mm spacing): a piece longer than a stump rib
+# and thicker on average is a rib joined to other bone (the ilium, the scapula), whose length cannot
+# be told
+MAX_RIB_RADIUS_MM = 7.0
 MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 mm radius)
 TP_LATERAL = 0.6  # ... or lateral of this fraction of its reach, whichever is nearer the body
 TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
@@ -419,6 +424,12 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 # first rib; bone that starts this far from T1 is one of them, and the first
                 # rib is elsewhere (its head may touch only C7: see _first_rib_from_c7)
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
+            elif rib.radius_mm > MAX_RIB_RADIUS_MM and rib.length_mm >= stump_mm:
+                # measured as one piece, the iliac crest or the scapula beside a rib gave L1 a
+                # 'rib' of 250-500 mm (counted thoracic) and T3/T4 ribs of 330-550 mm. A stump
+                # rib is spared: over 10-20 mm its head weighs on the mean radius
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
+                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.cut:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)

@@ -1051,3 +1051,27 @@ def test_a_rib_joined_to_a_bone_mass_is_undeterminable_not_a_long_rib():
     assert r["ribs"]["L1"]["right_visible_mm"] > 38
     assert not any("L1" in w and "thoracic" in w for w in r["warnings"]), r["warnings"]
     assert r["ribs"]["T12"]["left_status"] == r["ribs"]["T12"]["right_status"] == "present"
+
+
+def test_a_first_rib_joined_at_its_front_to_a_cervical_rib_is_measured_to_its_tip():
+    """A cervical rib joined end to end with the first rib makes one piece that leaves T1 and
+    comes back to C7 (synth 81044). Its skeleton's diameter ran back to the spine, so the
+    first rib was 'undeterminable' and the cervical rib was never looked for. The first rib
+    is measured out to the bone farthest from the spine, and the cervical rib split off it."""
+    labels = (6, 7, 8, 9)
+    ct, mask, aff = phantom(labels=labels, ribs={8: (110, 110), 9: (150, 150)}, width_mm=300)
+    sp = np.diag(aff)[:3]
+    zlen = 30 * (len(labels) + 1) + 20
+    cx, cy = 150.0, 70.0
+    d = np.array([-0.8, 0.55, -0.25]) / np.linalg.norm([0.8, 0.55, -0.25])
+    c7_head = np.array([cx - 17.0, cy + 4.0, zlen - 25 - 30 * 1 + 3.0])
+    t1_tip = np.array([cx - 17.0, cy + 4.0, zlen - 25 - 30 * 2 + 3.0]) + d * 110
+    # a 50 mm cervical rib whose head lies a few mm off C7 (so the piece goes whole to T1),
+    # its tip joined to the first rib's
+    rib = _capsule(ct.shape, sp, c7_head + d * 8, c7_head + d * 58, 3.5)
+    rib |= _capsule(ct.shape, sp, c7_head + d * 58, t1_tip, 3.5)
+    ct[rib & (mask == 0)] = 600
+    r = rate(ct, mask, aff)
+    t1 = r["ribs"]["T1"]
+    assert t1["left_status"] == "present" and abs(t1["left_mm"] - 110) <= 8, t1
+    assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]["C7"]

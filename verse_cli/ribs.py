@@ -51,6 +51,10 @@ SECTION_SMOOTH_MM = 3.0
 #: ... and in voxels (of the median axis), whichever is wider: on coarse grids the section
 #: centres wander by a good part of a voxel, which lengthened a whole rib by 5-8 mm
 SECTION_SMOOTH_VOXELS = 3.5
+#: a skeleton end this close to a vertebra lies back at the spine (mm), and bone this far from
+#: every vertebra lies clearly away from it: a rib's tip does
+BACK_AT_SPINE_MM = 20.0
+AWAY_FROM_SPINE_MM = 30.0
 
 SIDES = ("left", "right")
 
@@ -532,7 +536,7 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
                 side: str = "left", bridge_mm: float = 25.0, min_piece_mm3: float = 60.0,
                 ct: np.ndarray | None = None, thr: float = 175.0, smooth: np.ndarray | None = None,
                 soft_hu: float = 40.0, outside: Callable | None = None, zone: np.ndarray | None = None,
-                zone_reach_mm: float = 5.0) -> Rib:
+                zone_reach_mm: float = 5.0, first_rib: bool = False) -> Rib:
     """Length of one rib from its costovertebral joint to its osseous tip.
 
     ``pieces`` are the flat voxel indices of the rib's components, largest first. The
@@ -558,6 +562,8 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     ``joint_distance(points_idx) -> mm`` gives the distance of voxels to the nearest
     vertebra label; ``outside(points_idx) -> bool`` whether points lie outside the
     scanned volume (beyond the array or in the scanner's padding), for FOV cuts.
+    ``first_rib``: the piece is T1's, which a cervical rib may join end to end (see
+    :func:`_tip_away_from_the_spine`).
     """
     from scipy.sparse.csgraph import dijkstra
     from scipy.spatial import cKDTree
@@ -616,6 +622,8 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     path = _path(pred, a, b)
     if path[0] != joint:
         path = path[::-1]
+    if first_rib:
+        path = _tip_away_from_the_spine(path, graph, nodes, base, joint_distance)
     path = _trim_head_spur(path, nodes, base, sp, frame.body)
     trimmed = False
     if ct is not None:
@@ -644,6 +652,33 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     n_pts = sum(len(u) for u in used)
     return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_ext,
                line[0].tolist(), tip_point.tolist(), len(used) - 1, tip_gap, radius, n_bridges, line)
+
+
+def _tip_away_from_the_spine(path: np.ndarray, graph, nodes: np.ndarray, base: np.ndarray,
+                             joint_distance) -> np.ndarray:
+    """The path from the joint to the farthest bone away from the spine, where the skeleton's
+    diameter ends back at the spine.
+
+    A first rib joined at its front to a cervical rib that leaves C7 is one piece whose
+    diameter runs from the first rib's head out along it and back along the cervical rib to
+    C7; measured so, it ended on the spine and the first rib was not measured at all. A rib's
+    osseous tip lies away from the spine, and where the piece turns back, the turn is the
+    bone farthest from it: the tip becomes the node farthest from every vertebra, if that is
+    ``AWAY_FROM_SPINE_MM`` or more. A piece with no such node (a stump, bone along the
+    vertebrae) keeps its diameter. Only for the first rib: lower down, a piece that turns
+    back to the spine holds two ribs joined in front, and measured to its farthest bone it
+    was 25 mm short to 98 mm long (synth H: T6-T10), where it had been undeterminable.
+    """
+    from scipy.sparse.csgraph import dijkstra
+
+    if float(joint_distance(nodes[[path[-1]]] + base)[0]) > BACK_AT_SPINE_MM:
+        return path
+    dist, pred = dijkstra(graph, indices=int(path[0]), directed=False, return_predecessors=True)
+    from_spine = np.where(np.isfinite(dist), joint_distance(nodes + base), -1.0)
+    tip = int(np.argmax(from_spine))
+    if from_spine[tip] < AWAY_FROM_SPINE_MM:
+        return path
+    return _path(pred, int(path[0]), tip)
 
 
 def tube_radius(volume_mm3: float, length_mm: float) -> float:

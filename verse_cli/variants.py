@@ -414,7 +414,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 continue
             rib = measure_rib(comps, grid.mask.shape, grid.sp, joint_distance, frames[lab], side=side,
                               ct=grid.ct, thr=thr, smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside,
-                              zone=zone)
+                              zone=zone, first_rib=lab == 8)
             if L.region(lab) == "C":
                 rib = _from_the_body(rib, frames[lab], side, _cervical_body_half_width(frames, lab))
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()

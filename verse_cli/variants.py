@@ -70,7 +70,8 @@ ALA_BEYOND_MM = 15.0  # the sacral alae run on 25-35 mm beyond the S1 body's sid
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 # a rib is a flattened tube of about 13 x 6 mm (mean radius 4-5 mm, its head included; 6.3 mm at
-# most for ribs measured whole on synthetic CT at 0.5-3 mm spacing): a piece longer than a stump rib
+# most for ribs measured whole on synthetic CT at 0.5-3 mm spacing, 1.8-2.8 mm for the T11/T12 rib
+# pieces of the real Siemens series, whose bone threshold leaves out the marrow): a piece longer than a stump rib
 # and thicker on average is a rib joined to other bone (the ilium, the scapula), whose length cannot
 # be told
 MAX_RIB_RADIUS_MM = 7.0

@@ -81,7 +81,7 @@ TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was 
 FIRST_RIB_MIN_MM = 60.0  # a shorter first rib was not measured whole: no cervical rib is split off it
 MIN_CERVICAL_MM3 = 120.0  # a cervical rib shows at least this much bone beyond C7's process (3 mm radius, 4 mm)
 MIN_CERVICAL_VOXELS = 16  # ... in at least this many voxels: fewer are a speck of noise, whatever their size
-FAR_FROM_T1_MM = 20.0  # a rib head articulates with its vertebra: bone farther from T1 is no first rib
+FAR_FROM_JOINT_MM = 20.0  # a rib head articulates with its vertebra: bone starting farther away has no head
 TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
 RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
 THORACOLUMBAR = {17, 18, 19, 28, 20}  # T10-T13, L1: where the rib rule moves the boundary
@@ -420,7 +420,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 rib = _from_the_body(rib, frames[lab], side, _cervical_body_half_width(frames, lab))
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
             measured[(lab, side)] = rib
-            if lab == 8 and rib.joint_gap_mm >= FAR_FROM_T1_MM:
+            if lab == 8 and rib.joint_gap_mm >= FAR_FROM_JOINT_MM:
                 # at the thoracic inlet the clavicle, the scapula and the humerus lie beside the
                 # first rib; bone that starts this far from T1 is one of them, and the first
                 # rib is elsewhere (its head may touch only C7: see _first_rib_from_c7)
@@ -433,6 +433,12 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.cut:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
+                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
+            elif rib.joint_gap_mm >= FAR_FROM_JOINT_MM:
+                # a piece that starts this far from its vertebra lost its head and neck, or is
+                # the shaft of a neighbouring rib passing the transverse process; the joint gap
+                # added to it is a guess (synth 93001: T10 measured 260 mm, truly 163 mm)
+                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
             elif rib.length_mm < MIN_RIB_MM:
                 entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"

@@ -71,9 +71,9 @@ HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 # a rib is a flattened tube of about 13 x 6 mm (mean radius 4-5 mm, its head included; 6.3 mm at
 # most for ribs measured whole on synthetic CT at 0.5-3 mm spacing, 1.8-2.8 mm for the T11/T12 rib
-# pieces of the real Siemens series, whose bone threshold leaves out the marrow): a piece longer than a stump rib
-# and thicker on average is a rib joined to other bone (the ilium, the scapula), whose length cannot
-# be told
+# pieces of the real Siemens series, whose bone threshold leaves out the marrow): a piece longer
+# than a stump rib and thicker on average is a rib joined to other bone (the ilium, the scapula),
+# whose length cannot be told
 MAX_RIB_RADIUS_MM = 7.0
 MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 mm radius)
 TP_LATERAL = 0.6  # ... or lateral of this fraction of its reach, whichever is nearer the body
@@ -260,13 +260,13 @@ def vertebra_frames(grid: Grid, present: list[int], centroids, mask_img) -> dict
             sup = above - below
         else:
             sup = np.zeros(3)
-        sup = _unit(sup) if np.linalg.norm(sup) > 5 and _unit(sup) @ world_s > 0.3 else world_s
+        sup = geometry.unit(sup) if np.linalg.norm(sup) > 5 and geometry.unit(sup) @ world_s > 0.3 else world_s
         body = bodies.get(lab, c)
         ant = body - c
         ant = ant - (ant @ sup) * sup
-        if np.linalg.norm(ant) < 1.0 or _unit(ant) @ world_a < 0.3:
+        if np.linalg.norm(ant) < 1.0 or geometry.unit(ant) @ world_a < 0.3:
             ant = world_a - (world_a @ sup) * sup
-        ant = _unit(ant)
+        ant = geometry.unit(ant)
         right = np.cross(ant, sup)
         frames[lab] = Frame(lab, c, body, right, ant, sup, int(counts[lab]),
                             _body_half_width(_points_mm(grid, lab), body, ant, right))
@@ -294,14 +294,9 @@ def _body_estimate(pts_mm: np.ndarray, centre: np.ndarray) -> np.ndarray:
     front = rel[rel[:, 1] > 0]
     if len(front) < 10:
         return centre
-    direction = _unit(front.mean(axis=0))
+    direction = geometry.unit(front.mean(axis=0))
     front = rel[rel @ direction > 0]
     return centre + front.mean(axis=0) if len(front) >= 10 else centre
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    n = float(np.linalg.norm(v))
-    return v / n if n > 0 else v
 
 
 def _points_mm(grid: Grid, lab: int) -> np.ndarray:
@@ -420,48 +415,11 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 rib = _from_the_body(rib, frames[lab], side, _cervical_body_half_width(frames, lab))
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
             measured[(lab, side)] = rib
-            if lab == 8 and rib.joint_gap_mm >= FAR_FROM_JOINT_MM:
-                # at the thoracic inlet the clavicle, the scapula and the humerus lie beside the
-                # first rib; bone that starts this far from T1 is one of them, and the first
-                # rib is elsewhere (its head may touch only C7: see _first_rib_from_c7)
-                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
-            elif rib.radius_mm > MAX_RIB_RADIUS_MM and rib.length_mm >= stump_mm:
-                # measured as one piece, the iliac crest or the scapula beside a rib gave L1 a
-                # 'rib' of 250-500 mm (counted thoracic) and T3/T4 ribs of 330-550 mm. A stump
-                # rib is spared: over 10-20 mm its head weighs on the mean radius
-                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
+            status = _rib_status(rib, lab, frames[lab], stump_mm, float(np.prod(grid.sp)))
+            entry[f"{side}_mm"] = round(rib.length_mm, 1) if status == "present" else None
+            entry[f"{side}_status"] = status
+            if status in ("cut", "undeterminable"):
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
-            elif rib.cut:
-                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "cut"
-                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
-            elif rib.joint_gap_mm >= FAR_FROM_JOINT_MM:
-                # a piece that starts this far from its vertebra lost its head and neck, or is
-                # the shaft of a neighbouring rib passing the transverse process; the joint gap
-                # added to it is a guess (synth 93001: T10 measured 260 mm, truly 163 mm)
-                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
-                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
-            elif rib.length_mm < MIN_RIB_MM:
-                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
-            elif rib.length_mm < stump_mm and rib.voxels * float(np.prod(grid.sp)) < MIN_STUMP_MM3:
-                # a speck of bone by the spine (noise, a calcification), far thinner than a
-                # rib: its length is mostly the joint gap and the tip extension. At T1 this
-                # leaves the first rib to be found where its head touched only C7; at C7 a
-                # speck by the transverse process is no cervical rib
-                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "absent"
-            elif L.region(lab) != "T" and not _joint_at_body(rib, frames[lab]):
-                # a rib of C7 or L1 must start at the body: a lower rib running past
-                # the transverse process is not one
-                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
-                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
-            elif lab != 7 and rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, TIP_AWAY * min(rib.length_mm, 60.0)):
-                # a piece whose tip is not carried away from the spine is a rib head and
-                # neck whose shaft was lost (it ends at the transverse process), or bone
-                # running along the vertebrae, not a rib: a rib points away from the spine.
-                # C7 is spared: a rudimentary cervical rib hugs its long transverse process
-                entry[f"{side}_mm"], entry[f"{side}_status"] = None, "undeterminable"
-                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
-            else:
-                entry[f"{side}_mm"], entry[f"{side}_status"] = round(rib.length_mm, 1), "present"
         out[lab] = entry
     beside = _cervical_ribs_beside_process(grid, out, components, frames)
     _first_rib_from_c7(out, evidence, components, measured)
@@ -479,6 +437,46 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 _cervical_rib_on_first_rib(grid, out, evidence, components[(8, side)], measured[(8, side)], frames,
                                            side, joint_distance, thr, outside, zone)
     return out, evidence
+
+
+def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) -> str:
+    """'present', 'cut', 'absent' or 'undeterminable' for a rib piece measured at vertebra ``lab``."""
+    if lab == 8 and rib.joint_gap_mm >= FAR_FROM_JOINT_MM:
+        # at the thoracic inlet the clavicle, the scapula and the humerus lie beside the
+        # first rib; bone that starts this far from T1 is one of them, and the first
+        # rib is elsewhere (its head may touch only C7: see _first_rib_from_c7)
+        return "absent"
+    if rib.radius_mm > MAX_RIB_RADIUS_MM and rib.length_mm >= stump_mm:
+        # measured as one piece, the iliac crest or the scapula beside a rib gave L1 a
+        # 'rib' of 250-500 mm (counted thoracic) and T3/T4 ribs of 330-550 mm. A stump
+        # rib is spared: over 10-20 mm its head weighs on the mean radius
+        return "undeterminable"
+    if rib.cut:
+        return "cut"
+    if rib.joint_gap_mm >= FAR_FROM_JOINT_MM:
+        # a piece that starts this far from its vertebra lost its head and neck, or is
+        # the shaft of a neighbouring rib passing the transverse process; the joint gap
+        # added to it is a guess (synth 93001: T10 measured 260 mm, truly 163 mm)
+        return "undeterminable"
+    if rib.length_mm < MIN_RIB_MM:
+        return "absent"
+    if rib.length_mm < stump_mm and rib.voxels * voxel_mm3 < MIN_STUMP_MM3:
+        # a speck of bone by the spine (noise, a calcification), far thinner than a
+        # rib: its length is mostly the joint gap and the tip extension. At T1 this
+        # leaves the first rib to be found where its head touched only C7; at C7 a
+        # speck by the transverse process is no cervical rib
+        return "absent"
+    if L.region(lab) != "T" and not _joint_at_body(rib, frame):
+        # a rib of C7 or L1 must start at the body: a lower rib running past
+        # the transverse process is not one
+        return "undeterminable"
+    if lab != 7 and rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, TIP_AWAY * min(rib.length_mm, 60.0)):
+        # a piece whose tip is not carried away from the spine is a rib head and
+        # neck whose shaft was lost (it ends at the transverse process), or bone
+        # running along the vertebrae, not a rib: a rib points away from the spine.
+        # C7 is spared: a rudimentary cervical rib hugs its long transverse process
+        return "undeterminable"
+    return "present"
 
 
 def _cervical_ribs_beside_process(grid: Grid, ribs: dict, components: dict, frames: dict) -> dict:
@@ -672,7 +670,7 @@ def _from_the_body(rib, frame: Frame, side: str, body_half_width: float, span_mm
         return rib
     outward = frame.right if side == "right" else -frame.right
     arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(rib.line, axis=0), axis=1))]
-    heading = _unit(rib.line[min(int(np.searchsorted(arc, span_mm)), len(arc) - 1)] - rib.line[0])
+    heading = geometry.unit(rib.line[min(int(np.searchsorted(arc, span_mm)), len(arc) - 1)] - rib.line[0])
     beyond = float((rib.line[0] - frame.body) @ outward) - (body_half_width + 1.25 * rib.radius_mm)
     lateral_rate = float(heading @ outward)
     if beyond <= 0 or lateral_rate <= 0.3:
@@ -1018,7 +1016,7 @@ def _split_at_disc(m: np.ndarray, b: np.ndarray, coords: np.ndarray, disc: dict)
     top of a tilted sacrum's alae to the vertebra above it and gives a process clear of
     the ala a fusion. Bone beyond the plane that is not joined to the sacrum (a process
     of the vertebra reaching past the disc's level) stays the vertebra's."""
-    p0, n = np.asarray(disc["disc_point_mm"]), _unit(np.asarray(disc["disc_normal"], dtype=float))
+    p0, n = np.asarray(disc["disc_point_mm"]), geometry.unit(np.asarray(disc["disc_normal"], dtype=float))
     beyond = (coords - p0.astype(np.float32)) @ n.astype(np.float32) > 0
     out = m.copy()
     sacrum = out == 26
@@ -1114,7 +1112,7 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         body_mid = centres[(runs[0][0] + runs[0][1] - 1) // 2]
         sac_top = centres[min(runs[1][0] + 2, len(centres) - 1)]
         evidence["disc_point_mm"] = [round(float(v), 2) for v in centres[(runs[0][1] + runs[1][0]) // 2]]
-        evidence["disc_normal"] = [round(float(v), 4) for v in _unit(sac_top - body_mid)]
+        evidence["disc_normal"] = [round(float(v), 4) for v in geometry.unit(sac_top - body_mid)]
     if pts is None:
         pts = _bone_joined_at(grid, free, centres, sacrum[0], down)
     if len(pts) == 0:
@@ -1162,7 +1160,7 @@ def _reach_beside_body(grid: Grid, pts: np.ndarray, centre: np.ndarray, heading:
     if len(pts) == 0:
         return 0.0, 0.0
     rel = pts * grid.sp - centre
-    front = _unit(np.cross(right, heading))
+    front = geometry.unit(np.cross(right, heading))
     lat, ahead = rel @ right, rel @ front
     near_axis = np.abs(lat) <= 0.5 * half_width
     if not near_axis.any():
@@ -1252,7 +1250,7 @@ def _sagittal_tilts(down: np.ndarray, right: np.ndarray, degrees=(0, -10, 10, -2
     out = []
     for a in np.radians(degrees):
         turned = down * np.cos(a) + np.cross(right, down) * np.sin(a) + right * (right @ down) * (1 - np.cos(a))
-        out.append(_unit(turned))
+        out.append(geometry.unit(turned))
     return out
 
 
@@ -1357,7 +1355,7 @@ def _extrapolate(cs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     step = cs[-1] - cs[-2]
     if len(cs) >= 3:
         prev = cs[-2] - cs[-3]
-        a, b = _unit(prev), _unit(step)
+        a, b = geometry.unit(prev), geometry.unit(step)
         axis = np.cross(a, b)
         sin, cos = float(np.linalg.norm(axis)), float(a @ b)
         if sin > 1e-6:
@@ -1418,7 +1416,7 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float, s
     p = cand[k]
     q = ala_pts[nearest[k]]
     centre_gap = float(d[k])
-    direction = _unit((q - p) * sp)
+    direction = geometry.unit((q - p) * sp)
     vox_extent = float(np.linalg.norm(direction * sp)) if centre_gap > 0 else 0.0
     # gap between the surfaces ~ centre distance minus one voxel along the line
     gap = max(0.0, centre_gap - float(np.abs(direction * sp).max()))

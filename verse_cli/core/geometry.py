@@ -175,6 +175,12 @@ def direction_to_world(affine: np.ndarray) -> np.ndarray:
     return np.asarray(affine)[:3, :3] / spacing(affine)
 
 
+def unit(v: np.ndarray) -> np.ndarray:
+    """``v`` scaled to length 1 along its last axis (one vector or rows of them); zero stays zero."""
+    v = np.asarray(v)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-9)
+
+
 def rotation_between(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """The smallest rotation (3 x 3) that turns direction ``u`` onto direction ``v``.
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.geometry import unit
+
 F32 = np.float32
 
 
@@ -27,14 +29,10 @@ class Tree:
     r: np.ndarray
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
-
-
 def _perpendicular(rng, d: np.ndarray) -> np.ndarray:
     """A random unit vector perpendicular to each row of ``d``."""
     u = np.cross(d, rng.standard_normal(d.shape))
-    return _unit(u)
+    return unit(u)
 
 
 def grow_tree(rng: np.random.Generator, roots: np.ndarray, dirs: np.ndarray, radii: np.ndarray,
@@ -51,7 +49,7 @@ def grow_tree(rng: np.random.Generator, roots: np.ndarray, dirs: np.ndarray, rad
     """
     segs = []
     p = np.asarray(roots, float)
-    d = _unit(np.asarray(dirs, float))
+    d = unit(np.asarray(dirs, float))
     r = np.asarray(radii, float)
     for _ in range(max_gen):
         if len(p) == 0:
@@ -64,7 +62,7 @@ def grow_tree(rng: np.random.Generator, roots: np.ndarray, dirs: np.ndarray, rad
         segs.append((p[ok], q[ok], r[ok]))
         n = len(p)
         ratio = np.stack([rng.uniform(0.86, 0.95, n), rng.uniform(0.45, 0.75, n)])
-        kids = _children(rng, inside, q, d, _unit(q - hub), 10.0 + 2.0 * r)
+        kids = _children(rng, inside, q, d, unit(q - hub), 10.0 + 2.0 * r)
         p = np.concatenate([q, q])
         d = np.concatenate(kids)
         r = np.concatenate([r * ratio[0], r * ratio[1]])
@@ -98,7 +96,7 @@ def _children(rng, inside, q: np.ndarray, d: np.ndarray, out_dir: np.ndarray, re
     for _ in range(tries):  # a few candidate pairs, each for all tips at once
         u = _perpendicular(rng, d)
         ang = np.radians(np.stack([rng.uniform(5, 25, n), rng.uniform(35, 70, n)]))
-        pair = [_unit(np.cos(ang[k])[:, None] * d + sgn * np.sin(ang[k])[:, None] * u + 0.15 * out_dir)
+        pair = [unit(np.cos(ang[k])[:, None] * d + sgn * np.sin(ang[k])[:, None] * u + 0.15 * out_dir)
                 for k, sgn in enumerate((1.0, -1.0))]
         depth = [np.minimum(-inside((q + c * reach[:, None]).astype(F32)), 25.0) for c in pair]
         sc = np.minimum(depth[0], depth[1]) + rng.uniform(0, 1, n)

@@ -900,6 +900,48 @@ def test_sacrum_with_a_residual_s1_s2_line_is_no_transitional_vertebra():
     assert r["castellvi"]["vertebra"] == "L4" and not r["castellvi"]["unlabelled_vertebra"]
 
 
+def test_transitional_vertebra_over_a_bridged_disc_is_told_by_its_side_without_alae():
+    """A fused, unlabelled L5 whose disc to the sacrum the walk never finds empty (a thin
+    disc tilted beyond its slabs, or bridged by bone: held-out synth 81027, 81057) read as
+    the sacrum's top, and L4 was graded. Bone beside the body below L4 ends at its side,
+    where the sacrum's alae run on: a vertebra, so the sacrum lies below it."""
+    ct, mask, aff = phantom(labels=(22, 23, 24), unlabel=(24, 26))
+    sp = np.diag(aff)[:3]
+    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp
+    x, y, z = g[..., 0] - 100.0, g[..., 1] - 70.0, g[..., 2]
+    zlen = 30 * 4 + 20
+    z5 = zlen - 25 - 30 * 2  # the unlabelled L5's centre; the sacrum's top is 20 mm below it
+    ct[(x ** 2 + (y - 10) ** 2 <= 12 ** 2) & (z > z5 - 21) & (z < z5 - 9)] = 450.0  # a bony bridge
+    r = rate(ct, mask, aff)
+    found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
+    assert len(found["bodies_below_mm"]) == 1, found["bodies_below_mm"]  # the walk alone: no disc
+    assert found["next_body"]["nature"] == "vertebra", found["next_body"]
+    assert found["transitional_vertebra"]
+    assert r["castellvi"]["unlabelled_vertebra"] and r["castellvi"]["vertebra"] == "L5", r["castellvi"]
+    assert r["counts"]["lumbar"] == 3
+
+
+def test_sacrum_whose_first_segment_looks_like_a_body_is_told_by_its_alae():
+    """An S1 segment of a lumbar body's height over a residual S1/S2 disc reads on the walk
+    as a body, a disc and another body: a transitional vertebra (held-out synth 93003, an
+    L4 variant, graded as a fused L5). Beside its middle the alae run on far beyond the
+    body's sides, where a vertebra's bone ends: it is the sacrum."""
+    ct, mask, aff = phantom(labels=(20, 21, 22, 23, 24), unlabel=(24, 26))
+    sp = np.diag(aff)[:3]
+    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp
+    x, y, z = g[..., 0] - 100.0, g[..., 1] - 70.0, g[..., 2]
+    ct[z < 75] = 40.0  # below L4's body: an unlabelled sacrum, drawn anew
+    sacrum = (x / 48) ** 2 + (y / 18) ** 2 <= 1
+    ct[sacrum & (z >= 40) & (z < 65)] = 450.0  # S1, 25 mm, 10 mm under L4's body
+    ct[sacrum & (z >= 5) & (z < 37)] = 450.0  # S2 and below, under a 3 mm line
+    r = rate(ct, mask, aff)
+    found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
+    assert len(found["bodies_below_mm"]) == 2, found["bodies_below_mm"]  # the walk alone: body, disc, body
+    assert found["next_body"]["nature"] == "sacrum", found["next_body"]
+    assert not found["transitional_vertebra"]
+    assert r["castellvi"]["vertebra"] == "L4" and not r["castellvi"]["unlabelled_vertebra"], r["castellvi"]
+
+
 def test_noise_specks_around_the_walk_are_cleared_by_their_volume_in_mm3():
     """Specks of bone noise (under 30 mm3, whatever the voxel size) near the walk below the
     last label are cleared, so that they cannot fill a disc; bone of the spine stays."""

@@ -68,6 +68,11 @@ MIN_BODY_MM = 15.0  # a vertebral body is at least this high (adult lumbar bodie
 TALL_BODY_MM = 35.0
 ALA_BEYOND_MM = 15.0  # the sacral alae run on 25-35 mm beyond the S1 body's sides (S1 100-120 mm wide)
 HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
+# next_body_probe: the S1 body's alae reach 25-35 mm beyond its sides; a lumbar body's bone ends
+# at its side (fused transitional vertebrae of F, G, H: 0-12 mm beyond at 0.75 step, S1 16-45 mm)
+ALA_MARGIN_MM = 12.0
+ONE_ALA_MARGIN_MM = 18.0  # one side alone (the other side's ala cut by a slab through the body's edge)
+ALA_BODY_FILL = 0.8  # the slab lies in a body when bone fills this fraction of its half width each side
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 # a rib is a flattened tube of about 13 x 6 mm (mean radius 4-5 mm, its head included; 6.3 mm at
 # most for ribs measured whole on synthetic CT at 0.5-3 mm spacing, 1.8-2.8 mm for the T11/T12 rib
@@ -1082,8 +1087,19 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     lstv = (len(runs) > 1 and runs[0][0] * step_mm <= MAX_DISC_MM
             and MIN_BODY_MM <= (runs[0][1] - runs[0][0]) * step_mm <= TALL_BODY_MM
             and (runs[1][0] - runs[0][1]) * step_mm <= MAX_DISC_MM)
-    evidence["transitional_vertebra"] = bool(lstv)
+    # the walk's discs are one witness; the bone beside the next body is another, which
+    # a thin tilted disc or a transitional body of low density cannot hide
+    probe = next_body_probe(grid, free, frames, lumbar)
+    evidence["next_body"] = probe
     sacrum = runs[1] if lstv else runs[0]
+    forced_disc = None
+    if lstv and probe["nature"] == "sacrum":
+        lstv, sacrum = False, runs[0]
+    elif (not lstv and probe["nature"] == "vertebra" and 0 < runs[0][0] * step_mm <= MAX_DISC_MM
+          and _bone_along_one_level(runs, probe, step_mm) >= MIN_BODY_MM):
+        lstv, sacrum, forced_disc = _sacrum_below_the_probed_vertebra(runs, centres, heading, probe,
+                                                                      step_mm)
+    evidence["transitional_vertebra"] = bool(lstv)
     pts = None
     if any(clipped[sacrum[1]:sacrum[1] + 2]) and (sacrum[1] - sacrum[0]) * step_mm < (
             MIN_BODY_MM if lstv else TALL_BODY_MM):
@@ -1106,7 +1122,10 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         if min(reach) < fr.half_width + ALA_BEYOND_MM:
             return None, evidence
         evidence["told_by_its_alae"] = True
-    if lstv:
+    if forced_disc is not None:
+        evidence["disc_point_mm"] = [round(float(v), 2) for v in forced_disc[0]]
+        evidence["disc_normal"] = [round(float(v), 4) for v in forced_disc[1]]
+    elif lstv:
         # the disc below the transitional body: halfway between the two runs, facing from
         # the body's middle towards the sacrum's top
         body_mid = centres[(runs[0][0] + runs[0][1] - 1) // 2]
@@ -1119,6 +1138,99 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         return None, evidence
     evidence["voxels"] = len(pts)
     return pts, evidence
+
+
+def next_body_probe(grid: Grid, free: np.ndarray, frames: dict, lumbar: list[int]) -> dict:
+    """Is the body next below the last lumbar label the sacrum or a vertebra?
+
+    The sacral alae join the S1 body along its sides, so at the body's mid-depth bone runs
+    on far beyond it; a lumbar vertebra's transverse processes arise from its arch behind
+    the body, so there its bone ends at the body's side. A fused transitional vertebra's
+    process is enlarged, but it too arises behind the body. The next body is placed by
+    extrapolating the last lumbar body centroids (bent as the last two steps bend), 0.75 and
+    1 step below the last one, and looked at in an 8 mm slab square to that step.
+
+    ``nature``: ``sacrum`` when the bone runs on at least ALA_MARGIN_MM beyond the body's
+    half width on both sides at either point, or ONE_ALA_MARGIN_MM on one side at the first;
+    ``vertebra`` when at the first point bone fills the body to ALA_BODY_FILL of its half
+    width on both sides and ends within ALA_MARGIN_MM of it; otherwise ``None``, and the
+    walk's discs decide alone.
+    """
+    fr = frames[lumbar[-1]]
+    # the median over the last lumbar bodies: a last label cut by the scan's edge or with one
+    # enlarged process can widen its own estimate by a third (real verse014's L5: 31 mm, L3-L4 21-23)
+    hw = float(np.median([frames[lab].half_width for lab in lumbar[-3:]]))
+    out: dict = {"nature": None, "half_width_mm": round(hw, 1)}
+    bodies = [frames[lab].body for lab in lumbar[-3:]]
+    if len(bodies) < 2:
+        return out
+    _, step = _extrapolate(bodies)
+    direction = geometry.unit(step)
+    out["step_mm"] = round(float(np.linalg.norm(step)), 1)
+    last_pts = grid.points(lumbar[-1]) * grid.sp
+    half_depth = _body_half_depth(last_pts - fr.body, fr.anterior, fr.right, hw)
+    reaches = []
+    for fraction in (0.75, 1.0):
+        centre = bodies[-1] + step * fraction
+        pts = _bone_in_slab_at(grid, free, centre, direction, 4.0, 70.0, 8.0)
+        reaches.append(_reach_beside_body(grid, pts, centre, direction, fr.right, hw, half_depth))
+    out["reach_mm"] = [[round(r, 1) for r in pair] for pair in reaches]
+    if any(min(pair) >= hw + ALA_MARGIN_MM for pair in reaches) or max(reaches[0]) >= hw + ONE_ALA_MARGIN_MM:
+        out["nature"] = "sacrum"
+    elif min(reaches[0]) >= ALA_BODY_FILL * hw and max(reaches[0]) < hw + ALA_MARGIN_MM:
+        out["nature"] = "vertebra"
+    return out
+
+
+def _bone_in_slab_at(grid: Grid, free: np.ndarray, centre: np.ndarray, normal: np.ndarray, half_mm: float,
+                     radius: float, seed_mm: float) -> np.ndarray:
+    """Voxel indices of the bone in a slab (``half_mm`` either side of ``centre`` across
+    ``normal``, out to ``radius``) joined within the slab to the bone within ``seed_mm`` of
+    ``centre``."""
+    sp = grid.sp
+    lo = np.floor((centre - radius) / sp).astype(int)
+    hi = np.ceil((centre + radius) / sp).astype(int) + 1
+    region, box = _cylinder_in_box(grid, lo, hi, centre, normal, -half_mm, half_mm, radius)
+    comps, n = ndimage.label(free[box] & region)
+    if n == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    origin = np.array([sl.start for sl in box])
+    seed = np.rint(centre / sp).astype(int) - origin
+    r = np.ceil(seed_mm / sp).astype(int)
+    a, b = np.maximum(seed - r, 0), np.minimum(seed + r + 1, comps.shape)
+    ids = np.unique(comps[tuple(slice(int(x), int(y)) for x, y in zip(a, b))])
+    ids = ids[ids > 0]
+    return np.argwhere(np.isin(comps, ids)) + origin
+
+
+def _bone_along_one_level(runs, probe: dict, step_mm: float) -> float:
+    """How much of one level's spacing below the first body's top the walk spent in bodies
+    (mm): a body's height when a vertebra is there, whatever thin line of low density
+    split it; a plate of bone lower than a body leaves it short."""
+    lo = runs[0][0] * step_mm
+    hi = lo + probe["step_mm"] - 5.0
+    return float(sum(max(0.0, min(b * step_mm, hi) - max(a * step_mm, lo)) for a, b in runs))
+
+
+def _sacrum_below_the_probed_vertebra(runs, centres, heading, probe, step_mm):
+    """The walk met no disc under a body that :func:`next_body_probe` calls a vertebra and
+    that fills a body's height: a thin disc tilted beyond the slabs, or a transitional body
+    of low density split by an emptier line. The sacrum is the first run that starts a
+    body's height (MIN_BODY_MM) below the first, under the disc between it and the run
+    before; or else the first run itself, cut at a disc placed one level's spacing (the
+    probe's step) below the top of the vertebra, less half a thin disc; either faces along
+    the walk's heading. Returns (lstv, sacrum run, (disc point, disc normal))."""
+    later = [i for i, r in enumerate(runs) if i and (r[0] - runs[0][0]) * step_mm >= MIN_BODY_MM]
+    disc_t = runs[0][0] * step_mm + probe["step_mm"] - 5.0
+    k_disc = int(np.clip(round(disc_t / step_mm), 0, len(centres) - 1))
+    if later:
+        sacrum = runs[later[0]]
+        k_disc = int(np.clip((runs[later[0] - 1][1] + sacrum[0]) // 2, 0, len(centres) - 1))
+    else:
+        sacrum = (min(k_disc + 1, runs[0][1] - 1), runs[0][1])
+    # the disc faces along the walk's heading: the walk's centres, pulled across the column
+    # towards the bone they meet, turn too sharply there to give its tilt
+    return True, sacrum, (centres[k_disc], heading)
 
 
 def _bone_joined_at(grid: Grid, free: np.ndarray, centres: list, k: int, down: np.ndarray) -> np.ndarray:

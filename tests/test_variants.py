@@ -942,6 +942,24 @@ def test_sacrum_whose_first_segment_looks_like_a_body_is_told_by_its_alae():
     assert r["castellvi"]["vertebra"] == "L4" and not r["castellvi"]["unlabelled_vertebra"], r["castellvi"]
 
 
+def test_a_fused_process_beside_a_transitional_body_is_no_ala():
+    """A fused transitional vertebra's process, joined to the ala, can run on far beyond its
+    body on one side at the body's mid-depth (synth 93056, a 3b read as 0/1 when one side
+    alone vetoed the walk's transitional vertebra). One side is an ala only where the body
+    a little lower is no vertebra's."""
+    ct, mask, aff = phantom(labels=(22, 23, 24), unlabel=(24, 26))
+    sp = np.diag(aff)[:3]
+    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp
+    x, y, z = g[..., 0] - 100.0, g[..., 1] - 70.0, g[..., 2]
+    z5 = 30 * 4 + 20 - 25 - 30 * 2  # the unlabelled L5's centre
+    ct[(x >= 0) & (x <= 45) & (y >= 6) & (y <= 14) & (z >= z5 + 5) & (z <= z5 + 10)] = 450.0
+    r = rate(ct, mask, aff)
+    found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
+    assert found["next_body"]["nature"] != "sacrum", found["next_body"]
+    assert found["transitional_vertebra"], found["bodies_below_mm"]
+    assert r["castellvi"]["unlabelled_vertebra"] and r["castellvi"]["vertebra"] == "L5", r["castellvi"]
+
+
 def test_noise_specks_around_the_walk_are_cleared_by_their_volume_in_mm3():
     """Specks of bone noise (under 30 mm3, whatever the voxel size) near the walk below the
     last label are cleared, so that they cannot fill a disc; bone of the spine stays."""
@@ -1074,21 +1092,27 @@ def test_a_one_slab_disc_parts_two_bodies_but_a_cancellous_hole_does_not():
     assert hole == [(1, 14)] and disc == [(1, 7), (8, 14)]
 
 
+def _l1_stump_phantom():
+    """T10-L2 with long T12 ribs and a 30 mm right stump at L1: the CT, the mask, the affine,
+    the voxel grid in mm, and the stump's joint and direction."""
+    labels = (17, 18, 19, 20, 21)
+    ct, mask, aff = phantom(labels=labels, ribs={19: (90, 90), 20: (None, 30)}, width_mm=240)
+    zlen = 30 * (len(labels) + 1) + 20
+    cx, cy, zc = 120.0, 70.0, zlen - 25 - 30 * 3  # L1
+    p0 = np.array([cx + 17.0, cy + 4.0, zc + 3.0])
+    d = np.array([0.8, 0.55, -0.25]) / np.linalg.norm([0.8, 0.55, -0.25])
+    g = np.indices(ct.shape).transpose(1, 2, 3, 0) * np.diag(aff)[:3]
+    return ct, mask, aff, g, p0, d
+
+
 def test_a_rib_joined_to_a_bone_mass_is_undeterminable_not_a_long_rib():
     """A stump rib at L1 whose tip touches the iliac crest was measured as one piece with it
     (synth 93019, 93045: L1 'ribs' of 270-320 mm, mean radius 9-12 mm) and L1 was counted
     thoracic. A piece much thicker than a rib is a rib joined to other bone: its length
     cannot be told, and the label's region stands."""
-    labels = (17, 18, 19, 20, 21)
-    ct, mask, aff = phantom(labels=labels, ribs={19: (90, 90), 20: (None, 30)}, width_mm=240)
-    sp = np.diag(aff)[:3]
-    zlen = 30 * (len(labels) + 1) + 20
-    cx, cy, zc = 120.0, 70.0, zlen - 25 - 30 * 3  # L1
-    p0 = np.array([cx + 17.0, cy + 4.0, zc + 3.0])
-    d = np.array([0.8, 0.55, -0.25]) / np.linalg.norm([0.8, 0.55, -0.25])
+    ct, mask, aff, g, p0, d = _l1_stump_phantom()
     tip = p0 + d * 30
     # a wing of bone 16 mm thick and 70 x 60 mm wide whose edge the rib's tip touches
-    g = np.indices(ct.shape).transpose(1, 2, 3, 0) * sp
     wing = ((g[..., 0] >= tip[0]) & (g[..., 0] <= tip[0] + 16) & (np.abs(g[..., 1] - tip[1]) <= 35)
             & (g[..., 2] <= tip[2] + 3) & (g[..., 2] >= tip[2] - 57))
     ct[wing & (mask == 0)] = 600
@@ -1097,6 +1121,22 @@ def test_a_rib_joined_to_a_bone_mass_is_undeterminable_not_a_long_rib():
     assert r["ribs"]["L1"]["right_visible_mm"] > 38
     assert not any("L1" in w and "thoracic" in w for w in r["warnings"]), r["warnings"]
     assert r["ribs"]["T12"]["left_status"] == r["ribs"]["T12"]["right_status"] == "present"
+
+
+def test_a_stump_rib_touching_an_enhancing_kidney_is_measured_without_it():
+    """On contrast CT the renal cortex enhances above the bone threshold, and an L1 stump rib
+    whose tip touches a kidney was one piece with it (synth 82036: L1 'ribs' of 190 mm,
+    radius 15 mm, undeterminable: both stumps missed). Cut at a level above the organ's, the
+    piece is the rib again, measured as a stump."""
+    ct, mask, aff, g, p0, d = _l1_stump_phantom()
+    centre = p0 + d * (30 + 25)  # a kidney of 25 mm radius whose surface the rib's tip touches
+    kidney = (np.linalg.norm(g - centre, axis=-1) <= 25) & (mask == 0) & (ct < 300)
+    ct[kidney] = 290 + np.random.default_rng(1).normal(0, 20, int(kidney.sum()))  # above the threshold
+    r = rate(ct, mask, aff)
+    assert r["evidence"]["bone_threshold_hu"] < 260, r["evidence"]["bone_threshold_hu"]
+    assert r["ribs"]["L1"]["right_status"] == "present", r["ribs"]["L1"]
+    assert abs(r["ribs"]["L1"]["right_mm"] - 30) <= 6, r["ribs"]["L1"]
+    assert {"vertebra": "L1", "side": "right"}.items() <= r["stump_ribs"][0].items(), r["stump_ribs"]
 
 
 def test_a_first_rib_joined_at_its_front_to_a_cervical_rib_is_measured_to_its_tip():

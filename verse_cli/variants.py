@@ -72,7 +72,7 @@ HALO_MM = 2.5  # unlabelled bone this close to a label is that vertebra's rim
 # at its side (fused transitional vertebrae of F, G, H: 0-12 mm beyond at 0.75 step, S1 16-45 mm)
 ALA_MARGIN_MM = 12.0
 ONE_ALA_MARGIN_MM = 18.0  # one side alone (the other side's ala cut by a slab through the body's edge)
-ALA_BODY_FILL = 0.8  # the slab lies in a body when bone fills this fraction of its half width each side
+ALA_BODY_FILL = 0.9  # the slab lies in a body when bone fills this fraction of its half width each side
 MIN_RIB_MM = 8.0  # shorter bone next to a vertebra is an osteophyte or noise, not a rib
 # a rib is a flattened tube of about 13 x 6 mm (mean radius 4-5 mm, its head included; 6.3 mm at
 # most for ribs measured whole on synthetic CT at 0.5-3 mm spacing, 1.8-2.8 mm for the T11/T12 rib
@@ -418,6 +418,9 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                               zone=zone, first_rib=lab == 8)
             if L.region(lab) == "C":
                 rib = _from_the_body(rib, frames[lab], side, _cervical_body_half_width(frames, lab))
+            if lab in THORACOLUMBAR and rib.radius_mm > MAX_RIB_RADIUS_MM and rib.length_mm >= stump_mm:
+                rib = _stump_without_soft_organ(grid, comps, thr, rib, joint_distance, frames[lab], side,
+                                                outside, zone, stump_mm)
             evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
             measured[(lab, side)] = rib
             status = _rib_status(rib, lab, frames[lab], stump_mm, float(np.prod(grid.sp)))
@@ -442,6 +445,53 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 _cervical_rib_on_first_rib(grid, out, evidence, components[(8, side)], measured[(8, side)], frames,
                                            side, joint_distance, thr, outside, zone)
     return out, evidence
+
+
+def _stump_without_soft_organ(grid: Grid, comps: list, thr: float, rib, joint_distance, frame: Frame,
+                              side: str, outside, zone, stump_mm: float):
+    """A stump rib inside a piece thicker than a rib, measured without the soft organ it touches.
+
+    On contrast CT the renal cortex and the aorta enhance to 150-300 HU, above a bone
+    threshold set low enough for thin, osteoporotic ribs, and a stump rib touching a
+    kidney became one piece with it (synth 82036: L1 'ribs' of 190 mm, radius 15 mm).
+    The organ makes up most of the piece, so the piece's median HU is the organ's level;
+    the rib's cortex lies far above it. The piece is cut at half-way from that level to
+    the organ's height over soft tissue beyond it, and its parts that start within
+    FAR_FROM_JOINT_MM of the vertebra are measured. The new measure stands only for a
+    stump (shorter than ``stump_mm``, not cut, as thin as a rib): at T1 and C7 the same cut
+    made 'stumps' and cervical ribs of pieces of the shoulder girdle, and at L1 a cut rib
+    of a piece of the iliac crest (synth 82014, 82016, 93034). Only T10-L1 are tried, where
+    the kidneys lie and stump ribs are rated; otherwise the first measure is returned.
+    """
+    flat = np.concatenate(comps)
+    hu = grid.smooth.flat[flat]
+    level = float(np.median(hu))
+    strict = level + 0.5 * (level - grid.soft_hu)
+    if strict <= thr:
+        return rib
+    kept = flat[hu >= strict]
+    if len(kept) == 0:
+        return rib
+    idx = np.array(np.unravel_index(kept, grid.mask.shape)).T
+    lo = idx.min(axis=0)
+    sub = np.zeros(tuple(idx.max(axis=0) - lo + 1), dtype=bool)
+    sub[tuple((idx - lo).T)] = True
+    lab, _ = ndimage.label(sub, structure=np.ones((3, 3, 3), bool))
+    ids = lab[tuple((idx - lo).T)]
+    order = np.argsort(ids, kind="stable")
+    bounds = np.flatnonzero(np.diff(ids[order])) + 1
+    # specks of the organ's noise above the cut are no rib head (measure_rib's own floor)
+    pieces = [kept[part] for part in np.split(order, bounds) if len(part) * float(np.prod(grid.sp)) >= 60.0]
+    near = [p for p in pieces
+            if float(np.min(joint_distance(np.array(np.unravel_index(p, grid.mask.shape)).T))) <= FAR_FROM_JOINT_MM]
+    if not near:
+        return rib
+    near.sort(key=len, reverse=True)
+    again = measure_rib(near, grid.mask.shape, grid.sp, joint_distance, frame, side=side, ct=grid.ct, thr=strict,
+                        smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone,
+                        first_rib=frame.label == 8)
+    is_stump = again.length_mm < stump_mm and not again.cut and again.radius_mm <= MAX_RIB_RADIUS_MM
+    return again if is_stump else rib
 
 
 def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) -> str:
@@ -1151,7 +1201,8 @@ def next_body_probe(grid: Grid, free: np.ndarray, frames: dict, lumbar: list[int
     1 step below the last one, and looked at in an 8 mm slab square to that step.
 
     ``nature``: ``sacrum`` when the bone runs on at least ALA_MARGIN_MM beyond the body's
-    half width on both sides at either point, or ONE_ALA_MARGIN_MM on one side at the first;
+    half width on both sides at either point, or ONE_ALA_MARGIN_MM on one side at the first
+    while the second shows no vertebral body;
     ``vertebra`` when at the first point bone fills the body to ALA_BODY_FILL of its half
     width on both sides and ends within ALA_MARGIN_MM of it; otherwise ``None``, and the
     walk's discs decide alone.
@@ -1175,9 +1226,17 @@ def next_body_probe(grid: Grid, free: np.ndarray, frames: dict, lumbar: list[int
         pts = _bone_in_slab_at(grid, free, centre, direction, 4.0, 70.0, 8.0)
         reaches.append(_reach_beside_body(grid, pts, centre, direction, fr.right, hw, half_depth))
     out["reach_mm"] = [[round(r, 1) for r in pair] for pair in reaches]
-    if any(min(pair) >= hw + ALA_MARGIN_MM for pair in reaches) or max(reaches[0]) >= hw + ONE_ALA_MARGIN_MM:
+
+    def body(pair) -> bool:
+        return min(pair) >= ALA_BODY_FILL * hw and max(pair) < hw + ALA_MARGIN_MM
+
+    # one side alone is an ala only where the body a little lower is no vertebra's: a fused
+    # transitional vertebra's process, joined to the ala, can run on as far on its side
+    # (synth 93056, a 3b: 50 mm on one side at 0.75 step, a body's 31 and 27 mm at 1 step)
+    one_ala = max(reaches[0]) >= hw + ONE_ALA_MARGIN_MM and not body(reaches[1])
+    if any(min(pair) >= hw + ALA_MARGIN_MM for pair in reaches) or one_ala:
         out["nature"] = "sacrum"
-    elif min(reaches[0]) >= ALA_BODY_FILL * hw and max(reaches[0]) < hw + ALA_MARGIN_MM:
+    elif body(reaches[0]):
         out["nature"] = "vertebra"
     return out
 

@@ -921,6 +921,26 @@ def test_transitional_vertebra_over_a_bridged_disc_is_told_by_its_side_without_a
     assert r["counts"]["lumbar"] == 3
 
 
+def test_sacrum_a_level_below_a_vertebra_the_walk_found_empty():
+    """A fused, unlabelled L5 of low density: the walk met no body within a disc's height
+    under L4, and its first body, a level lower, was taken for the sacrum's top (synth
+    96055: the walk's bodies at [[42, 120]] mm, a level of 35 mm). Where the probe found a
+    vertebra's body, the sacrum is the first body 0.8-1.6 levels down, under a disc just
+    above it; a first body farther down names none (82012: [[24, 34], [68, 120]], 34 mm)."""
+    from verse_cli.variants import _sacrum_below_an_empty_vertebra
+
+    step_mm = 2.0
+    centres = [np.array([0.0, 0.0, -step_mm * (k + 1)]) for k in range(60)]
+    heading = np.array([0.0, 0.0, -1.0])
+    runs = [(21, 60)]  # steps: 42-120 mm
+    lstv, sacrum, (point, normal) = _sacrum_below_an_empty_vertebra(runs, centres, heading, {"step_mm": 34.9},
+                                                                    step_mm)
+    assert lstv and sacrum == (21, 60)
+    assert -42.0 < point[2] < -34.0 and normal @ heading == 1.0  # the disc just above the sacrum
+    runs = [(12, 17), (34, 60)]  # 24-34 and 68-120 mm
+    assert _sacrum_below_an_empty_vertebra(runs, centres, heading, {"step_mm": 33.7}, step_mm) is None
+
+
 def test_sacrum_whose_first_segment_looks_like_a_body_is_told_by_its_alae():
     """An S1 segment of a lumbar body's height over a residual S1/S2 disc reads on the walk
     as a body, a disc and another body: a transitional vertebra (held-out synth 93003, an

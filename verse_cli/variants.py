@@ -1149,6 +1149,10 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
           and _bone_along_one_level(runs, probe, step_mm) >= MIN_BODY_MM):
         lstv, sacrum, forced_disc = _sacrum_below_the_probed_vertebra(runs, centres, heading, probe,
                                                                       step_mm)
+    elif not lstv and probe["nature"] == "vertebra" and runs[0][0] * step_mm > MAX_DISC_MM:
+        found = _sacrum_below_an_empty_vertebra(runs, centres, heading, probe, step_mm)
+        if found is not None:
+            lstv, sacrum, forced_disc = found
     evidence["transitional_vertebra"] = bool(lstv)
     pts = None
     if any(clipped[sacrum[1]:sacrum[1] + 2]) and (sacrum[1] - sacrum[0]) * step_mm < (
@@ -1290,6 +1294,21 @@ def _sacrum_below_the_probed_vertebra(runs, centres, heading, probe, step_mm):
     # the disc faces along the walk's heading: the walk's centres, pulled across the column
     # towards the bone they meet, turn too sharply there to give its tilt
     return True, sacrum, (centres[k_disc], heading)
+
+
+def _sacrum_below_an_empty_vertebra(runs, centres, heading, probe, step_mm):
+    """The walk met no body within a disc's height under the last label, where
+    :func:`next_body_probe` found a vertebra's body: a fused transitional vertebra of low
+    density, whose cancellous bone lies below the threshold and whose shell the slabs miss
+    (synth 96055, 93010, 93041). The sacrum is then the first run that starts 0.8-1.6 of a
+    level's spacing below the last label's endplate, under a disc just above it; without
+    one, ``None``. Returns (lstv, sacrum run, (disc point, disc normal))."""
+    level = probe["step_mm"]
+    for run in runs:
+        if 0.8 * level <= run[0] * step_mm <= 1.6 * level:
+            k_disc = int(np.clip(run[0] - 2, 0, len(centres) - 1))
+            return True, run, (centres[k_disc], heading)
+    return None
 
 
 def _bone_joined_at(grid: Grid, free: np.ndarray, centres: list, k: int, down: np.ndarray) -> np.ndarray:

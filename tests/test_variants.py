@@ -882,18 +882,24 @@ def test_short_bone_below_the_last_label_is_no_transitional_body():
     assert r["castellvi"]["vertebra"] == "L5" and not r["castellvi"]["unlabelled_vertebra"]
 
 
+def _phantom_with_a_sacrum_drawn_anew(s1, below):
+    """L1-L4 labelled; under L4's body (z < 75 mm) an unlabelled sacrum drawn anew as two
+    segments, S1 over ``s1`` and S2 and below over ``below`` (z ranges in mm)."""
+    ct, mask, aff = phantom(labels=(20, 21, 22, 23, 24), unlabel=(24, 26))
+    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * np.diag(aff)[:3]
+    x, y, z = g[..., 0] - 100.0, g[..., 1] - 70.0, g[..., 2]
+    ct[z < 75] = 40.0
+    sacrum = (x / 48) ** 2 + (y / 18) ** 2 <= 1
+    for lo, hi in (s1, below):
+        ct[sacrum & (z >= lo) & (z < hi)] = 450.0
+    return ct, mask, aff
+
+
 def test_sacrum_with_a_residual_s1_s2_line_is_no_transitional_vertebra():
     """An S1 segment 40 mm long along the walk, over a thin residual S1/S2 line, read as a
     body, a disc and another body: an L6 or fused L5 graded III (held-out synth 93013, 93021;
     dev 96015). A lumbar body met by the walk is at most 35 mm long (adult 25-30 mm)."""
-    ct, mask, aff = phantom(labels=(20, 21, 22, 23, 24), unlabel=(24, 26))
-    sp = np.diag(aff)[:3]
-    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp
-    x, y, z = g[..., 0] - 100.0, g[..., 1] - 70.0, g[..., 2]
-    ct[z < 75] = 40.0  # below L4's disc: an unlabelled sacrum, drawn anew
-    sacrum = (x / 48) ** 2 + (y / 18) ** 2 <= 1
-    ct[sacrum & (z >= 35) & (z < 75)] = 450.0  # S1, 40 mm
-    ct[sacrum & (z >= 5) & (z < 32)] = 450.0  # S2 and below, under a 3 mm line
+    ct, mask, aff = _phantom_with_a_sacrum_drawn_anew(s1=(35, 75), below=(5, 32))  # S1 40 mm, a 3 mm line
     r = rate(ct, mask, aff)
     found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
     assert not found["transitional_vertebra"], found["bodies_below_mm"]
@@ -933,9 +939,8 @@ def test_sacrum_a_level_below_a_vertebra_the_walk_found_empty():
     centres = [np.array([0.0, 0.0, -step_mm * (k + 1)]) for k in range(60)]
     heading = np.array([0.0, 0.0, -1.0])
     runs = [(21, 60)]  # steps: 42-120 mm
-    lstv, sacrum, (point, normal) = _sacrum_below_an_empty_vertebra(runs, centres, heading, {"step_mm": 34.9},
-                                                                    step_mm)
-    assert lstv and sacrum == (21, 60)
+    sacrum, (point, normal) = _sacrum_below_an_empty_vertebra(runs, centres, heading, {"step_mm": 34.9}, step_mm)
+    assert sacrum == (21, 60)
     assert -42.0 < point[2] < -34.0 and normal @ heading == 1.0  # the disc just above the sacrum
     runs = [(12, 17), (34, 60)]  # 24-34 and 68-120 mm
     assert _sacrum_below_an_empty_vertebra(runs, centres, heading, {"step_mm": 33.7}, step_mm) is None
@@ -946,14 +951,8 @@ def test_sacrum_whose_first_segment_looks_like_a_body_is_told_by_its_alae():
     as a body, a disc and another body: a transitional vertebra (held-out synth 93003, an
     L4 variant, graded as a fused L5). Beside its middle the alae run on far beyond the
     body's sides, where a vertebra's bone ends: it is the sacrum."""
-    ct, mask, aff = phantom(labels=(20, 21, 22, 23, 24), unlabel=(24, 26))
-    sp = np.diag(aff)[:3]
-    g = np.indices(mask.shape).transpose(1, 2, 3, 0) * sp
-    x, y, z = g[..., 0] - 100.0, g[..., 1] - 70.0, g[..., 2]
-    ct[z < 75] = 40.0  # below L4's body: an unlabelled sacrum, drawn anew
-    sacrum = (x / 48) ** 2 + (y / 18) ** 2 <= 1
-    ct[sacrum & (z >= 40) & (z < 65)] = 450.0  # S1, 25 mm, 10 mm under L4's body
-    ct[sacrum & (z >= 5) & (z < 37)] = 450.0  # S2 and below, under a 3 mm line
+    # S1 25 mm, 10 mm under L4's body, over a 3 mm line
+    ct, mask, aff = _phantom_with_a_sacrum_drawn_anew(s1=(40, 65), below=(5, 37))
     r = rate(ct, mask, aff)
     found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
     assert len(found["bodies_below_mm"]) == 2, found["bodies_below_mm"]  # the walk alone: body, disc, body

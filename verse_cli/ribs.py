@@ -57,6 +57,7 @@ BACK_AT_SPINE_MM = 20.0
 AWAY_FROM_SPINE_MM = 30.0
 
 SIDES = ("left", "right")
+MIN_PIECE_MM3 = 60.0  # a rib piece smaller than this is a speck of noise, not a rib head
 
 
 @dataclass
@@ -533,7 +534,7 @@ def polyline_length(points_mm: np.ndarray, sigma_mm: float = 2.0) -> float:
 
 
 def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance, frame: Frame,
-                side: str = "left", bridge_mm: float = 25.0, min_piece_mm3: float = 60.0,
+                side: str = "left", bridge_mm: float = 25.0, min_piece_mm3: float = MIN_PIECE_MM3,
                 ct: np.ndarray | None = None, thr: float = 175.0, smooth: np.ndarray | None = None,
                 soft_hu: float = 40.0, outside: Callable | None = None, zone: np.ndarray | None = None,
                 zone_reach_mm: float = 5.0, first_rib: bool = False) -> Rib:

@@ -46,6 +46,7 @@ from .core.arrays import true_runs
 from .core.errors import DataError
 from .ribs import (
     HEAD_REACH_MM,
+    MIN_PIECE_MM3,
     SIDES,
     UNLABELLED,
     Frame,
@@ -480,16 +481,15 @@ def _stump_without_soft_organ(grid: Grid, comps: list, thr: float, rib, joint_di
     ids = lab[tuple((idx - lo).T)]
     order = np.argsort(ids, kind="stable")
     bounds = np.flatnonzero(np.diff(ids[order])) + 1
-    # specks of the organ's noise above the cut are no rib head (measure_rib's own floor)
-    pieces = [kept[part] for part in np.split(order, bounds) if len(part) * float(np.prod(grid.sp)) >= 60.0]
+    # specks of the organ's noise above the cut are no rib head
+    pieces = [kept[part] for part in np.split(order, bounds) if len(part) * float(np.prod(grid.sp)) >= MIN_PIECE_MM3]
     near = [p for p in pieces
             if float(np.min(joint_distance(np.array(np.unravel_index(p, grid.mask.shape)).T))) <= FAR_FROM_JOINT_MM]
     if not near:
         return rib
     near.sort(key=len, reverse=True)
     again = measure_rib(near, grid.mask.shape, grid.sp, joint_distance, frame, side=side, ct=grid.ct, thr=strict,
-                        smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone,
-                        first_rib=frame.label == 8)
+                        smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone)
     is_stump = again.length_mm < stump_mm and not again.cut and again.radius_mm <= MAX_RIB_RADIUS_MM
     return again if is_stump else rib
 
@@ -1145,14 +1145,14 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
     forced_disc = None
     if lstv and probe["nature"] == "sacrum":
         lstv, sacrum = False, runs[0]
-    elif (not lstv and probe["nature"] == "vertebra" and 0 < runs[0][0] * step_mm <= MAX_DISC_MM
-          and _bone_along_one_level(runs, probe, step_mm) >= MIN_BODY_MM):
-        lstv, sacrum, forced_disc = _sacrum_below_the_probed_vertebra(runs, centres, heading, probe,
-                                                                      step_mm)
-    elif not lstv and probe["nature"] == "vertebra" and runs[0][0] * step_mm > MAX_DISC_MM:
-        found = _sacrum_below_an_empty_vertebra(runs, centres, heading, probe, step_mm)
+    elif not lstv and probe["nature"] == "vertebra":
+        found = None
+        if 0 < runs[0][0] * step_mm <= MAX_DISC_MM and _bone_along_one_level(runs, probe, step_mm) >= MIN_BODY_MM:
+            found = _sacrum_below_the_probed_vertebra(runs, centres, heading, probe, step_mm)
+        elif runs[0][0] * step_mm > MAX_DISC_MM:
+            found = _sacrum_below_an_empty_vertebra(runs, centres, heading, probe, step_mm)
         if found is not None:
-            lstv, sacrum, forced_disc = found
+            lstv, (sacrum, forced_disc) = True, found
     evidence["transitional_vertebra"] = bool(lstv)
     pts = None
     if any(clipped[sacrum[1]:sacrum[1] + 2]) and (sacrum[1] - sacrum[0]) * step_mm < (
@@ -1250,20 +1250,10 @@ def _bone_in_slab_at(grid: Grid, free: np.ndarray, centre: np.ndarray, normal: n
     """Voxel indices of the bone in a slab (``half_mm`` either side of ``centre`` across
     ``normal``, out to ``radius``) joined within the slab to the bone within ``seed_mm`` of
     ``centre``."""
-    sp = grid.sp
-    lo = np.floor((centre - radius) / sp).astype(int)
-    hi = np.ceil((centre + radius) / sp).astype(int) + 1
+    lo = np.floor((centre - radius) / grid.sp).astype(int)
+    hi = np.ceil((centre + radius) / grid.sp).astype(int) + 1
     region, box = _cylinder_in_box(grid, lo, hi, centre, normal, -half_mm, half_mm, radius)
-    comps, n = ndimage.label(free[box] & region)
-    if n == 0:
-        return np.zeros((0, 3), dtype=np.int64)
-    origin = np.array([sl.start for sl in box])
-    seed = np.rint(centre / sp).astype(int) - origin
-    r = np.ceil(seed_mm / sp).astype(int)
-    a, b = np.maximum(seed - r, 0), np.minimum(seed + r + 1, comps.shape)
-    ids = np.unique(comps[tuple(slice(int(x), int(y)) for x, y in zip(a, b))])
-    ids = ids[ids > 0]
-    return np.argwhere(np.isin(comps, ids)) + origin
+    return _bone_joined_near(grid, free, region, box, centre, seed_mm)
 
 
 def _bone_along_one_level(runs, probe: dict, step_mm: float) -> float:
@@ -1282,7 +1272,7 @@ def _sacrum_below_the_probed_vertebra(runs, centres, heading, probe, step_mm):
     body's height (MIN_BODY_MM) below the first, under the disc between it and the run
     before; or else the first run itself, cut at a disc placed one level's spacing (the
     probe's step) below the top of the vertebra, less half a thin disc; either faces along
-    the walk's heading. Returns (lstv, sacrum run, (disc point, disc normal))."""
+    the walk's heading. Returns (sacrum run, (disc point, disc normal))."""
     later = [i for i, r in enumerate(runs) if i and (r[0] - runs[0][0]) * step_mm >= MIN_BODY_MM]
     disc_t = runs[0][0] * step_mm + probe["step_mm"] - 5.0
     k_disc = int(np.clip(round(disc_t / step_mm), 0, len(centres) - 1))
@@ -1293,7 +1283,7 @@ def _sacrum_below_the_probed_vertebra(runs, centres, heading, probe, step_mm):
         sacrum = (min(k_disc + 1, runs[0][1] - 1), runs[0][1])
     # the disc faces along the walk's heading: the walk's centres, pulled across the column
     # towards the bone they meet, turn too sharply there to give its tilt
-    return True, sacrum, (centres[k_disc], heading)
+    return sacrum, (centres[k_disc], heading)
 
 
 def _sacrum_below_an_empty_vertebra(runs, centres, heading, probe, step_mm):
@@ -1302,12 +1292,12 @@ def _sacrum_below_an_empty_vertebra(runs, centres, heading, probe, step_mm):
     density, whose cancellous bone lies below the threshold and whose shell the slabs miss
     (synth 96055, 93010, 93041). The sacrum is then the first run that starts 0.8-1.6 of a
     level's spacing below the last label's endplate, under a disc just above it; without
-    one, ``None``. Returns (lstv, sacrum run, (disc point, disc normal))."""
+    one, ``None``. Returns (sacrum run, (disc point, disc normal))."""
     level = probe["step_mm"]
     for run in runs:
         if 0.8 * level <= run[0] * step_mm <= 1.6 * level:
             k_disc = int(np.clip(run[0] - 2, 0, len(centres) - 1))
-            return True, run, (centres[k_disc], heading)
+            return run, (centres[k_disc], heading)
     return None
 
 
@@ -1316,13 +1306,23 @@ def _bone_joined_at(grid: Grid, free: np.ndarray, centres: list, k: int, down: n
     a few steps below it (the body the walk met there); empty when none."""
     top_point, seed_point = centres[max(k - 1, 0)], centres[min(k + 3, len(centres) - 1)]
     region, box = _tube(grid, top_point, down, -3.0, 200.0, 80.0)
-    comps, _ = ndimage.label(free[box] & region)
-    seed = np.rint(seed_point / grid.sp).astype(int) - np.array([sl.start for sl in box])
-    r = np.ceil(6.0 / grid.sp).astype(int)
+    return _bone_joined_near(grid, free, region, box, seed_point, 6.0)
+
+
+def _bone_joined_near(grid: Grid, free: np.ndarray, region: np.ndarray, box, point: np.ndarray,
+                      seed_mm: float) -> np.ndarray:
+    """Voxel indices of the bone in ``region`` (a mask over ``box``) joined within it to the
+    bone within ``seed_mm`` of ``point`` (mm); empty when none."""
+    comps, n = ndimage.label(free[box] & region)
+    origin = np.array([sl.start for sl in box])
+    if n == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    seed = np.rint(point / grid.sp).astype(int) - origin
+    r = np.ceil(seed_mm / grid.sp).astype(int)
     lo, hi = np.maximum(seed - r, 0), np.minimum(seed + r + 1, comps.shape)
-    ids = np.unique(comps[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    ids = np.unique(comps[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))])
     ids = ids[ids > 0]
-    return np.argwhere(np.isin(comps, ids)) + np.array([sl.start for sl in box])
+    return np.argwhere(np.isin(comps, ids)) + origin
 
 
 def _body_half_depth(rel_mm: np.ndarray, anterior: np.ndarray, right: np.ndarray, half_width: float) -> float:

@@ -290,6 +290,7 @@ def segment_ribs(
     starts = np.r_[0, bounds]
     ends = np.r_[bounds, len(comp_sorted)]
     n_split = 0
+    first_trimmed: dict[str, list[np.ndarray]] = {}
     for a, b in zip(starts, ends):
         if b <= a:
             continue
@@ -307,15 +308,28 @@ def segment_ribs(
             lab, code = divmod(int(key), 4)
             if lab == UNLABELLED or code not in (1, 2) or part.sum() < min_voxels:
                 continue
-            if L.region(lab) == "C":
+            trimmed = part
+            if L.region(lab) == "C" or lab == 8:
                 # a cervical rib ends where it meets other bone (the first rib, to which a
-                # complete one is joined, or the clavicle and scapula around it)
-                part = _trim_at_widening(part, _contacts_in(part, base, box, comp_id, shell_lab, shell_idx,
-                                                            shell_comp, side_code, int(key)), sp)
+                # complete one is joined, or the clavicle and scapula around it); so may
+                # the first rib, under the clavicle and the scapula (see below)
+                trimmed = _trim_at_widening(part, _contacts_in(part, base, box, comp_id, shell_lab, shell_idx,
+                                                               shell_comp, side_code, int(key)), sp)
+                if L.region(lab) == "C":
+                    part = trimmed
             flat = np.ravel_multi_index(tuple((np.argwhere(part) + base).T), labels.shape)
             ribs.setdefault((lab, SIDES[code - 1]), []).append(flat)
-    for pieces in ribs.values():
+            if lab == 8:
+                short = flat if trimmed is part else np.ravel_multi_index(tuple((np.argwhere(trimmed) + base).T),
+                                                                          labels.shape)
+                first_trimmed.setdefault(SIDES[code - 1], []).append(short)
+    for pieces in [*ribs.values(), *first_trimmed.values()]:
         pieces.sort(key=len, reverse=True)
+    # the first rib ended where it meets other bone: a second reading, used only where
+    # the whole bone is no rib (a cervical rib joining the first rib also widens it, and
+    # the first rib itself would be cut there)
+    info["first_rib_trimmed"] = {side: pieces for side, pieces in first_trimmed.items()
+                                 if sum(map(len, pieces)) < sum(map(len, ribs[(8, side)]))}
     info["split_components"] = n_split
     return ribs, info, joint_distance
 

@@ -85,7 +85,7 @@ MIN_STUMP_MM3 = 250.0  # a short rib has at least this volume (a 9 mm rib of 3 m
 TP_LATERAL = 0.6  # ... or lateral of this fraction of its reach, whichever is nearer the body
 TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was cut off
 FIRST_RIB_MIN_MM = 60.0  # a shorter first rib was not measured whole: no cervical rib is split off it
-MIN_CERVICAL_MM3 = 120.0  # a cervical rib shows at least this much bone beyond C7's process (3 mm radius, 4 mm)
+MIN_CERVICAL_MM3 = 30.0  # a cervical rib shows at least a 2 mm ball of bone beyond C7's process
 MIN_CERVICAL_VOXELS = 16  # ... in at least this many voxels: fewer are a speck of noise, whatever their size
 FAR_FROM_JOINT_MM = 20.0  # a rib head articulates with its vertebra: bone starting farther away has no head
 TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
@@ -405,6 +405,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
     outside = outside_scan(grid.ct)
     zone = np.zeros(grid.mask.shape, dtype=bool)
     zone.flat[info.pop("removed")] = True
+    first_trimmed = info.pop("first_rib_trimmed", {})
     evidence["segmentation"] = info
     measured: dict = {}
     for lab in wanted:
@@ -419,10 +420,18 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                               zone=zone, first_rib=lab == 8)
             if L.region(lab) == "C":
                 rib = _from_the_body(rib, frames[lab], side, _cervical_body_half_width(frames, lab))
+            trimmed = False
+            if lab == 8 and side in first_trimmed:
+                whole = comps
+                rib, comps = _first_rib_without_girdle(grid, rib, comps, first_trimmed[side], joint_distance, frames,
+                                                       side, thr, outside, zone, stump_mm)
+                components[(lab, side)] = comps
+                trimmed = comps is not whole
             if lab in THORACOLUMBAR and rib.radius_mm > MAX_RIB_RADIUS_MM and rib.length_mm >= stump_mm:
                 rib = _stump_without_soft_organ(grid, comps, thr, rib, joint_distance, frames[lab], side,
                                                 outside, zone, stump_mm)
-            evidence.setdefault(L.name(lab), {})[side] = rib.evidence()
+            evidence.setdefault(L.name(lab), {})[side] = {**rib.evidence(), **({"ends_at_other_bone": True}
+                                                                                if trimmed else {})}
             measured[(lab, side)] = rib
             status = _rib_status(rib, lab, frames[lab], stump_mm, float(np.prod(grid.sp)))
             entry[f"{side}_mm"] = round(rib.length_mm, 1) if status == "present" else None
@@ -431,7 +440,11 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
         out[lab] = entry
     beside = _cervical_ribs_beside_process(grid, out, components, frames)
-    _first_rib_from_c7(out, evidence, components, measured)
+    first_of_unlabelled_t1 = _first_rib_of_unlabelled_t1(out, evidence, components)
+    for side in _first_rib_from_c7(out, evidence, components, measured) + list(first_of_unlabelled_t1):
+        if components.get((7, side)):
+            _cervical_rib_left_at_c7(grid, out, evidence, components[(7, side)], frames, side, joint_distance, thr,
+                                     outside, zone, stump_mm)
     _last_rib_from_below(out, evidence)
     for side, found in beside.items():
         ok = out[7][f"{side}_status"] == "absent"
@@ -446,6 +459,28 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 _cervical_rib_on_first_rib(grid, out, evidence, components[(8, side)], measured[(8, side)], frames,
                                            side, joint_distance, thr, outside, zone)
     return out, evidence
+
+
+def _first_rib_without_girdle(grid: Grid, rib, comps: list, trimmed: list, joint_distance, frames: dict, side: str,
+                              thr: float, outside, zone, stump_mm: float):
+    """The first rib measured up to where it meets other bone, where the whole bone is no rib.
+
+    At the thoracic inlet the clavicle and the scapula lie on the first rib, and on coarse
+    or smooth scans they make one bone with it, whose skeleton runs through them (synth
+    82059, 83035: 'first ribs' of 280-390 mm, rated undeterminable, and a cervical rib
+    joined to them lost). Followed from its head through bone, the rib ends where the
+    front widens into the other bone (``trimmed``, from :func:`segment_ribs`). That reading
+    stands only where the whole bone gave no rib and it gives a first rib's length
+    (``FIRST_RIB_MIN_MM``): a cervical rib joined to the first rib widens the front too,
+    and a first rib read so would end there. Returns the rib and its pieces.
+    """
+    voxel_mm3 = float(np.prod(grid.sp))
+    if _rib_status(rib, 8, frames[8], stump_mm, voxel_mm3) == "present":
+        return rib, comps
+    again = measure_rib(trimmed, grid.mask.shape, grid.sp, joint_distance, frames[8], side=side, ct=grid.ct, thr=thr,
+                        smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone, first_rib=True)
+    ok = _rib_status(again, 8, frames[8], stump_mm, voxel_mm3) == "present" and again.length_mm >= FIRST_RIB_MIN_MM
+    return (again, trimmed) if ok else (rib, comps)
 
 
 def _stump_without_soft_organ(grid: Grid, comps: list, thr: float, rib, joint_distance, frame: Frame,
@@ -521,6 +556,11 @@ def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) 
         # leaves the first rib to be found where its head touched only C7; at C7 a
         # speck by the transverse process is no cervical rib
         return "absent"
+    if not _on_its_side(rib, frame):
+        # bone that crosses in front of the spine (the hyoid, the manubrium, a vessel's
+        # calcium) touched the vertebra on one side and reached over to the other: a rib
+        # runs from its joint outward on its own side (synth 96031: a 'C7 rib' of 80 mm)
+        return "undeterminable"
     if L.region(lab) != "T" and not _joint_at_body(rib, frame):
         # a rib of C7 or L1 must start at the body: a lower rib running past
         # the transverse process is not one
@@ -642,7 +682,7 @@ def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames
 
 
 def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = None,
-                       measured: dict | None = None) -> None:
+                       measured: dict | None = None) -> list[str]:
     """A 'C7 rib' on a side where T1 has none is the first rib.
 
     The first thoracic rib is always there; its head sits high on T1, next to the
@@ -650,12 +690,15 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
     rib, never instead of it, so a C7 rib beside an absent T1 rib is moved to T1. So
     is a C7 rib as long as a first rib (``FIRST_RIB_MIN_MM``) beside a T1 'rib' that
     is only a short piece by the spine (shorter than a stump rib): the first rib's head
-    went to C7 and a piece of it to T1. ``components`` and ``measured`` (per (label,
-    side)) move with it, so that a cervical rib joined to the first rib can still be
-    split off it.
+    went to C7 and a piece of it to T1. ``measured`` (per (label, side)) moves with it,
+    and so does the largest of ``components``, the first rib's bone, so that a cervical
+    rib joined to it can still be split off it; C7 keeps its other pieces, where a
+    cervical rib apart from the first rib is (see :func:`_cervical_rib_left_at_c7`).
+    Returns the sides moved.
     """
+    moved: list[str] = []
     if 7 not in ribs or 8 not in ribs:
-        return
+        return moved
     c7, t1 = ribs[7], ribs[8]
     for side in SIDES:
         t1_mm = t1.get(f"{side}_mm") or t1.get(f"{side}_visible_mm") or 0.0
@@ -663,10 +706,64 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
                  and c7.get(f"{side}_status") == "present" and c7[f"{side}_mm"] >= FIRST_RIB_MIN_MM)
         if speck or (c7.get(f"{side}_status") in ("present", "cut", "undeterminable")
                      and t1.get(f"{side}_status") == "absent"):
-            for store in (components, measured):
-                if store is not None and (7, side) in store:
-                    store[(8, side)] = store.pop((7, side))
+            if measured is not None and (7, side) in measured:
+                measured[(8, side)] = measured.pop((7, side))
+            if components is not None and (7, side) in components:
+                # the first rib is the largest piece; the others stay C7's, where a
+                # cervical rib separate from the first rib is
+                first, *rest = components.pop((7, side))
+                components[(8, side)] = [first]
+                if rest:
+                    components[(7, side)] = rest
             _move_rib_side(ribs, evidence, 7, 8, side, "C7 (T1 had no whole rib on this side)")
+            moved.append(side)
+    return moved
+
+
+def _first_rib_of_unlabelled_t1(ribs: dict, evidence: dict, components: dict) -> dict[str, np.ndarray]:
+    """Sides where C7's rib is the first rib of a T1 that the mask leaves out.
+
+    Where the field of view cuts T1, the mask labels C7 as the last vertebra and the first
+    rib's head, on T1 and by the C7/T1 disc, gives the first rib to C7: a long rib that the
+    field of view cuts too (synth 81035, 93020, 93050: 'cervical ribs' of 100-180 mm on
+    both sides, where at most one was there). A C7 rib cut by the field of view or
+    undeterminable, with ``FIRST_RIB_MIN_MM`` of it in view, is taken for the first rib;
+    its largest piece is set aside and C7 keeps the others. Returns that piece per side.
+    """
+    sides: dict[str, np.ndarray] = {}
+    if 7 not in ribs or 8 in ribs:
+        return sides
+    c7 = ribs[7]
+    for side in SIDES:
+        seen = c7.get(f"{side}_visible_mm") or 0.0
+        if c7.get(f"{side}_status") in ("cut", "undeterminable") and seen >= FIRST_RIB_MIN_MM:
+            c7.pop(f"{side}_visible_mm", None)
+            c7[f"{side}_mm"], c7[f"{side}_status"] = None, "absent"
+            ev = evidence.get("C7", {}).pop(side, None)
+            evidence.setdefault("C7", {})[f"{side}_first_rib_of_unlabelled_T1"] = ev
+            first, *rest = components.pop((7, side))
+            if rest:
+                components[(7, side)] = rest
+            sides[side] = first
+    return sides
+
+
+def _cervical_rib_left_at_c7(grid: Grid, ribs, evidence, pieces, frames, side, joint_distance, thr, outside, zone,
+                             stump_mm: float) -> None:
+    """A cervical rib among C7's pieces once its largest, the first rib, went to T1.
+
+    Where the first rib's head touched only C7, C7's pieces on that side hold the first
+    rib and, apart from it, any cervical rib leaving the transverse process (synth 83029:
+    a 64 mm cervical rib, a piece of its own, moved to T1 with the first rib and lost).
+    What is left is measured as a C7 rib, from the body, by the rules of any rib.
+    """
+    rib = measure_rib(pieces, grid.mask.shape, grid.sp, joint_distance, frames[7], side=side, ct=grid.ct, thr=thr,
+                      smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone)
+    rib = _from_the_body(rib, frames[7], side, _cervical_body_half_width(frames, 7))
+    status = _rib_status(rib, 7, frames[7], stump_mm, float(np.prod(grid.sp)))
+    evidence.setdefault("C7", {})[f"{side}_beside_first_rib"] = {**rib.evidence(), "status": status}
+    if status == "present":
+        ribs[7][f"{side}_mm"], ribs[7][f"{side}_status"] = round(rib.length_mm, 1), "present"
 
 
 def _move_rib_side(ribs: dict, evidence: dict, src: int, dst: int, side: str, why: str) -> None:
@@ -734,6 +831,16 @@ def _from_the_body(rib, frame: Frame, side: str, body_half_width: float, span_mm
     if hidden <= rib.joint_gap_mm:
         return rib
     return replace(rib, length_mm=rib.length_mm - rib.joint_gap_mm + hidden, beside_process_mm=hidden)
+
+
+def _on_its_side(rib, frame: Frame) -> bool:
+    """True when the rib's joint and tip both lie on its own side of the vertebra's
+    mid-sagittal plane."""
+    if len(rib.joint_mm) != 3 or len(rib.tip_mm) != 3:
+        return True
+    outward = frame.right if rib.side == "right" else -frame.right
+    ends = np.array([rib.joint_mm, rib.tip_mm], dtype=float) - frame.centre
+    return bool(np.all(ends @ outward > 0))
 
 
 def _joint_at_body(rib, frame: Frame) -> bool:

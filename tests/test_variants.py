@@ -765,6 +765,12 @@ def test_long_c7_rib_beside_a_t1_speck_is_the_first_rib():
     assert measured[(8, "left")] == "first rib"
     # a C7 rib too short to be a first rib stays a cervical rib
     assert ribs[7]["right_status"] == "present" and ribs[8]["right_status"] == "undeterminable"
+    # so does the first rib cut by the field of view, measured by what is in view
+    ribs = {7: {"left_mm": None, "left_status": "cut", "left_visible_mm": 113.6},
+            8: {"left_mm": None, "left_status": "undeterminable", "left_visible_mm": 31.4}}
+    assert _first_rib_from_c7(ribs, {}) == ["left"]
+    assert ribs[7]["left_status"] == "absent" and ribs[8]["left_status"] == "cut"
+    assert ribs[8]["left_visible_mm"] == 113.6
 
 
 def test_centreline_starts_at_the_rib_head_not_on_a_spur():

@@ -688,9 +688,10 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
     The first thoracic rib is always there; its head sits high on T1, next to the
     C7/T1 disc, and may touch only C7's label. A cervical rib comes on top of a first
     rib, never instead of it, so a C7 rib beside an absent T1 rib is moved to T1. So
-    is a C7 rib as long as a first rib (``FIRST_RIB_MIN_MM``) beside a T1 'rib' that
-    is only a short piece by the spine (shorter than a stump rib): the first rib's head
-    went to C7 and a piece of it to T1. ``measured`` (per (label, side)) moves with it,
+    is a C7 rib as long as a first rib (``FIRST_RIB_MIN_MM``, in view where the field of
+    view cuts it) beside a T1 'rib' that is only a short piece by the spine (shorter than
+    a stump rib): the first rib's head went to C7 and a piece of it to T1 (synth 84035: a
+    cut first rib of 114 mm in view was a cervical rib). ``measured`` (per (label, side)) moves with it,
     and so does the largest of ``components``, the first rib's bone, so that a cervical
     rib joined to it can still be split off it; C7 keeps its other pieces, where a
     cervical rib apart from the first rib is (see :func:`_cervical_rib_left_at_c7`).
@@ -702,8 +703,9 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
     c7, t1 = ribs[7], ribs[8]
     for side in SIDES:
         t1_mm = t1.get(f"{side}_mm") or t1.get(f"{side}_visible_mm") or 0.0
+        c7_mm = c7.get(f"{side}_mm") or c7.get(f"{side}_visible_mm") or 0.0
         speck = (t1.get(f"{side}_status") in ("present", "undeterminable") and t1_mm < STUMP_MM
-                 and c7.get(f"{side}_status") == "present" and c7[f"{side}_mm"] >= FIRST_RIB_MIN_MM)
+                 and c7.get(f"{side}_status") in ("present", "cut") and c7_mm >= FIRST_RIB_MIN_MM)
         if speck or (c7.get(f"{side}_status") in ("present", "cut", "undeterminable")
                      and t1.get(f"{side}_status") == "absent"):
             if measured is not None and (7, side) in measured:

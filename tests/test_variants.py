@@ -1034,6 +1034,20 @@ def test_unlabelled_sacrum_is_redrawn_at_the_disc_below_a_transitional_vertebra(
     assert (m[10:30, 10:30, 12:18] == 0).all()  # the input is left as it was
 
 
+def _plate_at_left_rib_tip(shape, labels, width, level, length, x_from, thick_mm, below_mm, above_mm):
+    """A box of bone (the shoulder girdle) in front of the tip of the left rib that
+    :func:`phantom` draws at ``labels[level]`` with that ``length``, from ``x_from`` (mm)
+    out to the tip, ``thick_mm`` thick, and from ``below_mm`` under to ``above_mm`` over
+    the level's centre."""
+    sp = np.asarray(SPACING)
+    zc = 30 * len(labels) + 20 - 25 - 30 * level
+    d = np.array([-0.8, 0.55, -0.25])
+    tip = np.array([width / 2 - 17.0, 70.0 + 4.0, zc + 3.0]) + d / np.linalg.norm(d) * length
+    g = np.indices(shape).transpose(1, 2, 3, 0) * sp
+    return ((g[..., 0] >= x_from) & (g[..., 0] <= tip[0] + 2) & (g[..., 1] >= tip[1] + 1)
+            & (g[..., 1] <= tip[1] + 1 + thick_mm) & (g[..., 2] >= zc - below_mm) & (g[..., 2] <= zc + above_mm))
+
+
 def test_cervical_rib_touching_the_shoulder_girdle_ends_where_it_meets_it():
     """A cervical rib whose tip touches a plate of bone (the scapula or clavicle) made one
     component with it, measured through the plate or given up (synth cases 90014, 90050:
@@ -1042,16 +1056,8 @@ def test_cervical_rib_touching_the_shoulder_girdle_ends_where_it_meets_it():
     labels, width = (6, 7, 8, 9), 260
     ct, mask, aff = phantom(labels=labels, ribs={7: (30, None), 8: (90, 90), 9: (120, 120)}, sacrum=False,
                             width_mm=width)
-    sp = np.asarray(SPACING)
-    zlen = 30 * len(labels) + 20
-    cx, cy = width / 2, 70.0
-    z7 = zlen - 25 - 30 * 1
-    d = np.array([-0.8, 0.55, -0.25])
-    tip = np.array([cx - 17.0, cy + 4.0, z7 + 3.0]) + d / np.linalg.norm(d) * 30.0
-    g = np.indices(ct.shape).transpose(1, 2, 3, 0) * sp
-    plate = ((g[..., 0] >= cx - 95) & (g[..., 0] <= tip[0] + 2) & (g[..., 1] >= tip[1] + 1) & (g[..., 1] <= tip[1] + 6)
-             & (g[..., 2] >= z7 - 18) & (g[..., 2] <= z7 + 20))
-    ct[plate] = 600
+    ct[_plate_at_left_rib_tip(ct.shape, labels, width, 1, 30.0, x_from=width / 2 - 95, thick_mm=5.0,
+                              below_mm=18.0, above_mm=20.0)] = 600
     r = rate(ct, mask, aff)
     assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
     assert r["ribs"]["C7"]["left_status"] == "present" and abs(r["ribs"]["C7"]["left_mm"] - 30) <= 8, r["ribs"]["C7"]
@@ -1206,17 +1212,9 @@ def test_a_first_rib_touching_the_shoulder_girdle_ends_where_it_meets_it():
     followed from its head through bone, ends where the front widens into the plate."""
     labels, width = (6, 7, 8, 9), 260
     ct, mask, aff = phantom(labels=labels, ribs={8: (90, 90), 9: (120, 120)}, sacrum=False, width_mm=width)
-    sp = np.asarray(SPACING)
-    zlen = 30 * len(labels) + 20
-    cx, cy = width / 2, 70.0
-    z8 = zlen - 25 - 30 * 2
-    d = np.array([-0.8, 0.55, -0.25])
-    tip = np.array([cx - 17.0, cy + 4.0, z8 + 3.0]) + d / np.linalg.norm(d) * 90.0
-    g = np.indices(ct.shape).transpose(1, 2, 3, 0) * sp
     # a block of bone as thick as the scapula's head and the clavicle's end together
-    plate = ((g[..., 0] >= 5) & (g[..., 0] <= tip[0] + 2) & (g[..., 1] >= tip[1] + 1) & (g[..., 1] <= tip[1] + 13)
-             & (g[..., 2] >= z8 - 40) & (g[..., 2] <= z8 + 20))
-    ct[plate] = 600
+    ct[_plate_at_left_rib_tip(ct.shape, labels, width, 2, 90.0, x_from=5.0, thick_mm=12.0,
+                              below_mm=40.0, above_mm=20.0)] = 600
     r = rate(ct, mask, aff)
     assert r["ribs"]["T1"]["left_status"] == "present" and abs(r["ribs"]["T1"]["left_mm"] - 90) <= 10, r["ribs"]["T1"]
     assert r["ribs"]["T1"]["right_status"] == "present" and abs(r["ribs"]["T1"]["right_mm"] - 90) <= 5, r["ribs"]["T1"]

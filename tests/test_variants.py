@@ -251,6 +251,23 @@ def test_castellvi_side_of_a_fused_vertebra_regraded_by_lines_to_the_ala(gaps, g
     assert _regraded_by_lines(side, gaps)["grade"] == grade
 
 
+@pytest.mark.parametrize("height, fused_lines, grade", [(16.6, 5, 3), (12.4, 6, 0), (16.6, 1, 0)])
+def test_a_short_process_fused_into_the_ala_on_several_lines_is_grade_3(height, fused_lines, grade):
+    """Beside an unlabelled fused vertebra the process's height is taken above the plane
+    that parted it from the sacrum, and a process merged into the ala measured 14-18.5 mm
+    (synth 96056, 93025, 84010): under Castellvi I's 19 mm, so its fusion was graded 0.
+    Bone running on into the ala at the closest point and on four lines or more, from a
+    process of 14 mm or more, is III; a shorter process, or one line, stays as it was."""
+    from verse_cli.variants import _regraded_by_lines
+
+    side = {"grade": 0, "transverse_process_height_mm": height, "gap_to_sacrum_mm": 0.0, "valley_hu": 290.0,
+            "cortex_peak_hu": 240.0}
+    gaps = [0.0] * fused_lines + [3.0] * 10
+    assert _regraded_by_lines(side, gaps)["grade"] == grade
+    # a gap at the closest point is no fusion there, however many lines run through bone
+    assert _regraded_by_lines({**side, "gap_to_sacrum_mm": 2.0}, gaps)["grade"] == 0
+
+
 def _lines_beside_a_process(process_bottom_z: int):
     """Raw-CT lines down from a transverse process (x 56-69 mm, to ``process_bottom_z``) into
     an ala (z 30-45, the sacrum's top at z 45) with other bone below it (z 20-23, an ilium)."""

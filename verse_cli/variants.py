@@ -62,6 +62,8 @@ RAS = ("R", "A", "S")
 STUMP_MM = 38.0
 TP_HEIGHT_MM = 19.0  # Castellvi I
 PSEUDARTHROSIS_MM = 2.0  # Castellvi II
+FUSED_TP_MIN_MM = 14.0  # a process fused into the ala measures at least this much above the parting plane
+FUSED_LINES_MIN = 4  # ... with bone running on into the ala on this many raw-CT lines
 MAX_DISC_MM = 20.0  # an intervertebral disc is at most this high (adult lumbar discs: 8-15 mm)
 MIN_BODY_MM = 15.0  # a vertebral body is at least this high (adult lumbar bodies: 25-30 mm)
 # the tallest lumbar body (adult L1-L5 25-30 mm; met by the walk 20-30 mm): a longer run of bone is no
@@ -1813,11 +1815,28 @@ def _regraded_by_lines(side: dict, gaps: list[float], clear_mm: float = 10.0,
            "narrowest_line_gap_mm": round(min(gaps), 1)}
     if bent_gaps:
         out["narrowest_bent_line_gap_mm"] = round(min(bent_gaps), 1)
-    if min(gaps) == 0 and enlarged:
+    if min(gaps) == 0 and (enlarged or _fused_short_process(out)):
         out["grade"] = 3
     elif min(gaps + list(bent_gaps or [])) > clear_mm:
         out["grade"] = 1 if enlarged else 0
     return out
+
+
+def _fused_short_process(side: dict) -> bool:
+    """A process under ``TP_HEIGHT_MM`` that is one bone with the ala: III all the same.
+
+    Beside an unlabelled fused vertebra the process's height is taken above the plane
+    that parted the vertebra from the sacrum, and a process merged into the ala loses
+    there the part it merged with: fused processes measured 14-18.5 mm, graded 0 beside
+    a fused other side or none (synth 96056, 93025, 84010, 83025). Bone running on into
+    the ala at the closest point (no gap, no valley in the HU) and on ``FUSED_LINES_MIN``
+    raw-CT lines or more, from a process of ``FUSED_TP_MIN_MM`` or more, is a fusion;
+    the sides that read so over six synth sets but were not fused measured 9.8-12.4 mm."""
+    if not {"gap_to_sacrum_mm", "valley_hu", "cortex_peak_hu"} <= side.keys():
+        return False
+    at_closest = side["gap_to_sacrum_mm"] <= 0.5 and side["valley_hu"] >= 0.75 * side["cortex_peak_hu"]
+    return (at_closest and side.get("fused_lines", 0) >= FUSED_LINES_MIN
+            and side["transverse_process_height_mm"] >= FUSED_TP_MIN_MM)
 
 
 def _combine(left: int | None, right: int | None) -> str | None:

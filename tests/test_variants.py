@@ -261,11 +261,11 @@ def test_a_short_process_fused_into_the_ala_on_several_lines_is_grade_3(height, 
     from verse_cli.variants import _regraded_by_lines
 
     side = {"grade": 0, "transverse_process_height_mm": height, "gap_to_sacrum_mm": 0.0, "valley_hu": 290.0,
-            "cortex_peak_hu": 240.0}
+            "cortex_peak_hu": 240.0, "fused_at_closest": True}
     gaps = [0.0] * fused_lines + [3.0] * 10
     assert _regraded_by_lines(side, gaps)["grade"] == grade
     # a gap at the closest point is no fusion there, however many lines run through bone
-    assert _regraded_by_lines({**side, "gap_to_sacrum_mm": 2.0}, gaps)["grade"] == 0
+    assert _regraded_by_lines({**side, "gap_to_sacrum_mm": 2.0, "fused_at_closest": False}, gaps)["grade"] == 0
 
 
 def _lines_beside_a_process(process_bottom_z: int):

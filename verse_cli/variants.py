@@ -424,11 +424,9 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
                 rib = _from_the_body(rib, frames[lab], side, _cervical_body_half_width(frames, lab))
             trimmed = False
             if lab == 8 and side in first_trimmed:
-                whole = comps
-                rib, comps = _first_rib_without_girdle(grid, rib, comps, first_trimmed[side], joint_distance, frames,
-                                                       side, thr, outside, zone, stump_mm)
+                rib, comps, trimmed = _first_rib_without_girdle(grid, rib, comps, first_trimmed[side], joint_distance,
+                                                                frames, side, thr, outside, zone, stump_mm)
                 components[(lab, side)] = comps
-                trimmed = comps is not whole
             if lab in THORACOLUMBAR and rib.radius_mm > MAX_RIB_RADIUS_MM and rib.length_mm >= stump_mm:
                 rib = _stump_without_soft_organ(grid, comps, thr, rib, joint_distance, frames[lab], side,
                                                 outside, zone, stump_mm)
@@ -474,15 +472,16 @@ def _first_rib_without_girdle(grid: Grid, rib, comps: list, trimmed: list, joint
     front widens into the other bone (``trimmed``, from :func:`segment_ribs`). That reading
     stands only where the whole bone gave no rib and it gives a first rib's length
     (``FIRST_RIB_MIN_MM``): a cervical rib joined to the first rib widens the front too,
-    and a first rib read so would end there. Returns the rib and its pieces.
+    and a first rib read so would end there. Returns the rib, its pieces and whether the
+    trimmed reading was used.
     """
     voxel_mm3 = float(np.prod(grid.sp))
     if _rib_status(rib, 8, frames[8], stump_mm, voxel_mm3) == "present":
-        return rib, comps
+        return rib, comps, False
     again = measure_rib(trimmed, grid.mask.shape, grid.sp, joint_distance, frames[8], side=side, ct=grid.ct, thr=thr,
                         smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone, first_rib=True)
     ok = _rib_status(again, 8, frames[8], stump_mm, voxel_mm3) == "present" and again.length_mm >= FIRST_RIB_MIN_MM
-    return (again, trimmed) if ok else (rib, comps)
+    return (again, trimmed, True) if ok else (rib, comps, False)
 
 
 def _stump_without_soft_organ(grid: Grid, comps: list, thr: float, rib, joint_distance, frame: Frame,
@@ -673,9 +672,7 @@ def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames
     best = int(ids[int(np.argmax(sizes))])
     part = np.argwhere(comps == best) + lo
     flat = np.ravel_multi_index(tuple(part.T), grid.mask.shape)
-    rib = measure_rib([flat], grid.mask.shape, sp, joint_distance, frames[7], side=side, ct=grid.ct, thr=thr,
-                      smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone)
-    rib = _from_the_body(rib, frames[7], side, _cervical_body_half_width(frames, 7))
+    rib = _c7_rib(grid, [flat], frames, side, joint_distance, thr, outside, zone)
     speck = rib.length_mm < STUMP_MM and rib.voxels * float(np.prod(sp)) < MIN_STUMP_MM3
     ok = not rib.cut and rib.length_mm >= MIN_RIB_MM and not speck and _joint_at_body(rib, frames[7])
     evidence.setdefault("C7", {})[f"{side}_joined_to_first_rib"] = {**rib.evidence(), "accepted": bool(ok)}
@@ -713,12 +710,7 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
             if measured is not None and (7, side) in measured:
                 measured[(8, side)] = measured.pop((7, side))
             if components is not None and (7, side) in components:
-                # the first rib is the largest piece; the others stay C7's, where a
-                # cervical rib separate from the first rib is
-                first, *rest = components.pop((7, side))
-                components[(8, side)] = [first]
-                if rest:
-                    components[(7, side)] = rest
+                components[(8, side)] = [_take_largest_c7_piece(components, side)]
             _move_rib_side(ribs, evidence, 7, 8, side, "C7 (T1 had no whole rib on this side)")
             moved.append(side)
     return moved
@@ -745,11 +737,17 @@ def _first_rib_of_unlabelled_t1(ribs: dict, evidence: dict, components: dict) ->
             c7[f"{side}_mm"], c7[f"{side}_status"] = None, "absent"
             ev = evidence.get("C7", {}).pop(side, None)
             evidence.setdefault("C7", {})[f"{side}_first_rib_of_unlabelled_T1"] = ev
-            first, *rest = components.pop((7, side))
-            if rest:
-                components[(7, side)] = rest
-            sides[side] = first
+            sides[side] = _take_largest_c7_piece(components, side)
     return sides
+
+
+def _take_largest_c7_piece(components: dict, side: str) -> np.ndarray:
+    """Remove and return C7's largest piece on ``side``, the first rib's bone; the others
+    stay C7's, where a cervical rib apart from the first rib is."""
+    first, *rest = components.pop((7, side))
+    if rest:
+        components[(7, side)] = rest
+    return first
 
 
 def _cervical_rib_left_at_c7(grid: Grid, ribs, evidence, pieces, frames, side, joint_distance, thr, outside, zone,
@@ -761,13 +759,18 @@ def _cervical_rib_left_at_c7(grid: Grid, ribs, evidence, pieces, frames, side, j
     a 64 mm cervical rib, a piece of its own, moved to T1 with the first rib and lost).
     What is left is measured as a C7 rib, from the body, by the rules of any rib.
     """
-    rib = measure_rib(pieces, grid.mask.shape, grid.sp, joint_distance, frames[7], side=side, ct=grid.ct, thr=thr,
-                      smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone)
-    rib = _from_the_body(rib, frames[7], side, _cervical_body_half_width(frames, 7))
+    rib = _c7_rib(grid, pieces, frames, side, joint_distance, thr, outside, zone)
     status = _rib_status(rib, 7, frames[7], stump_mm, float(np.prod(grid.sp)))
     evidence.setdefault("C7", {})[f"{side}_beside_first_rib"] = {**rib.evidence(), "status": status}
     if status == "present":
         ribs[7][f"{side}_mm"], ribs[7][f"{side}_status"] = round(rib.length_mm, 1), "present"
+
+
+def _c7_rib(grid: Grid, pieces: list, frames: dict, side: str, joint_distance, thr: float, outside, zone):
+    """C7's pieces measured as a rib from its joint at the body (see :func:`_from_the_body`)."""
+    rib = measure_rib(pieces, grid.mask.shape, grid.sp, joint_distance, frames[7], side=side, ct=grid.ct, thr=thr,
+                      smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone)
+    return _from_the_body(rib, frames[7], side, _cervical_body_half_width(frames, 7))
 
 
 def _move_rib_side(ribs: dict, evidence: dict, src: int, dst: int, side: str, why: str) -> None:
@@ -1762,7 +1765,7 @@ def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float, s
             "cleft_mm": round(cleft_mm, 1), "valley_hu": round(valley, 0), "cortex_peak_hu": round(peak, 0),
             "closest_point_ras_mm": [round(float(v), 1) for v in coords[tuple(p)]],
             "sacrum_point_ras_mm": [round(float(v), 1) for v in coords[tuple(q)]],
-            "voxel_extent_mm": round(vox_extent, 2)}
+            "voxel_extent_mm": round(vox_extent, 2), "fused_at_closest": bool(fused)}
 
 
 def _lines_to_the_ala(ct, base_mm, sp, centre, fr, sign, half_width, vert, lat, ap, t, t_sacrum, thr,
@@ -1832,10 +1835,7 @@ def _fused_short_process(side: dict) -> bool:
     the ala at the closest point (no gap, no valley in the HU) and on ``FUSED_LINES_MIN``
     raw-CT lines or more, from a process of ``FUSED_TP_MIN_MM`` or more, is a fusion;
     the sides that read so over six synth sets but were not fused measured 9.8-12.4 mm."""
-    if not {"gap_to_sacrum_mm", "valley_hu", "cortex_peak_hu"} <= side.keys():
-        return False
-    at_closest = side["gap_to_sacrum_mm"] <= 0.5 and side["valley_hu"] >= 0.75 * side["cortex_peak_hu"]
-    return (at_closest and side.get("fused_lines", 0) >= FUSED_LINES_MIN
+    return (side.get("fused_at_closest", False) and side.get("fused_lines", 0) >= FUSED_LINES_MIN
             and side["transverse_process_height_mm"] >= FUSED_TP_MIN_MM)
 
 

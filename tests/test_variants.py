@@ -519,6 +519,70 @@ def test_thin_speck_of_bone_beside_l1_is_not_a_stump_rib():
     assert ("L1", "left") in stumps
 
 
+def _stump_at(level: int, length: float, direction, radius: float, sp=SPACING, flat_end: bool = False):
+    """T10-L2 with long ribs above ``level`` (0: T10) and one right rib of ``length`` mm there,
+    leaving the body in ``direction``; the CT, the mask and the affine."""
+    labels = (17, 18, 19, 20, 21)
+    ct, mask, aff = phantom(labels=labels, ribs={lab: (100, 100) for lab in labels[:level]}, sp=sp, width_mm=240)
+    sp = np.asarray(sp, float)
+    zc = 30 * (len(labels) + 1) + 20 - 25 - 30 * level
+    p0 = np.array([120.0 + 17.0, 70.0 + 4.0, zc + 3.0])
+    d = np.asarray(direction, float) / np.linalg.norm(direction)
+    p1 = p0 + d * length
+    rib = _capsule(ct.shape, sp, p0, p1, radius)
+    if flat_end:  # cut square at both ends, as the synthetic stump ribs are
+        g = np.indices(ct.shape).transpose(1, 2, 3, 0) * sp
+        t = (g - p0) @ d
+        rib &= (t >= 0) & (t <= length)
+    ct[rib & (mask == 0)] = 600
+    return ct, mask, aff
+
+
+def test_a_stump_rib_hanging_down_towards_the_next_vertebra_is_a_stump():
+    """A stump rib that runs down and out towards the next vertebra's transverse process
+    ends nearer the spine than half its length (synth 85013, 85051: 0.40-0.47 of it): it
+    is a stump rib, not a rib's head and neck that lost its shaft (those end at 0.25 of
+    their length at most, see the test above)."""
+    ct, mask, aff = _stump_at(2, 26.0, (0.8, 0.0, -0.55), 3.5)
+    r = rate(ct, mask, aff)
+    assert r["ribs"]["T12"]["right_status"] == "present", r["ribs"]["T12"]
+    ev = r["evidence"]["ribs"]["T12"]["right"]
+    assert ev["tip_to_vertebra_mm"] < 0.5 * ev["length_mm"], ev
+    assert abs(r["ribs"]["T12"]["right_mm"] - 26.0) <= 4, r["ribs"]["T12"]
+    assert ("T12", "right") in {(s["vertebra"], s["side"]) for s in r["stump_ribs"]}
+
+
+def test_a_stump_rib_as_thick_as_it_is_long_is_measured_along_its_axis():
+    """The skeleton of a stump rib 18 mm long and 10 mm thick, square-ended, on 1.6 mm
+    voxels shrinks to a few voxels (synth 85036: 3.5 mm), and the stump was read as a speck.
+    Its centreline is its principal axis."""
+    ct, mask, aff = _stump_at(3, 18.0, (1.0, 0.2, -0.1), 5.0, sp=(1.6, 1.1, 1.1), flat_end=True)
+    r = rate(ct, mask, aff)
+    assert r["ribs"]["L1"]["right_status"] == "present", r["ribs"]["L1"]
+    assert abs(r["ribs"]["L1"]["right_mm"] - 18.0) <= 4, r["ribs"]["L1"]
+    assert r["evidence"]["ribs"]["L1"]["right"]["radius_mm"] < 6.5
+
+
+def test_a_stump_rib_running_on_into_an_enhancing_organ_ends_where_its_bone_does():
+    """Where a stump rib's tip lies against an enhancing organ, the organ's noisy edge
+    above the bone threshold carried the rib's piece on (synth 82028: an L1 stump of
+    20 mm measured 40.7 mm, its last 10 mm of centreline in a kidney at 150-280 HU): the
+    tip is where the bone's own level falls, not the organ's."""
+    ct, mask, aff = _stump_at(3, 20.0, (0.8, 0.55, -0.25), 3.5)
+    sp = np.asarray(SPACING)
+    zc = 30 * 6 + 20 - 25 - 30 * 3
+    d = np.array([0.8, 0.55, -0.25]) / np.linalg.norm([0.8, 0.55, -0.25])
+    tip = np.array([120.0 + 17.0, 70.0 + 4.0, zc + 3.0]) + d * 20.0
+    # the organ's edge: a tube of the rib's width at 280 HU, 12 mm on from its tip
+    edge = _capsule(ct.shape, sp, tip + d * 2.0, tip + d * 12.0, 3.5) & (mask == 0) & (ct < 500)
+    ct[edge] = 280 + np.random.default_rng(2).normal(0, 20, int(edge.sum()))
+    r = rate(ct, mask, aff)
+    assert r["evidence"]["bone_threshold_hu"] < 270, r["evidence"]["bone_threshold_hu"]
+    assert r["ribs"]["L1"]["right_status"] == "present", r["ribs"]["L1"]
+    # the capsule's round end puts its osseous tip 3.5 mm past the 20 mm of its axis
+    assert abs(r["ribs"]["L1"]["right_mm"] - 23.5) <= 3, r["ribs"]["L1"]
+
+
 def test_body_centroid_behind_the_vertebra_is_replaced():
     """A centroid JSON whose body centroid sits behind the vertebra's centre of mass (on
     the spinous process, as synthetic C1-C7 were) must not turn the vertebra's frame."""

@@ -55,6 +55,8 @@ SECTION_SMOOTH_VOXELS = 3.5
 #: every vertebra lies clearly away from it: a rib's tip does
 BACK_AT_SPINE_MM = 20.0
 AWAY_FROM_SPINE_MM = 30.0
+SUNK_TIP = 0.6  # a rib whose last 10 mm sit at less than this fraction of its own level over soft tissue ran past its tip
+SHORT_RIB_MM = 40.0  # ... a rib whose centreline is shorter than this (a stump rib, with some margin)
 
 SIDES = ("left", "right")
 MIN_PIECE_MM3 = 60.0  # a rib piece smaller than this is a speck of noise, not a rib head
@@ -647,13 +649,19 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
         path, trimmed = _trim_at_osseous_tip(path, nodes, base, sp, smooth if smooth is not None else ct, thr,
                                              run_mm=max(4.0, 2.0 * float(sp.max())))
     raw, n_bridges = bridge_curves((nodes[path] + base) * sp, nodes[path], sp)
-    line = rib_centreline(raw, (np.argwhere(local) + base) * sp, sp)
+    joint_idx = nodes[[joint]] + base
+    stub = _stub_axis(pts * sp, frame.body, arc_length(raw))
+    if stub is not None:
+        raw, n_bridges = stub[0], 0
+        joint_idx = raw[:1] / sp
+    line = rib_centreline(raw, (np.argwhere(local) + base) * sp, sp) if stub is None else raw
     centreline = arc_length(line)
     # the rib's mean radius from its volume and length; the head is wider than the shaft
-    radius = tube_radius(len(pts) * vox_mm3, centreline)
-    head_radius = 1.25 * radius
+    radius = tube_radius(len(pts) * vox_mm3, centreline) if stub is None else stub[1]
+    # a stub's axis starts at its inner face, not inside its head
+    head_radius = 1.25 * radius if stub is None else 0.0
     # distance to the vertebra's surface: to the centres of its outer voxels, less half a voxel
-    gap = float(joint_distance(nodes[[joint]] + base)[0]) - 0.5 * float(np.mean(sp))
+    gap = float(joint_distance(joint_idx)[0]) - 0.5 * float(np.mean(sp))
     joint_gap = gap - head_radius if np.isfinite(gap) else 0.0
     joint_gap = float(np.clip(joint_gap, -head_radius, 25.0))
     tip_ext, tip_cut = 0.0, False
@@ -667,6 +675,36 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
     n_pts = sum(len(u) for u in used)
     return Rib(frame.label, side, length, n_pts, cut, centreline, joint_gap, tip_ext,
                line[0].tolist(), tip_point.tolist(), len(used) - 1, tip_gap, radius, n_bridges, line)
+
+
+def _stub_axis(points_mm: np.ndarray, body: np.ndarray, skeleton_mm: float, step_mm: float = 0.5,
+               longest_mm: float = 60.0) -> tuple[np.ndarray, float] | None:
+    """The axis and cross-section radius of a short, thick piece whose skeleton is far
+    shorter than the piece, or None.
+
+    The skeleton of a stump rib about as thick as it is long, on coarse or anisotropic
+    voxels, shrinks to a few voxels (synth 85036: 3.5 mm of skeleton in a stump of
+    18 mm, 10 mm thick), and the stump was measured as a speck. Such a piece is straight
+    over its short length: its centreline is its principal axis through its centroid,
+    from its inner face (where it was parted from the vertebra) to one cross-section
+    radius short of its outer end, where a skeleton would end and the tip is looked for.
+    Pieces longer than ``longest_mm`` keep their skeleton.
+    """
+    centre = points_mm.mean(axis=0)
+    rel = points_mm - centre
+    values, vectors = np.linalg.eigh(rel.T @ rel)
+    axis = vectors[:, -1]
+    t = rel @ axis
+    extent = float(t.max() - t.min())
+    # a solid cylinder's radius is twice the spread of its points across its axis
+    radius = 2.0 * float(np.sqrt(max(values[:2].mean(), 0.0) / len(points_mm)))
+    usable = extent - 2.0 * radius
+    if extent > longest_mm or usable <= 0 or skeleton_mm >= 0.5 * usable:
+        return None
+    if (body - centre) @ axis > 0:
+        axis, t = -axis, -t
+    ts = np.arange(t.min(), t.max() - radius + 1e-9, step_mm)
+    return centre + np.outer(ts, axis), radius
 
 
 def _tip_away_from_the_spine(path: np.ndarray, graph, nodes: np.ndarray, base: np.ndarray,
@@ -833,7 +871,22 @@ def _tip_extension(line, field, sp, soft_hu, radius, outside, thr: float = np.in
     d = _end_direction(line)
     if not d.any():
         return 0.0, False
+    # the rib's own level: the centreline's last ~10 mm
+    arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(line, axis=0), axis=1))]
+    near_tip = line[arc >= arc[-1] - 10.0]
+    own = float(np.median(ndimage.map_coordinates(field, (near_tip / sp).T, order=1, mode="nearest")))
     back = 2.0 * float(sp.max())
+    body = line[arc < arc[-1] - 10.0]
+    # only a short rib is as thick at its tip as at its head: a long rib's tip thins, and
+    # partial volume dims its last 10 mm well below its body's level
+    if len(body) and arc[-1] < SHORT_RIB_MM:
+        own_body = float(np.median(ndimage.map_coordinates(field, (body / sp).T, order=1, mode="nearest")))
+        if own - soft_hu < SUNK_TIP * (own_body - soft_hu):
+            # the centreline ran on past the osseous tip into an enhancing organ that the
+            # bone threshold joined to the rib (synth 82028: an L1 stump of 20 mm whose
+            # last 10 mm of centreline lay in a kidney at 150-280 HU): the tip is the fall
+            # from the bone's level, looked for back along the centreline's last 10 mm
+            own, back = own_body, max(back, min(10.0, 0.5 * float(arc[-1])))
     reach = back + 2.0 * radius + 2.0 * float(sp.max())
     # sampled a little further than the tip is looked for, to see what lies beyond it
     beyond_mm = max(radius, 2.0 * float(sp.max())) + 8.0
@@ -841,10 +894,6 @@ def _tip_extension(line, field, sp, soft_hu, radius, outside, thr: float = np.in
     pos = line[-1] + np.outer(s - back, d)
     vox = (pos / sp).T
     hu = ndimage.map_coordinates(field, vox, order=1, mode="nearest")
-    # the rib's own level: the centreline's last ~10 mm
-    arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(line, axis=0), axis=1))]
-    near_tip = line[arc >= arc[-1] - 10.0]
-    own = float(np.median(ndimage.map_coordinates(field, (near_tip / sp).T, order=1, mode="nearest")))
     end = _half_way_fall(hu, s, 0.5 * (own + soft_hu), reach, step_mm)
     after = _beyond_tip_level(hu, s, end, radius, sp)
     # only tissue below the bone threshold continues a rib (cartilage); bone beyond the

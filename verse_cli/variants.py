@@ -91,6 +91,10 @@ MIN_CERVICAL_MM3 = 30.0  # a cervical rib shows at least a 2 mm ball of bone bey
 MIN_CERVICAL_VOXELS = 16  # ... in at least this many voxels: fewer are a speck of noise, whatever their size
 FAR_FROM_JOINT_MM = 20.0  # a rib head articulates with its vertebra: bone starting farther away has no head
 TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
+# ... a stump rib's (T10-L1) at least this fraction: it hangs down beside the vertebra below, its tip 0.6-0.8
+# of its length from the spine (0.4-0.5 where its length was overmeasured, synth 85013, 85051), where
+# a rib's head and neck cut off at the transverse process reach 0.25 at most (synth J-L)
+TIP_AWAY_STUMP = 0.35
 RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
 THORACOLUMBAR = {17, 18, 19, 28, 20}  # T10-T13, L1: where the rib rule moves the boundary
 
@@ -566,7 +570,8 @@ def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) 
         # a rib of C7 or L1 must start at the body: a lower rib running past
         # the transverse process is not one
         return "undeterminable"
-    if lab != 7 and rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, TIP_AWAY * min(rib.length_mm, 60.0)):
+    away = TIP_AWAY_STUMP if lab in THORACOLUMBAR and rib.length_mm < stump_mm else TIP_AWAY
+    if lab != 7 and rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, away * min(rib.length_mm, 60.0)):
         # a piece whose tip is not carried away from the spine is a rib head and
         # neck whose shaft was lost (it ends at the transverse process), or bone
         # running along the vertebrae, not a rib: a rib points away from the spine.

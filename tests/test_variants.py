@@ -133,6 +133,18 @@ def test_rib_rule_moves_t12_without_long_ribs_to_the_lumbar_count():
     assert {s["vertebra"] for s in r["stump_ribs"]} == {"T12"}
 
 
+def test_a_thoracic_vertebra_without_ribs_above_one_with_ribs_is_not_lumbar():
+    """The rib rule moves the last thoracic vertebrae to the lumbar count, never one above a
+    vertebra with ribs: a T11 whose ribs were lost to T12's piece (synth 85025) stays
+    thoracic, the lumbar count stays determinable, and a warning says no rib was found."""
+    ct, mask, aff = phantom(labels=(17, 18, 19, 20, 21), ribs={17: (100, 100), 19: (90, 90)}, width_mm=240)
+    r = rate(ct, mask, aff)
+    assert r["ribs"]["T11"]["left_status"] == r["ribs"]["T11"]["right_status"] == "absent", r["ribs"]["T11"]
+    assert r["evidence"]["enumeration"]["effective_regions"]["T11"] == "T"
+    assert r["enumeration"]["lumbar"] == 2, r["enumeration"]
+    assert any(w.startswith("T11") and "no rib" in w for w in r["warnings"]), r["warnings"]
+
+
 def test_stump_threshold_is_configurable(rib_case):
     (ct, mask, aff), _ = rib_case
     r = rate(ct, mask, aff, stump_mm=25.0)

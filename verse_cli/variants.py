@@ -885,6 +885,15 @@ def effective_regions(present, ribs, stump_mm) -> dict[int, str]:
             elif classes == {"short"}:
                 reg = "L"
         out[lab] = reg
+    # ribs run on down to the last rib-bearing vertebra without a gap: a vertebra read lumbar
+    # above one read thoracic lost its ribs to its neighbour's piece (synth 85025: T11's ribs
+    # were one undeterminable piece with T12's), it is no lumbar vertebra
+    below_thoracic = False
+    for lab in reversed(present):
+        if out[lab] == "T":
+            below_thoracic = True
+        elif out[lab] == "L" and below_thoracic and lab in THORACOLUMBAR:
+            out[lab] = "T"
     return out
 
 
@@ -1874,7 +1883,7 @@ def consistency_warnings(present, ribs, effective, stump_mm, have_ct, items) -> 
             elif label_reg == "L" and reg == "T":
                 out.append(f"{L.name(lab)} is labelled lumbar but has a rib of {stump_mm:g} mm or more "
                            f"(counts as thoracic)")
-            elif label_reg == "T" and lab not in THORACOLUMBAR:
+            elif label_reg == "T":
                 classes = {rib_class(ribs[lab], s, stump_mm) for s in SIDES}
                 if classes == {"short"}:
                     out.append(f"{L.name(lab)} is thoracic but no rib was found on either side")

@@ -649,17 +649,18 @@ def measure_rib(pieces: list[np.ndarray], shape, sp: np.ndarray, joint_distance,
         path, trimmed = _trim_at_osseous_tip(path, nodes, base, sp, smooth if smooth is not None else ct, thr,
                                              run_mm=max(4.0, 2.0 * float(sp.max())))
     raw, n_bridges = bridge_curves((nodes[path] + base) * sp, nodes[path], sp)
-    joint_idx = nodes[[joint]] + base
     stub = _stub_axis(pts * sp, frame.body, arc_length(raw))
-    if stub is not None:
-        raw, n_bridges = stub[0], 0
-        joint_idx = raw[:1] / sp
-    line = rib_centreline(raw, (np.argwhere(local) + base) * sp, sp) if stub is None else raw
-    centreline = arc_length(line)
-    # the rib's mean radius from its volume and length; the head is wider than the shaft
-    radius = tube_radius(len(pts) * vox_mm3, centreline) if stub is None else stub[1]
-    # a stub's axis starts at its inner face, not inside its head
-    head_radius = 1.25 * radius if stub is None else 0.0
+    if stub is None:
+        line = rib_centreline(raw, (np.argwhere(local) + base) * sp, sp)
+        joint_idx = nodes[[joint]] + base
+        centreline = arc_length(line)
+        # the rib's mean radius from its volume and length; the head is wider than the shaft
+        radius = tube_radius(len(pts) * vox_mm3, centreline)
+        head_radius = 1.25 * radius
+    else:
+        # a stub's axis starts at its inner face, not inside its head
+        line, radius = stub
+        n_bridges, joint_idx, centreline, head_radius = 0, line[:1] / sp, arc_length(line), 0.0
     # distance to the vertebra's surface: to the centres of its outer voxels, less half a voxel
     gap = float(joint_distance(joint_idx)[0]) - 0.5 * float(np.mean(sp))
     joint_gap = gap - head_radius if np.isfinite(gap) else 0.0
@@ -690,6 +691,8 @@ def _stub_axis(points_mm: np.ndarray, body: np.ndarray, skeleton_mm: float, step
     radius short of its outer end, where a skeleton would end and the tip is looked for.
     Pieces longer than ``longest_mm`` keep their skeleton.
     """
+    if skeleton_mm >= 0.5 * longest_mm:  # no piece short enough to qualify has so long a skeleton
+        return None
     centre = points_mm.mean(axis=0)
     rel = points_mm - centre
     values, vectors = np.linalg.eigh(rel.T @ rel)

@@ -132,7 +132,9 @@ def score(pairs: list[tuple[dict, dict]]) -> dict:
         for name, gr in g["ribs"].items():
             mine = r["ribs"].get(name, {})
             for side in ("left", "right"):
-                if gr[f"{side}_status"] == "present" and mine.get(f"{side}_status") == "present":
+                # a rib seen only by its head is present without a length
+                if (gr[f"{side}_status"] == "present" and mine.get(f"{side}_status") == "present"
+                        and mine.get(f"{side}_mm") is not None):
                     rib_err.append(abs(mine[f"{side}_mm"] - gr[f"{side}_mm"]))
         truth = {(s["vertebra"], s["side"]) for s in g["stump_ribs"] if g["ribs"].get(s["vertebra"], {})
                  .get(f"{s['side']}_status") == "present" and in_view(g, s["vertebra"])}

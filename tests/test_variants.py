@@ -780,6 +780,85 @@ def test_cervical_rib_joined_to_the_first_rib():
     assert r["ribs"]["T1"]["left_status"] == "present" and r["ribs"]["T1"]["left_mm"] > 80, r["ribs"]["T1"]
 
 
+def test_first_rib_bone_where_a_cervical_rib_joined_to_it_is_looked_for():
+    """A cervical rib joined to the first rib is looked for on first ribs cut by the field
+    of view or joined to the shoulder girdle too (synth 85020, 84035, 82020, 82035: cervical
+    ribs of 43-64 mm read absent), but only in the piece the first rib's centreline runs
+    through: T1's other pieces may be a whole rib of their own (synth 83005, 96020: the
+    first rib beside a second rib whose head touched T1, read as a 'cervical rib'
+    of 104-107 mm)."""
+    from verse_cli.ribs import Rib
+    from verse_cli.variants import _first_rib_bone
+
+    def rib(length, gap=0.0):
+        return Rib(8, "left", length, 100, False, length, gap, 0.0)
+
+    pieces = [np.arange(10), np.arange(10, 15)]
+    for status in ("present", "cut", "undeterminable"):
+        found = _first_rib_bone({8: {"left_status": status}}, {(8, "left"): rib(150.0)}, {(8, "left"): pieces}, {},
+                                "left")
+        assert found is not None and len(found[0]) == 1 and found[0][0] is pieces[0], status
+    assert _first_rib_bone({8: {"left_status": "cut"}}, {(8, "left"): rib(40.0)}, {(8, "left"): pieces}, {},
+                           "left") is None  # too little of it in view
+    assert _first_rib_bone({8: {"left_status": "undeterminable"}}, {(8, "left"): rib(150.0, gap=25.0)},
+                           {(8, "left"): pieces}, {}, "left") is None  # it does not start at T1
+    c7 = Rib(7, "left", 120.0, 100, True, 120.0, 0.0, 0.0)
+    found = _first_rib_bone({7: {"left_status": "absent"}}, {(7, "left"): c7}, {}, {"left": pieces[1]}, "left")
+    assert found is not None and found[0][0] is pieces[1] and found[1] is c7  # T1 left out of the mask
+
+
+def test_bone_by_the_spine_off_a_first_rib_is_not_a_cervical_rib():
+    """Bone at C7 that leaves the first rib's course but ends by the spine (the first
+    rib's head and neck beside C7, a cut T1's process: synth 93020, 81005, 86031) is no
+    cervical rib: a cervical rib runs out to the first rib, away from the spine."""
+    labels, width = (6, 7, 8, 9), 260
+    ct, mask, aff = phantom(labels=labels, ribs={8: (90, 90), 9: (120, 120)}, sacrum=False, width_mm=width)
+    sp = np.asarray(SPACING)
+    zlen = 30 * len(labels) + 20
+    cx, cy = width / 2, 70.0
+    z7, z8 = zlen - 25 - 30 * 1, zlen - 25 - 30 * 2
+    d = np.array([-0.8, 0.55, -0.25])
+    d /= np.linalg.norm(d)
+    near_head = np.array([cx - 17.0, cy + 4.0, z8 + 3.0]) + d * 4.0
+    ct[_capsule(ct.shape, sp, np.array([cx - 17.0, cy + 4.0, z7 + 3.0]), near_head, 3.5) & (mask == 0)] = 600
+    r = rate(ct, mask, aff)
+    assert r["cervical_ribs"]["left"] is False, (r["ribs"], r["evidence"]["ribs"].get("C7"))
+    assert r["ribs"]["T1"]["left_status"] == "present", r["ribs"]["T1"]
+
+
+def test_cervical_rib_head_at_the_side_of_c7s_body():
+    """A cervical rib's head shows as a piece of its own at the side of C7's body, behind
+    its centre, once the cut around the labelled process parts it from the shaft (synth
+    83014, 85044, 93035: rudimentary cervical ribs; 96029, 96035: long ones whose shaft
+    went on into the first rib's bone). Bone in front of the body, far out beside the
+    process, or at T1's level is not a head."""
+    from verse_cli.ribs import Frame
+    from verse_cli.variants import Grid, _cervical_rib_head
+
+    shape, sp = (120, 120, 120), np.ones(3)
+    ex, ey, ez = np.eye(3)
+
+    def frame(lab, z):
+        c = np.array([60.0, 50.0, z])
+        return Frame(lab, c, c + 10 * ey, ex, ey, ez, 1000, 12.0)
+
+    frames = {7: frame(7, 80.0), 8: frame(8, 55.0)}
+
+    def block(x, y, z, n=4):  # an n x n x n mm piece of bone centred there
+        g = np.indices((n, n, n)).reshape(3, -1).T + np.array([x, y, z]) - n // 2
+        return np.ravel_multi_index(tuple(g.T), shape)
+
+    grid = Grid(np.zeros(shape, np.uint8), None, np.eye(4), sp, [7, 8])
+    head = block(60 - 12, 54, 82)  # left, at the body's side, 6 mm behind its centre, at C7's level
+    assert _cervical_rib_head(grid, [head], frames, "left")["voxels"] == 64
+    assert _cervical_rib_head(grid, [block(60 + 12, 54, 82)], frames, "left") is None  # the other side
+    for elsewhere in (block(60 - 12, 66, 82),  # in front of the body's centre
+                      block(60 - 24, 54, 82),  # out beside the process
+                      block(60 - 12, 54, 62),  # at T1's level: the first rib's head
+                      block(60 - 12, 54, 82, n=2)):  # a speck
+        assert _cervical_rib_head(grid, [elsewhere], frames, "left") is None
+
+
 def test_first_rib_touching_only_c7_is_not_a_cervical_rib():
     """A first rib whose head touches only C7's label was read as a cervical rib, with T1
     left without a rib (synth cases 90016, 90030, 90046). T1 always has a rib: a lone

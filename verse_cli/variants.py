@@ -89,6 +89,9 @@ TRUNCATED_TIP_MM = 6.0  # a short rib whose tip is this close to a vertebra was 
 FIRST_RIB_MIN_MM = 60.0  # a shorter first rib was not measured whole: no cervical rib is split off it
 MIN_CERVICAL_MM3 = 30.0  # a cervical rib shows at least a 2 mm ball of bone beyond C7's process
 MIN_CERVICAL_VOXELS = 16  # ... in at least this many voxels: fewer are a speck of noise, whatever their size
+HEAD_SIDE_MM = 3.5  # a cervical rib's head is centred this near the side of C7's body
+CERVICAL_TIP_AWAY_MM = 10.0  # a cervical rib joined to the first rib ends this far from the spine at least
+CERVICAL_JOIN_MM = 20.0  # ... and its tip within this of the first rib's centreline
 FAR_FROM_JOINT_MM = 20.0  # a rib head articulates with its vertebra: bone starting farther away has no head
 TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away from the spine
 # ... a stump rib's (T10-L1) at least this fraction: it hangs down beside the vertebra below, its tip 0.6-0.8
@@ -455,14 +458,85 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
         evidence.setdefault("C7", {})[f"{side}_beside_process"] = {**found, "accepted": ok}
         if ok:
             out[7][f"{side}_mm"], out[7][f"{side}_status"] = found["length_mm"], "present"
-    if 7 in out and 8 in out:
+    if 7 in out:
         for side in SIDES:
-            # only beside a first rib measured whole (adult first ribs run 100-150 mm)
-            if (out[7][f"{side}_status"] == "absent" and out[8][f"{side}_status"] == "present"
-                    and out[8][f"{side}_mm"] >= FIRST_RIB_MIN_MM):
-                _cervical_rib_on_first_rib(grid, out, evidence, components[(8, side)], measured[(8, side)], frames,
-                                           side, joint_distance, thr, outside, zone)
+            first = _first_rib_bone(out, measured, components, first_of_unlabelled_t1, side)
+            if out[7][f"{side}_status"] == "absent" and first is not None:
+                _cervical_rib_on_first_rib(grid, out, evidence, *first, frames, side, joint_distance, thr, outside,
+                                           zone)
+            if out[7][f"{side}_status"] in ("absent", "undeterminable") and 7 in frames:
+                head = _cervical_rib_head(grid, components.get((7, side), []), frames, side)
+                if head is not None:
+                    evidence.setdefault("C7", {})[f"{side}_head_beside_body"] = head
+                    out[7].pop(f"{side}_visible_mm", None)
+                    out[7][f"{side}_mm"], out[7][f"{side}_status"] = None, "present"
     return out, evidence
+
+
+def _cervical_rib_head(grid: Grid, pieces: list, frames: dict, side: str) -> dict | None:
+    """A cervical rib's head, a piece of its own at the side of C7's body, or None.
+
+    A cervical rib's head articulates with the side of C7's body behind its centre, where a
+    thoracic rib's head would; its shaft then passes the transverse process. The mask labels
+    the process as C7 and the cut around the labels parts the head from the shaft, which
+    may go on into the first rib's bone (synth 83014, 85044, 93035: rudimentary ones of
+    15-16 mm; 96029, 96035: 51-64 mm ones joined to a first rib joined to the shoulder
+    girdle). Nothing else is bone there: the first rib's head sits lower, on T1. The head
+    is bone (``MIN_CERVICAL_MM3`` in ``MIN_CERVICAL_VOXELS``) centred within
+    ``HEAD_SIDE_MM`` of the body's side, 2-12 mm behind its centre and nearer C7's centre
+    than T1's. The rib is there, but how long it is cannot be told from its head: its
+    length is left out.
+    """
+    fr = frames[7]
+    sp = grid.sp
+    outward = fr.right if side == "right" else -fr.right
+    body_half_width = _cervical_body_half_width(frames, 7)
+    below = frames.get(8)
+    best = None
+    for flat in pieces:
+        if len(flat) < MIN_CERVICAL_VOXELS or len(flat) * float(np.prod(sp)) < MIN_CERVICAL_MM3:
+            continue
+        pts = np.array(np.unravel_index(flat, grid.mask.shape)).T * sp
+        rel = pts.mean(axis=0) - fr.body
+        beside = abs(float(rel @ outward) - body_half_width) <= HEAD_SIDE_MM
+        within = float(((pts - fr.body) @ outward).max()) <= body_half_width + 2 * HEAD_SIDE_MM
+        behind = -12.0 <= float(rel @ fr.anterior) <= -2.0
+        level = True
+        if below is not None:
+            down = below.body - fr.body
+            level = -0.5 <= float(rel @ down) / float(down @ down) <= 0.25
+        if beside and within and behind and level and (best is None or len(pts) > len(best)):
+            best = pts
+    if best is None:
+        return None
+    return {"voxels": len(best), "volume_mm3": round(len(best) * float(np.prod(sp)), 1),
+            "centre_ras_mm": [round(float(v), 1) for v in best.mean(axis=0)], "length_mm": None}
+
+
+def _first_rib_bone(ribs: dict, measured: dict, components: dict, of_unlabelled_t1: dict, side: str):
+    """The first rib's pieces and its measured rib on ``side``, where a cervical rib joined to it may be.
+
+    The first rib need not be measured whole: joined to the clavicle or the scapula, or
+    cut by the field of view, its bone by the spine still holds any cervical rib joined
+    to it (synth 85020, 84035, 82020, 82035: 'first ribs' of 120-310 mm in view, cut or
+    undeterminable, each with a cervical rib of 43-64 mm). Where the mask leaves out T1,
+    the first rib is the piece set aside from C7 (see :func:`_first_rib_of_unlabelled_t1`).
+    ``None`` where there is no first rib of ``FIRST_RIB_MIN_MM`` in view (adult first ribs
+    run 100-150 mm) starting at its joint.
+    """
+    if side in of_unlabelled_t1:
+        pieces, rib = [of_unlabelled_t1[side]], measured.get((7, side))
+    elif 8 in ribs and (8, side) in measured and components.get((8, side)):
+        # the piece its centreline runs through: T1's other pieces may be a whole rib of
+        # their own (a second rib whose head touched T1, the first rib beside it)
+        pieces, rib = components[(8, side)][:1], measured[(8, side)]
+        if ribs[8][f"{side}_status"] not in ("present", "cut", "undeterminable"):
+            return None
+    else:
+        return None
+    if rib is None or rib.length_mm < FIRST_RIB_MIN_MM or rib.joint_gap_mm >= FAR_FROM_JOINT_MM:
+        return None
+    return pieces, rib
 
 
 def _first_rib_without_girdle(grid: Grid, rib, comps: list, trimmed: list, joint_distance, frames: dict, side: str,
@@ -679,7 +753,13 @@ def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames
     flat = np.ravel_multi_index(tuple(part.T), grid.mask.shape)
     rib = _c7_rib(grid, [flat], frames, side, joint_distance, thr, outside, zone)
     speck = rib.length_mm < STUMP_MM and rib.voxels * float(np.prod(sp)) < MIN_STUMP_MM3
-    ok = not rib.cut and rib.length_mm >= MIN_RIB_MM and not speck and _joint_at_body(rib, frames[7])
+    # it runs out to the first rib, away from the spine: bone that ends by the spine is the
+    # first rib's head and neck beside C7, or a cut T1's process (synth 93020, 81005, 86031);
+    # bone that ends far from the first rib is not joined to it (the clavicle, synth 96029)
+    away = rib.tip_gap_mm >= CERVICAL_TIP_AWAY_MM
+    joined = float(cKDTree(first.line).query(np.asarray(rib.tip_mm), k=1)[0]) <= CERVICAL_JOIN_MM
+    ok = (not rib.cut and rib.length_mm >= MIN_RIB_MM and not speck and away and joined
+          and _joint_at_body(rib, frames[7]))
     evidence.setdefault("C7", {})[f"{side}_joined_to_first_rib"] = {**rib.evidence(), "accepted": bool(ok)}
     if ok:
         ribs[7][f"{side}_mm"], ribs[7][f"{side}_status"] = round(rib.length_mm, 1), "present"
@@ -864,7 +944,7 @@ def _joint_at_body(rib, frame: Frame) -> bool:
 def rib_class(entry: dict, side: str, stump_mm: float) -> str:
     """'long', 'short' (stump or absent), or 'unknown' (cut short of stump_mm, no CT)."""
     status = entry.get(f"{side}_status")
-    if status == "present":
+    if status == "present" and entry.get(f"{side}_mm") is not None:
         return "long" if entry[f"{side}_mm"] >= stump_mm else "short"
     if status == "absent":
         return "short"

@@ -487,28 +487,16 @@ def _cervical_rib_head(grid: Grid, pieces: list, frames: dict, side: str) -> dic
     than T1's. The rib is there, but how long it is cannot be told from its head: its
     length is left out.
     """
-    fr = frames[7]
-    sp = grid.sp
-    outward = fr.right if side == "right" else -fr.right
-    body_half_width = _cervical_body_half_width(frames, 7)
-    below = frames.get(8)
-    best = None
-    for flat in pieces:
-        if len(flat) < MIN_CERVICAL_VOXELS or len(flat) * float(np.prod(sp)) < MIN_CERVICAL_MM3:
-            continue
-        pts = np.array(np.unravel_index(flat, grid.mask.shape)).T * sp
-        rel = pts.mean(axis=0) - fr.body
+    def at_the_side_of_the_body(pts, rel, outward, body_half_width, level):
         beside = abs(float(rel @ outward) - body_half_width) <= HEAD_SIDE_MM
-        within = float(((pts - fr.body) @ outward).max()) <= body_half_width + 2 * HEAD_SIDE_MM
-        behind = -12.0 <= float(rel @ fr.anterior) <= -2.0
-        level = True
-        if below is not None:
-            down = below.body - fr.body
-            level = -0.5 <= float(rel @ down) / float(down @ down) <= 0.25
-        if beside and within and behind and level and (best is None or len(pts) > len(best)):
-            best = pts
+        within = float(((pts - frames[7].body) @ outward).max()) <= body_half_width + 2 * HEAD_SIDE_MM
+        behind = -12.0 <= float(rel @ frames[7].anterior) <= -2.0
+        return beside and within and behind and (level is None or -0.5 <= level <= 0.25)
+
+    best = _largest_c7_piece(grid, pieces, frames, side, at_the_side_of_the_body)
     if best is None:
         return None
+    sp = grid.sp
     return {"voxels": len(best), "volume_mm3": round(len(best) * float(np.prod(sp)), 1),
             "centre_ras_mm": [round(float(v), 1) for v in best.mean(axis=0)], "length_mm": None}
 
@@ -677,6 +665,34 @@ def _cervical_ribs_beside_process(grid: Grid, ribs: dict, components: dict, fram
     return out
 
 
+def _largest_c7_piece(grid: Grid, pieces: list, frames: dict, side: str, where) -> np.ndarray | None:
+    """The points (mm) of the largest of C7's ``pieces`` that is bone, not a speck of noise
+    (``MIN_CERVICAL_MM3`` in at least ``MIN_CERVICAL_VOXELS``), and lies ``where`` a cervical
+    rib shows, or None.
+
+    ``where(points_mm, centre_from_body, outward, body_half_width, level)`` is told the
+    piece's centre from C7's body centroid, the outward axis of ``side``, the cervical body's
+    half width, and its level: 0 at C7's body and 1 at T1's, along the line between them
+    (``None`` without T1).
+    """
+    fr = frames[7]
+    sp = grid.sp
+    outward = fr.right if side == "right" else -fr.right
+    body_half_width = _cervical_body_half_width(frames, 7)
+    below = frames.get(8)
+    down = below.body - fr.body if below is not None else None
+    best = None
+    for flat in pieces:
+        if len(flat) < MIN_CERVICAL_VOXELS or len(flat) * float(np.prod(sp)) < MIN_CERVICAL_MM3:
+            continue
+        pts = np.array(np.unravel_index(flat, grid.mask.shape)).T * sp
+        rel = pts.mean(axis=0) - fr.body
+        level = float(rel @ down) / float(down @ down) if down is not None else None
+        if where(pts, rel, outward, body_half_width, level) and (best is None or len(pts) > len(best)):
+            best = pts
+    return best
+
+
 def _piece_beside_process(grid: Grid, pieces: list, frames: dict, side: str) -> dict | None:
     """The largest piece that is a cervical rib beside C7's process, with its length, or None.
 
@@ -688,27 +704,15 @@ def _piece_beside_process(grid: Grid, pieces: list, frames: dict, side: str) -> 
     of the body, where its joint is, to its farthest point, as a rib's is measured from
     the joint: the stretch along the process is under the label.
     """
-    fr = frames[7]
-    sp = grid.sp
-    outward = fr.right if side == "right" else -fr.right
-    body_half_width = _cervical_body_half_width(frames, 7)
-    below = frames.get(8)
-    best = None
-    for flat in pieces:
-        if len(flat) < MIN_CERVICAL_VOXELS or len(flat) * float(np.prod(sp)) < MIN_CERVICAL_MM3:
-            continue
-        pts = np.array(np.unravel_index(flat, grid.mask.shape)).T * sp
-        rel = pts.mean(axis=0) - fr.body
-        if rel @ outward <= body_half_width or rel @ fr.anterior < 0.0:
-            continue
-        if below is not None:
-            down = below.body - fr.body
-            if rel @ down >= 0.5 * float(down @ down):
-                continue
-        if best is None or len(pts) > len(best):
-            best = pts
+    def in_front_beside_the_process(pts, rel, outward, body_half_width, level):
+        return rel @ outward > body_half_width and rel @ frames[7].anterior >= 0.0 and (level is None or level < 0.5)
+
+    best = _largest_c7_piece(grid, pieces, frames, side, in_front_beside_the_process)
     if best is None:
         return None
+    fr, sp = frames[7], grid.sp
+    outward = fr.right if side == "right" else -fr.right
+    body_half_width = _cervical_body_half_width(frames, 7)
     joint = fr.body + outward * body_half_width
     length = float(np.linalg.norm(best - joint, axis=1).max()) + 0.5 * float(np.mean(sp))
     return {"length_mm": round(length, 1), "voxels": len(best), "volume_mm3": round(len(best) * float(np.prod(sp)), 1),

@@ -724,32 +724,47 @@ def test_rudimentary_cervical_rib_showing_a_few_voxels_beyond_the_process():
     assert abs(r["ribs"]["C7"]["left_mm"] - 15.0) <= 4, r["ribs"]["C7"]
 
 
-def test_cervical_rib_piece_beside_a_first_rib_touching_c7_stays_at_c7():
-    """Synth 90029: the first rib's head touched only C7, so C7 got the first rib and,
-    as a second piece, the cervical rib's end beyond the process; both moved to T1. The
-    piece in front of the process at C7's level is C7's; a piece behind the body's
-    centre (the first rib's neck) or at T1's level is not."""
-    from verse_cli.ribs import Frame
-    from verse_cli.variants import Grid, _cervical_ribs_beside_process
+_C7_GRID_SHAPE = (120, 120, 120)
 
-    shape, sp = (120, 120, 120), np.ones(3)
+
+def _c7_and_t1_frames():
+    """An empty 1 mm grid and the frames of C7 (body centroid at 60, 60, 80) and T1 (25 mm
+    lower): R, A, S axes, bodies 12 mm in half width, centres of mass 10 mm behind them."""
+    from verse_cli.ribs import Frame
+    from verse_cli.variants import Grid
+
     ex, ey, ez = np.eye(3)
 
     def frame(lab, z):
         c = np.array([60.0, 50.0, z])
         return Frame(lab, c, c + 10 * ey, ex, ey, ez, 1000, 12.0)
 
-    frames = {7: frame(7, 80.0), 8: frame(8, 55.0)}
+    grid = Grid(np.zeros(_C7_GRID_SHAPE, np.uint8), None, np.eye(4), np.ones(3), [7, 8])
+    return grid, {7: frame(7, 80.0), 8: frame(8, 55.0)}
+
+
+def _cube(corner, n: int) -> np.ndarray:
+    """Flat indices of an n x n x n voxel cube of the C7 grid from ``corner``."""
+    g = np.indices((n, n, n)).reshape(3, -1).T + np.asarray(corner)
+    return np.ravel_multi_index(tuple(g.T), _C7_GRID_SHAPE)
+
+
+def test_cervical_rib_piece_beside_a_first_rib_touching_c7_stays_at_c7():
+    """Synth 90029: the first rib's head touched only C7, so C7 got the first rib and,
+    as a second piece, the cervical rib's end beyond the process; both moved to T1. The
+    piece in front of the process at C7's level is C7's; a piece behind the body's
+    centre (the first rib's neck) or at T1's level is not."""
+    from verse_cli.variants import _cervical_ribs_beside_process
+
+    grid, frames = _c7_and_t1_frames()
 
     def block(x, y, z):  # a 6 x 6 x 6 mm piece of bone at that corner
-        g = np.indices((6, 6, 6)).reshape(3, -1).T + np.array([x, y, z])
-        return np.ravel_multi_index(tuple(g.T), shape)
+        return _cube((x, y, z), 6)
 
     first_rib = block(60 - 30, 50, 60)
     in_front = block(60 - 28, 62, 78)  # left of the body, 12 mm in front of the centre, C7's level
     behind = block(60 + 26, 52, 78)  # right, 8 mm behind the body's centre
     low = block(60 + 26, 62, 60)  # right, at T1's level
-    grid = Grid(np.zeros(shape, np.uint8), None, np.eye(4), sp, [7, 8])
     ribs = {7: {"left_status": "present", "right_status": "present"}}
     found = _cervical_ribs_beside_process(grid, ribs, {(7, "left"): [first_rib, in_front],
                                                        (7, "right"): [first_rib, behind, low]}, frames)
@@ -757,12 +772,9 @@ def test_cervical_rib_piece_beside_a_first_rib_touching_c7_stays_at_c7():
     assert found["left"]["voxels"] == 216 and 17 <= found["left"]["length_mm"] <= 20, found  # body side to far corner
 
 
-def test_cervical_rib_joined_to_the_first_rib():
-    """A cervical rib that meets the first rib makes one bone with it. In synth cases
-    90014, 90035, 90044 and 90059 (cervical-rib misses) the heads lay so close that the
-    bone went whole to T1; now the part away from the first rib's centreline that starts
-    at C7 is the cervical rib. (This phantom's heads are farther apart, so it guards the
-    joined case and the first rib's length rather than reproducing the merge.)"""
+def _rib_from_c7_onto_the_left_first_rib(along_mm: float):
+    """C6-T2 with first ribs of 90 mm, rated after bone is drawn from beside C7's body to the
+    left first rib, meeting it ``along_mm`` from its head."""
     labels, width = (6, 7, 8, 9), 260
     ct, mask, aff = phantom(labels=labels, ribs={8: (90, 90), 9: (120, 120)}, sacrum=False, width_mm=width)
     sp = np.asarray(SPACING)
@@ -771,11 +783,19 @@ def test_cervical_rib_joined_to_the_first_rib():
     z7, z8 = zlen - 25 - 30 * 1, zlen - 25 - 30 * 2
     d = np.array([-0.8, 0.55, -0.25])
     d /= np.linalg.norm(d)
-    meet = np.array([cx - 17.0, cy + 4.0, z8 + 3.0]) + d * 35.0  # on the left first rib
+    meet = np.array([cx - 17.0, cy + 4.0, z8 + 3.0]) + d * along_mm
     start = np.array([cx - 17.0, cy + 4.0, z7 + 3.0])
-    rib = _capsule(ct.shape, sp, start, meet, 3.5) & (mask == 0)
-    ct[rib] = 600
-    r = rate(ct, mask, aff)
+    ct[_capsule(ct.shape, sp, start, meet, 3.5) & (mask == 0)] = 600
+    return rate(ct, mask, aff)
+
+
+def test_cervical_rib_joined_to_the_first_rib():
+    """A cervical rib that meets the first rib makes one bone with it. In synth cases
+    90014, 90035, 90044 and 90059 (cervical-rib misses) the heads lay so close that the
+    bone went whole to T1; now the part away from the first rib's centreline that starts
+    at C7 is the cervical rib. (This phantom's heads are farther apart, so it guards the
+    joined case and the first rib's length rather than reproducing the merge.)"""
+    r = _rib_from_c7_onto_the_left_first_rib(along_mm=35.0)
     assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]
     assert r["ribs"]["T1"]["left_status"] == "present" and r["ribs"]["T1"]["left_mm"] > 80, r["ribs"]["T1"]
 
@@ -811,17 +831,7 @@ def test_bone_by_the_spine_off_a_first_rib_is_not_a_cervical_rib():
     """Bone at C7 that leaves the first rib's course but ends by the spine (the first
     rib's head and neck beside C7, a cut T1's process: synth 93020, 81005, 86031) is no
     cervical rib: a cervical rib runs out to the first rib, away from the spine."""
-    labels, width = (6, 7, 8, 9), 260
-    ct, mask, aff = phantom(labels=labels, ribs={8: (90, 90), 9: (120, 120)}, sacrum=False, width_mm=width)
-    sp = np.asarray(SPACING)
-    zlen = 30 * len(labels) + 20
-    cx, cy = width / 2, 70.0
-    z7, z8 = zlen - 25 - 30 * 1, zlen - 25 - 30 * 2
-    d = np.array([-0.8, 0.55, -0.25])
-    d /= np.linalg.norm(d)
-    near_head = np.array([cx - 17.0, cy + 4.0, z8 + 3.0]) + d * 4.0
-    ct[_capsule(ct.shape, sp, np.array([cx - 17.0, cy + 4.0, z7 + 3.0]), near_head, 3.5) & (mask == 0)] = 600
-    r = rate(ct, mask, aff)
+    r = _rib_from_c7_onto_the_left_first_rib(along_mm=4.0)  # by the first rib's head
     assert r["cervical_ribs"]["left"] is False, (r["ribs"], r["evidence"]["ribs"].get("C7"))
     assert r["ribs"]["T1"]["left_status"] == "present", r["ribs"]["T1"]
 
@@ -832,23 +842,13 @@ def test_cervical_rib_head_at_the_side_of_c7s_body():
     83014, 85044, 93035: rudimentary cervical ribs; 96029, 96035: long ones whose shaft
     went on into the first rib's bone). Bone in front of the body, far out beside the
     process, or at T1's level is not a head."""
-    from verse_cli.ribs import Frame
-    from verse_cli.variants import Grid, _cervical_rib_head
+    from verse_cli.variants import _cervical_rib_head
 
-    shape, sp = (120, 120, 120), np.ones(3)
-    ex, ey, ez = np.eye(3)
-
-    def frame(lab, z):
-        c = np.array([60.0, 50.0, z])
-        return Frame(lab, c, c + 10 * ey, ex, ey, ez, 1000, 12.0)
-
-    frames = {7: frame(7, 80.0), 8: frame(8, 55.0)}
+    grid, frames = _c7_and_t1_frames()
 
     def block(x, y, z, n=4):  # an n x n x n mm piece of bone centred there
-        g = np.indices((n, n, n)).reshape(3, -1).T + np.array([x, y, z]) - n // 2
-        return np.ravel_multi_index(tuple(g.T), shape)
+        return _cube((x - n // 2, y - n // 2, z - n // 2), n)
 
-    grid = Grid(np.zeros(shape, np.uint8), None, np.eye(4), sp, [7, 8])
     head = block(60 - 12, 54, 82)  # left, at the body's side, 6 mm behind its centre, at C7's level
     assert _cervical_rib_head(grid, [head], frames, "left")["voxels"] == 64
     assert _cervical_rib_head(grid, [block(60 + 12, 54, 82)], frames, "left") is None  # the other side

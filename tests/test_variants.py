@@ -876,6 +876,23 @@ def test_first_rib_touching_only_c7_is_not_a_cervical_rib():
 
 
 
+def test_a_short_rib_above_a_vertebra_with_a_long_rib_is_no_stump():
+    """Ribs shorten down to the last rib-bearing vertebra: a short piece above a vertebra
+    with a long rib is what is left of a long rib whose shaft went to its neighbour's piece
+    (synth 87002, 87003: false stumps at T11 and T10). A short rib at the last one stays a stump."""
+    from verse_cli.variants import _short_rib_above_a_long_one, stump_ribs
+
+    ribs = {18: {"left_mm": 12.5, "left_status": "present", "right_mm": 150.0, "right_status": "present"},
+            19: {"left_mm": None, "left_status": "undeterminable", "right_mm": 148.0, "right_status": "present"},
+            20: {"left_mm": 20.0, "left_status": "present", "right_mm": None, "right_status": "absent"}}
+    evidence: dict = {}
+    _short_rib_above_a_long_one(ribs, evidence, 38.0)
+    assert ribs[18]["left_status"] == "undeterminable" and ribs[18]["left_visible_mm"] == 12.5
+    assert evidence["T11"]["left"]["short_above_a_long_rib"] == "T12"
+    assert ribs[18]["right_mm"] == 150.0
+    assert stump_ribs(ribs, 38.0) == [{"vertebra": "L1", "side": "left", "length_mm": 20.0}]
+
+
 def test_rib_at_l1_beside_a_t12_without_one_is_the_twelfth_rib():
     """The twelfth rib's head sits low on T12, by the T12/L1 disc, and its bone may touch only
     L1's label (synth 96018: T12's right rib read as L1's, L1 counted thoracic and the lumbar

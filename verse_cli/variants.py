@@ -453,6 +453,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
             _cervical_rib_left_at_c7(grid, out, evidence, components[(7, side)], frames, side, joint_distance, thr,
                                      outside, zone, stump_mm)
     _last_rib_from_below(out, evidence)
+    _short_rib_above_a_long_one(out, evidence, stump_mm)
     for side, found in beside.items():
         ok = out[7][f"{side}_status"] == "absent"
         evidence.setdefault("C7", {})[f"{side}_beside_process"] = {**found, "accepted": ok}
@@ -891,6 +892,27 @@ def _last_rib_from_below(ribs: dict, evidence: dict) -> None:
             if above.get(f"{side}_status") == "absent" and below.get(f"{side}_status") not in (None, "absent"):
                 _move_rib_side(ribs, evidence, lower, upper, side,
                                f"{L.name(lower)} ({L.name(upper)} had no rib on this side)")
+
+
+def _short_rib_above_a_long_one(ribs: dict, evidence: dict, stump_mm: float) -> None:
+    """A short rib above a vertebra with a long rib is a rib whose shaft was lost: undeterminable.
+
+    Ribs shorten down the thoracic cage to the last rib-bearing vertebra; a stump rib is the
+    last one, never above a vertebra whose rib is long. A short piece there is the head and
+    neck of a long rib whose shaft went to the next vertebra's piece (synth 87003: T10's
+    rib in T11's cut 423 mm piece left a 35 mm 'stump'; 87002: a 12 mm remnant at T11 above
+    a 148 mm T12 rib)."""
+    order = [lab for lab in L.sort_anatomical(list(ribs)) if L.region(lab) in ("T", "L")]
+    for upper, lower in itertools.pairwise(order):
+        below = ribs[lower]
+        if not any(rib_class(below, side, stump_mm) == "long" for side in SIDES):
+            continue
+        for side in SIDES:
+            mm = ribs[upper].get(f"{side}_mm")
+            if ribs[upper].get(f"{side}_status") == "present" and mm is not None and mm < stump_mm:
+                ribs[upper][f"{side}_mm"], ribs[upper][f"{side}_status"] = None, "undeterminable"
+                ribs[upper][f"{side}_visible_mm"] = mm
+                evidence.setdefault(L.name(upper), {}).setdefault(side, {})["short_above_a_long_rib"] = L.name(lower)
 
 
 def _cervical_body_half_width(frames: dict, lab: int) -> float:

@@ -810,20 +810,20 @@ def test_first_rib_bone_where_a_cervical_rib_joined_to_it_is_looked_for():
     from verse_cli.ribs import Rib
     from verse_cli.variants import _first_rib_bone
 
-    def rib(length, gap=0.0):
-        return Rib(8, "left", length, 100, False, length, gap, 0.0)
+    def rib(length, gap=0.0, cut=False, radius=4.0):
+        return Rib(8, "left", length, 100, cut, length, gap, 0.0, radius_mm=radius)
 
     pieces = [np.arange(10), np.arange(10, 15)]
-    for status in ("present", "cut", "undeterminable"):
-        found = _first_rib_bone({8: {"left_status": status}}, {(8, "left"): rib(150.0)}, {(8, "left"): pieces}, {},
-                                "left")
+    # measured whole, cut by the field of view, joined to the girdle (thicker than a rib: undeterminable)
+    for status, first in (("present", rib(150.0)), ("cut", rib(150.0, cut=True)), ("undeterminable", rib(150.0, radius=9.0))):
+        found = _first_rib_bone({(8, "left"): first}, {(8, "left"): pieces}, {}, "left")
         assert found is not None and len(found[0]) == 1 and found[0][0] is pieces[0], status
-    assert _first_rib_bone({8: {"left_status": "cut"}}, {(8, "left"): rib(40.0)}, {(8, "left"): pieces}, {},
+    assert _first_rib_bone({(8, "left"): rib(40.0, cut=True)}, {(8, "left"): pieces}, {},
                            "left") is None  # too little of it in view
-    assert _first_rib_bone({8: {"left_status": "undeterminable"}}, {(8, "left"): rib(150.0, gap=25.0)},
+    assert _first_rib_bone({(8, "left"): rib(150.0, gap=25.0)},
                            {(8, "left"): pieces}, {}, "left") is None  # it does not start at T1
     c7 = Rib(7, "left", 120.0, 100, True, 120.0, 0.0, 0.0)
-    found = _first_rib_bone({7: {"left_status": "absent"}}, {(7, "left"): c7}, {}, {"left": pieces[1]}, "left")
+    found = _first_rib_bone({(7, "left"): c7}, {}, {"left": pieces[1]}, "left")
     assert found is not None and found[0][0] is pieces[1] and found[1] is c7  # T1 left out of the mask
 
 

@@ -461,7 +461,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
             out[7][f"{side}_mm"], out[7][f"{side}_status"] = found["length_mm"], "present"
     if 7 in out:
         for side in SIDES:
-            first = _first_rib_bone(out, measured, components, first_of_unlabelled_t1, side)
+            first = _first_rib_bone(measured, components, first_of_unlabelled_t1, side)
             if out[7][f"{side}_status"] == "absent" and first is not None:
                 _cervical_rib_on_first_rib(grid, out, evidence, *first, frames, side, joint_distance, thr, outside,
                                            zone)
@@ -502,7 +502,7 @@ def _cervical_rib_head(grid: Grid, pieces: list, frames: dict, side: str) -> dic
             "centre_ras_mm": [round(float(v), 1) for v in best.mean(axis=0)], "length_mm": None}
 
 
-def _first_rib_bone(ribs: dict, measured: dict, components: dict, of_unlabelled_t1: dict, side: str):
+def _first_rib_bone(measured: dict, components: dict, of_unlabelled_t1: dict, side: str):
     """The first rib's pieces and its measured rib on ``side``, where a cervical rib joined to it may be.
 
     The first rib need not be measured whole: joined to the clavicle or the scapula, or
@@ -511,16 +511,15 @@ def _first_rib_bone(ribs: dict, measured: dict, components: dict, of_unlabelled_
     undeterminable, each with a cervical rib of 43-64 mm). Where the mask leaves out T1,
     the first rib is the piece set aside from C7 (see :func:`_first_rib_of_unlabelled_t1`).
     ``None`` where there is no first rib of ``FIRST_RIB_MIN_MM`` in view (adult first ribs
-    run 100-150 mm) starting at its joint.
+    run 100-150 mm) starting at its joint: the length and joint-gap tests that make T1's
+    rib ``absent`` (a speck, bone far from T1) leave it out whatever its status.
     """
     if side in of_unlabelled_t1:
         pieces, rib = [of_unlabelled_t1[side]], measured.get((7, side))
-    elif 8 in ribs and (8, side) in measured and components.get((8, side)):
+    elif (8, side) in measured and components.get((8, side)):
         # the piece its centreline runs through: T1's other pieces may be a whole rib of
         # their own (a second rib whose head touched T1, the first rib beside it)
         pieces, rib = components[(8, side)][:1], measured[(8, side)]
-        if ribs[8][f"{side}_status"] not in ("present", "cut", "undeterminable"):
-            return None
     else:
         return None
     if rib is None or rib.length_mm < FIRST_RIB_MIN_MM or rib.joint_gap_mm >= FAR_FROM_JOINT_MM:
@@ -736,7 +735,8 @@ def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames
         return
     sp = grid.sp
     idx = np.array(np.unravel_index(np.concatenate(pieces), grid.mask.shape)).T
-    d, _ = cKDTree(first.line).query(idx * sp, k=1)
+    along_first = cKDTree(first.line)
+    d, _ = along_first.query(idx * sp, k=1)
     rest = idx[d > 1.8 * first.radius_mm + float(sp.max())]
     c7 = grid.points(7)
     if len(rest) == 0 or len(c7) == 0:
@@ -762,7 +762,7 @@ def _cervical_rib_on_first_rib(grid: Grid, ribs, evidence, pieces, first, frames
     # first rib's head and neck beside C7, or a cut T1's process (synth 93020, 81005, 86031);
     # bone that ends far from the first rib is not joined to it (the clavicle, synth 96029)
     away = rib.tip_gap_mm >= CERVICAL_TIP_AWAY_MM
-    joined = float(cKDTree(first.line).query(np.asarray(rib.tip_mm), k=1)[0]) <= CERVICAL_JOIN_MM
+    joined = float(along_first.query(np.asarray(rib.tip_mm), k=1)[0]) <= CERVICAL_JOIN_MM
     ok = (not rib.cut and rib.length_mm >= MIN_RIB_MM and not speck and away and joined
           and _joint_at_body(rib, frames[7]))
     evidence.setdefault("C7", {})[f"{side}_joined_to_first_rib"] = {**rib.evidence(), "accepted": bool(ok)}

@@ -1297,7 +1297,28 @@ def test_sacrum_cut_by_the_scan_edge_is_named_by_its_alae(alae):
         assert r["field_of_view"]["last"] == "S1"
     else:
         assert max(found["reach_beside_body_mm"]) < 25.0, found
-        assert r["castellvi"] is None
+        # unnamed, the sacrum is not graded against; L5's normal processes still grade it
+        assert r["castellvi"]["grade"] == "0/1" and r["evidence"]["castellvi"]["graded_without_sacrum"]
+
+
+@pytest.mark.parametrize("last, process, grade", [(24, "normal", "0/1"), (24, "tall", None), (23, "normal", None)])
+def test_castellvi_without_the_sacrum_from_normal_processes(last, process, grade):
+    """Where the scan ends above the sacrum, an L5 with two processes under 19 mm is type 0
+    (types II-IV need an enlarged process, and type I is the enlargement); an enlarged one
+    could touch a sacrum out of view, and below an L4 may lie an L5 the scan cuts: no grade
+    (synth 85044, 88001: L5 over a cut sacrum, ungraded before)."""
+    ct, mask, aff = phantom(labels=(last - 2, last - 1, last), castellvi=(process, "normal"))
+    sp = np.diag(aff)[:3]
+    keep = int(np.rint(39.0 / sp[2]))  # the scan ends 4 mm above the sacrum (its top at z = 35 mm)
+    ct, mask = np.ascontiguousarray(ct[:, :, keep:]), np.ascontiguousarray(mask[:, :, keep:])
+    aff = aff.copy()
+    aff[2, 3] = keep * sp[2]
+    r = rate(ct, mask, aff)
+    assert (r["castellvi"] or {}).get("grade") == grade, r["evidence"]["castellvi"]
+    assert r["enumeration"]["lumbar"] is None
+    if grade:
+        sides = r["evidence"]["castellvi"]["sides"]
+        assert max(s["transverse_process_height_mm"] for s in sides.values()) < 19.0
 
 
 def test_a_thin_disc_is_a_slab_much_emptier_than_the_bodies_beside_it():

@@ -166,7 +166,9 @@ def rate_variants(ct_img, mask_img, centroids=None, stump_mm: float = STUMP_MM,
     effective = effective_regions(present, ribs, stump_mm)
     castellvi, cast_ev = rate_castellvi(grid, bone, thr, frames, present, spine_info)
     evidence["castellvi"] = cast_ev
-    items, seq_notes = spine_sequence(grid, present, effective, frames, spine_info, castellvi)
+    # a grade given without the sacrum in view does not place the sacrum below the last label
+    placed = None if cast_ev.get("graded_without_sacrum") else castellvi
+    items, seq_notes = spine_sequence(grid, present, effective, frames, spine_info, placed)
     notes += seq_notes
     fov = field_of_view(grid, items)
     enumeration, counts = enumerate_spine(items)
@@ -1196,7 +1198,8 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         sacrum_pts, found_ev = find_unlabelled_sacrum(grid, bone, frames, lumbar)
         evidence["unlabelled_sacrum"] = found_ev
         if sacrum_pts is None:
-            return None, {**evidence, "note": "sacrum neither labelled nor found below the last lumbar vertebra"}
+            evidence["note"] = "sacrum neither labelled nor found below the last lumbar vertebra"
+            return _graded_without_sacrum(grid, frames, lumbar, evidence)
         mask_all = grid.mask.copy()
         mask_all[tuple(sacrum_pts.T)] = 26
     # region of interest: the last lumbar vertebra, the sacrum's top and everything between
@@ -1295,6 +1298,44 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     result = {"vertebra": name, "left": grades["left"], "right": grades["right"], "grade": combined,
               "unlabelled_vertebra": bool(fused_vertebra)}
     return result, evidence
+
+
+def _graded_without_sacrum(grid: Grid, frames: dict, lumbar: list[int], evidence: dict):
+    """Castellvi 0/1 for an L5 or L6 whose transverse processes are both in view and under
+    ``TP_HEIGHT_MM``, where the sacrum below is not found (mostly cut by the field of view).
+
+    Types II-IV are all contacts of an enlarged (dysplastic) process with the sacrum, and
+    type I is the enlargement itself, so two normal processes are type 0 whatever lies
+    below. Only the vertebra named L5 or L6 is graded: below an L4 may lie an L5 the
+    scan cuts. Returns ``(None, evidence)`` where a process is enlarged, missing or cut
+    by the scan's edge: the sacrum is then needed to grade it.
+    """
+    last = lumbar[-1]
+    if L.name(last) not in ("L5", "L6"):
+        return None, evidence
+    fr = frames[last]
+    pts = grid.points(last)
+    rel = pts * grid.sp - fr.centre
+    lat, t = rel @ fr.right, rel @ fr.superior
+    half_width = float(np.median([frames[lab].half_width for lab in lumbar[-3:]]))
+    on_edge = np.any((pts == 0) | (pts == np.asarray(grid.mask.shape) - 1), axis=1)
+    heights = {}
+    for side, sign in (("left", -1.0), ("right", 1.0)):
+        lat_s = lat * sign
+        beside = lat_s > 0
+        if not beside.any() or on_edge[lat_s > half_width].any():
+            return None, evidence
+        tp = beside & (lat_s >= min(half_width + 3.0, TP_LATERAL * float(lat_s[beside].max())))
+        if not tp.any():
+            return None, evidence
+        heights[side] = round(_tp_height(tp, lat_s, t, grid.sp), 1)
+    if max(heights.values()) >= TP_HEIGHT_MM:
+        return None, evidence
+    evidence.update({"graded_without_sacrum": True, "last_lumbar_label": L.name(last),
+                     "sides": {side: {"grade": 0, "transverse_process_height_mm": h} for side, h in heights.items()},
+                     "note": f"sacrum not found below {L.name(last)}; both its transverse processes are under "
+                             f"{TP_HEIGHT_MM:g} mm, and types II-IV need an enlarged one: type 0"})
+    return {"vertebra": L.name(last), "left": 0, "right": 0, "grade": "0/1", "unlabelled_vertebra": False}, evidence
 
 
 def _split_at_disc(m: np.ndarray, b: np.ndarray, coords: np.ndarray, disc: dict) -> np.ndarray:

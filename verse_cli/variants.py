@@ -1325,7 +1325,7 @@ def _graded_without_sacrum(grid: Grid, frames: dict, lumbar: list[int], evidence
         beside = lat_s > 0
         if not beside.any() or on_edge[lat_s > half_width].any():
             return None, evidence
-        tp = beside & (lat_s >= min(half_width + 3.0, TP_LATERAL * float(lat_s[beside].max())))
+        tp = _transverse_process(beside, lat_s, half_width)
         if not tp.any():
             return None, evidence
         heights[side] = round(_tp_height(tp, lat_s, t, grid.sp), 1)
@@ -1858,14 +1858,19 @@ def _tp_height(tp: np.ndarray, lat: np.ndarray, t: np.ndarray, sp: np.ndarray, s
     return float(np.median(heights)) if heights else 0.0
 
 
+def _transverse_process(beside: np.ndarray, lat: np.ndarray, half_width: float) -> np.ndarray:
+    """The transverse process among a vertebra's voxels on one side (``beside``, ``lat``: mm
+    out from the midline): lateral of its body, beyond the facet joints (which articulate
+    with the sacrum in every spine and must not count)."""
+    return beside & (lat >= min(half_width + 3.0, TP_LATERAL * float(lat[beside].max())))
+
+
 def _castellvi_side(vert, lat, t, ala, ct, thr, sp, coords, half_width: float, soft_hu: float = 40.0) -> dict:
     """Grade one side: transverse process height, gap to the sacrum, fusion."""
     side = vert & (lat > 0)
     if not side.any():
         return {"grade": 0, "note": "no bone on this side"}
-    # the transverse process: the vertebra lateral of its body, beyond the facet
-    # joints (which articulate with the sacrum in every spine and must not count)
-    tp = side & (lat >= min(half_width + 3.0, TP_LATERAL * float(lat[side].max())))
+    tp = _transverse_process(side, lat, half_width)
     tp_height = _tp_height(tp, lat, t, sp)
     from scipy.spatial import cKDTree
 

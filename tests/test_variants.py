@@ -875,6 +875,21 @@ def test_first_rib_touching_only_c7_is_not_a_cervical_rib():
     assert evidence["T1"]["left"]["length_mm"] == 85.5 and "left" not in evidence["C7"]
 
 
+def test_short_c7_rib_beside_an_absent_t1_rib_stays_a_cervical_rib():
+    """A whole C7 rib shorter than any first rib (60 mm) beside a T1 without a rib is a
+    cervical rib whose first rib went into bone that starts away from T1's joint (synth
+    88114: a 41 mm cervical rib read as T1's rib on 1.8 mm voxels); a cut one, whose
+    length is unknown, is still the first rib."""
+    from verse_cli.variants import _first_rib_from_c7
+
+    ribs = {7: {"left_mm": 39.4, "left_status": "present", "right_mm": None, "right_status": "cut",
+                "right_visible_mm": 45.0},
+            8: {"left_mm": None, "left_status": "absent", "right_mm": None, "right_status": "absent"}}
+    assert _first_rib_from_c7(ribs, {}) == ["right"]
+    assert ribs[7]["left_status"] == "present" and ribs[7]["left_mm"] == 39.4
+    assert ribs[8]["left_status"] == "absent" and ribs[8]["right_status"] == "cut"
+
+
 
 def test_a_short_rib_above_a_vertebra_with_a_long_rib_is_no_stump():
     """Ribs shorten down to the last rib-bearing vertebra: a short piece above a vertebra

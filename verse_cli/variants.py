@@ -797,8 +797,11 @@ def _first_rib_from_c7(ribs: dict, evidence: dict, components: dict | None = Non
         c7_mm = c7.get(f"{side}_mm") or c7.get(f"{side}_visible_mm") or 0.0
         speck = (t1.get(f"{side}_status") in ("present", "undeterminable") and t1_mm < STUMP_MM
                  and c7.get(f"{side}_status") in ("present", "cut") and c7_mm >= FIRST_RIB_MIN_MM)
+        # a whole C7 rib shorter than any first rib is a cervical rib whose first rib was
+        # lost to T1 (joined to other bone away from T1's joint: synth 88114, 41 mm)
+        too_short = c7.get(f"{side}_status") == "present" and c7_mm < FIRST_RIB_MIN_MM
         if speck or (c7.get(f"{side}_status") in ("present", "cut", "undeterminable")
-                     and t1.get(f"{side}_status") == "absent"):
+                     and t1.get(f"{side}_status") == "absent" and not too_short):
             if measured is not None and (7, side) in measured:
                 measured[(8, side)] = measured.pop((7, side))
             if components is not None and (7, side) in components:

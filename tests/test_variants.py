@@ -91,6 +91,15 @@ def phantom(labels=(17, 18, 19, 20, 21), ribs=None, sacrum=True, sp=SPACING, wid
     return ct, mask, np.diag([*sp, 1.0])
 
 
+def _scan_from(ct, mask, aff, z_mm: float):
+    """The phantom as a scan that starts ``z_mm`` above its foot end (the field of view cuts
+    what lies below), with the affine moved to match."""
+    keep = int(np.rint(z_mm / np.diag(aff)[2]))
+    aff = aff.copy()
+    aff[2, 3] = keep * aff[2, 2]
+    return np.ascontiguousarray(ct[:, :, keep:]), np.ascontiguousarray(mask[:, :, keep:]), aff
+
+
 def rate(ct, mask, affine, **kw):
     return rate_variants(nib.Nifti1Image(ct, affine), nib.Nifti1Image(mask, affine), **kw)
 
@@ -1272,12 +1281,8 @@ def test_bone_cut_by_the_scan_edge_below_the_last_label_is_not_named_the_sacrum(
     longer than a vertebral body may be the next vertebra as much as the sacrum: neither is
     named, so the lumbar count stays undeterminable (it was closed at the last label)."""
     ct, mask, aff = phantom(labels=(20, 21, 22, 23, 24), sacrum=False, unlabel=(24,))
-    sp = np.diag(aff)[:3]
     zc = 25.0  # the unlabelled L5's centre: its body spans z 15-35 mm
-    keep = int(np.rint((zc - 3.0) / sp[2]))  # the scan ends 13 mm below the body's top
-    ct, mask = np.ascontiguousarray(ct[:, :, keep:]), np.ascontiguousarray(mask[:, :, keep:])
-    aff = aff.copy()
-    aff[2, 3] = keep * sp[2]
+    ct, mask, aff = _scan_from(ct, mask, aff, zc - 3.0)  # the scan ends 13 mm below the body's top
     r = rate(ct, mask, aff)
     found = r["evidence"]["castellvi"].get("unlabelled_sacrum", {})
     assert found.get("cut_by_field_of_view"), found
@@ -1299,10 +1304,7 @@ def test_sacrum_cut_by_the_scan_edge_is_named_by_its_alae(alae):
         z = np.arange(ct.shape[2]) * sp[2]
         sacrum = (np.abs(x) > 15)[:, None, None] & ((z >= 14) & (z <= 36))[None, None, :] & (ct > 200)
         ct[sacrum] = 40.0
-    keep = int(np.rint(25.0 / sp[2]))  # the sacrum's top is at z = 35 mm
-    ct, mask = np.ascontiguousarray(ct[:, :, keep:]), np.ascontiguousarray(mask[:, :, keep:])
-    aff = aff.copy()
-    aff[2, 3] = keep * sp[2]
+    ct, mask, aff = _scan_from(ct, mask, aff, 25.0)  # the sacrum's top is at z = 35 mm
     r = rate(ct, mask, aff)
     found = r["evidence"]["castellvi"]["unlabelled_sacrum"]
     assert found.get("cut_by_field_of_view"), found
@@ -1323,11 +1325,7 @@ def test_castellvi_without_the_sacrum_from_normal_processes(last, process, grade
     could touch a sacrum out of view, and below an L4 may lie an L5 the scan cuts: no grade
     (synth 85044, 88001: L5 over a cut sacrum, ungraded before)."""
     ct, mask, aff = phantom(labels=(last - 2, last - 1, last), castellvi=(process, "normal"))
-    sp = np.diag(aff)[:3]
-    keep = int(np.rint(39.0 / sp[2]))  # the scan ends 4 mm above the sacrum (its top at z = 35 mm)
-    ct, mask = np.ascontiguousarray(ct[:, :, keep:]), np.ascontiguousarray(mask[:, :, keep:])
-    aff = aff.copy()
-    aff[2, 3] = keep * sp[2]
+    ct, mask, aff = _scan_from(ct, mask, aff, 39.0)  # 4 mm above the sacrum's top (z = 35 mm)
     r = rate(ct, mask, aff)
     assert (r["castellvi"] or {}).get("grade") == grade, r["evidence"]["castellvi"]
     assert r["enumeration"]["lumbar"] is None

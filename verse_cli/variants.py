@@ -166,9 +166,9 @@ def rate_variants(ct_img, mask_img, centroids=None, stump_mm: float = STUMP_MM,
     effective = effective_regions(present, ribs, stump_mm)
     castellvi, cast_ev = rate_castellvi(grid, bone, thr, frames, present, spine_info)
     evidence["castellvi"] = cast_ev
-    # a grade given without the sacrum in view does not place the sacrum below the last label
-    placed = None if cast_ev.get("graded_without_sacrum") else castellvi
-    items, seq_notes = spine_sequence(grid, present, effective, frames, spine_info, placed)
+    # a grade given without the sacrum in view (normal processes) does not place it
+    sacrum_found = castellvi is not None and not cast_ev.get("graded_without_sacrum")
+    items, seq_notes = spine_sequence(grid, present, effective, frames, spine_info, castellvi, sacrum_found)
     notes += seq_notes
     fov = field_of_view(grid, items)
     enumeration, counts = enumerate_spine(items)
@@ -1065,8 +1065,12 @@ _OPTIONAL = {28, 25}  # T13 and L6 are variants, never missing vertebrae
 _VARIANT_SKIPS = {(18, 20), (23, 26), (18, 28)}  # T11->L1 (11 thoracic), L4->S1 (4 lumbar)
 
 
-def spine_sequence(grid: Grid, present, effective, frames, spine_info, castellvi) -> tuple[list[dict], list[str]]:
+def spine_sequence(grid: Grid, present, effective, frames, spine_info, castellvi,
+                   sacrum_found: bool = False) -> tuple[list[dict], list[str]]:
     """Vertebrae in the field of view, head to foot: labelled, cut or unlabelled.
+
+    ``sacrum_found``: the unlabelled sacrum was found below the last lumbar label (by the
+    Castellvi rating), so the vertebra after a last label cut by the scan is S1.
 
     Each item is ``{"name", "region", "status"}`` with status ``visible`` (labelled),
     ``cut`` (unlabelled at an end of the field of view), ``unlabelled`` (bone where a
@@ -1120,8 +1124,7 @@ def spine_sequence(grid: Grid, present, effective, frames, spine_info, castellvi
     else:
         bottom = spine_info.get("bottom")
         if spine and bottom and bottom["present"]:
-            # a Castellvi rating means the sacrum was found below the last lumbar label
-            nxt = "S1" if castellvi else _neighbour_name(spine[-1], +1)
+            nxt = "S1" if sacrum_found else _neighbour_name(spine[-1], +1)
             if nxt:
                 items.append({"name": nxt, "region": "S" if nxt == "S1" else nxt[0], "status": "cut"})
     return items, notes
@@ -1264,9 +1267,7 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     rel_v = coords - rated_frame_centre
     lat_v = rel_v @ fr.right
     t_v = rel_v @ fr.superior
-    # the body's half width: the median over the last lumbar vertebrae (one enlarged,
-    # asymmetric transverse process can tilt a single vertebra's estimated frame)
-    half_width = float(np.median([frames[lab].half_width for lab in lumbar[-3:]]))
+    half_width = _lumbar_half_width(frames, lumbar)
     # the sacral ala: the labelled sacrum lateral of the S1 facets
     sides = {}
     for side, sign in (("left", -1.0), ("right", 1.0)):
@@ -1303,6 +1304,13 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
     return result, evidence
 
 
+def _lumbar_half_width(frames: dict, lumbar: list[int]) -> float:
+    """The lowest lumbar body's half width (mm): the median over the last three lumbar
+    vertebrae. A last label cut by the scan's edge or with one enlarged, asymmetric process
+    can widen or tilt its own estimate by a third (real verse014's L5: 31 mm, L3-L4 21-23)."""
+    return float(np.median([frames[lab].half_width for lab in lumbar[-3:]]))
+
+
 def _graded_without_sacrum(grid: Grid, frames: dict, lumbar: list[int], evidence: dict):
     """Castellvi 0/1 for an L5 or L6 whose transverse processes are both in view and under
     ``TP_HEIGHT_MM``, where the sacrum below is not found (mostly cut by the field of view).
@@ -1320,7 +1328,7 @@ def _graded_without_sacrum(grid: Grid, frames: dict, lumbar: list[int], evidence
     pts = grid.points(last)
     rel = pts * grid.sp - fr.centre
     lat, t = rel @ fr.right, rel @ fr.superior
-    half_width = float(np.median([frames[lab].half_width for lab in lumbar[-3:]]))
+    half_width = _lumbar_half_width(frames, lumbar)
     on_edge = np.any((pts == 0) | (pts == np.asarray(grid.mask.shape) - 1), axis=1)
     heights = {}
     for side, sign in (("left", -1.0), ("right", 1.0)):
@@ -1490,9 +1498,7 @@ def next_body_probe(grid: Grid, free: np.ndarray, frames: dict, lumbar: list[int
     walk's discs decide alone.
     """
     fr = frames[lumbar[-1]]
-    # the median over the last lumbar bodies: a last label cut by the scan's edge or with one
-    # enlarged process can widen its own estimate by a third (real verse014's L5: 31 mm, L3-L4 21-23)
-    hw = float(np.median([frames[lab].half_width for lab in lumbar[-3:]]))
+    hw = _lumbar_half_width(frames, lumbar)
     out: dict = {"nature": None, "half_width_mm": round(hw, 1)}
     bodies = [frames[lab].body for lab in lumbar[-3:]]
     if len(bodies) < 2:

@@ -383,7 +383,7 @@ def _interspinous_gaps_mm(case) -> list[float]:
     for lab, centroid in ctd.items():
         pts = geometry.vox2world(case.affine, np.argwhere(m == lab))
         rel = pts - centroid
-        behind[lab] = pts[(rel[:, 1] < -30) & (np.abs(rel[:, 0]) < 8)]  # RAS world: posterior is -y
+        behind[lab] = pts[(rel[:, 1] < -30) & (np.abs(rel[:, 0]) < 8)]  # world axes are RAS: posterior is -y
     gaps = []
     for a in sorted(behind):
         b = a + 1

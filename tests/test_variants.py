@@ -695,6 +695,30 @@ def test_castellvi_cleft_narrower_than_the_voxels_is_a_pseudarthrosis(cleft_hu, 
     assert side["grade"] == grade, side
 
 
+@pytest.mark.parametrize("dark_voxels, grade", [(2, 2), (3, 1)])
+def test_castellvi_cleft_widened_by_the_blur_is_still_a_pseudarthrosis(dark_voxels, grade):
+    """The labels lie 5 mm apart, but the CT's bone comes closer: two dark voxels and one of
+    partial volume (170 HU) between process and ala read 2.2 mm below the bone threshold on
+    the profile, a ~1 mm cleft widened by the blur: II (synth pseudarthroses read up to
+    3.2 mm; at 2.0 mm 24 of 146 were graded I). Three dark voxels (3.2 mm) are a gap: I."""
+    from verse_cli.variants import _box_coords, _castellvi_side
+
+    sp = np.ones(3)
+    shape = (30, 12, 50)
+    coords = _box_coords(shape, sp, np.zeros(3))
+    lat, t = coords[..., 0], coords[..., 2] - 30.0
+    ct = np.full(shape, 450.0, np.float32)
+    ct[(lat < 10) | (t >= 24)] = 40.0
+    tp = (lat >= 20) & (t >= 0) & (t < 24)
+    ala = (lat >= 10) & (t <= -6)
+    for k in range(1, dark_voxels + 1):
+        ct[(lat >= 10) & (t == -k)] = 40.0
+    ct[(lat >= 10) & (t == -(dark_voxels + 1))] = 170.0
+    side = _castellvi_side(tp, lat, t, ala, ct, 175.0, sp, coords, half_width=15.0, soft_hu=40.0)
+    assert side["gap_to_sacrum_mm"] > 2.5 and side["valley_hu"] < 100
+    assert side["grade"] == grade, side
+
+
 def test_normal_transverse_process_near_the_sacrum_is_not_castellvi_2():
     """Castellvi II and III need an enlarged (>= 19 mm) transverse process: a normal 10 mm
     process 1.5 mm from the sacrum is grade 0."""

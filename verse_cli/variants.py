@@ -1279,6 +1279,7 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
             np.asarray(disc["disc_normal"], dtype=float)).astype(np.float32)
     elif fused_vertebra:  # the disc's plane square to the lumbar axis, just above the sacrum's top
         along_disc = (t_sac_top + 5.0) - t
+    ap_v = rel_v @ fr.anterior if fused_vertebra else None
     # the sacral ala: the labelled sacrum lateral of the S1 facets
     sides = {}
     for side, sign in (("left", -1.0), ("right", 1.0)):
@@ -1299,16 +1300,14 @@ def rate_castellvi(grid: Grid, bone, thr, frames, present, spine_info):
         sides[side] = _castellvi_side(vert, lat_s, t_v, ala, ct, thr, sp, coords, half_width, grid.soft_hu)
         if fused_vertebra:
             t_sacrum = t_sac_top - float((rated_frame_centre - fr.centre) @ fr.superior)
-            args = (ct, base_mm, sp, rated_frame_centre, fr, sign, half_width, vert, lat_s, rel_v @ fr.anterior,
-                    t_v, t_sacrum, thr)
+            args = (ct, base_mm, sp, rated_frame_centre, fr, sign, half_width, vert, lat_s, ap_v, t_v, t_sacrum, thr)
             # the fused vertebra sits in the lumbosacral bend, tilted back from the labelled
             # vertebra above (the L5-S1 angle is 20-40 degrees beyond the lumbar axis): a line
             # held to that axis can pass beside its contact with the ala, so a side is clear
             # only when the lines turned back with the bend are clear too
             bent = [g for tilt in (15.0, 30.0) for g in _lines_to_the_ala(*args, tilt_deg=tilt)]
             sides[side] = _regraded_by_lines(sides[side], _lines_to_the_ala(*args), bent_gaps=bent)
-            bridge = _bridge_to_ala(ct, sp, vert, b, lat_s, along_disc, rel_v @ fr.anterior, half_width,
-                                    grid.soft_hu)
+            bridge = _bridge_to_ala(ct, sp, vert, b, lat_s, along_disc, ap_v, half_width, grid.soft_hu)
             sides[side] = _regraded_by_bridge({**sides[side], **bridge})
     grades = {s: sides[s]["grade"] for s in sides}
     combined = _combine(grades["left"], grades["right"])
@@ -1981,15 +1980,22 @@ def _bridge_to_ala(ct, sp, vert, bone, lat, along, ap, half_width: float, soft_h
         return {}
     a0 = float(np.median(ap[tp_core]))
     region = lateral & (np.abs(along) < 40.0) & (ap > a0 - 8.0) & (ap < a0 + 20.0)
+    # the search stays in the band: smooth and label only its box (the smoothing's reach,
+    # 4 sigma, stays within the 4 voxels of padding, so the HU inside are the same)
+    idx = np.argwhere(region | tp_core)
+    lo_i, hi_i = np.maximum(idx.min(axis=0) - 4, 0), np.minimum(idx.max(axis=0) + 5, region.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo_i, hi_i))
+    region, tp_core, ala_core = region[box], tp_core[box], ala_core[box]
     # 0.7 mm of smoothing: noise alone (25-50 HU) would otherwise break a bridge
-    sm = ndimage.gaussian_filter(ct.astype(np.float32), sigma=0.7 / np.asarray(sp, float))
+    sm = ndimage.gaussian_filter(ct[box].astype(np.float32), sigma=0.7 / np.asarray(sp, float))
     level = float(np.median(sm[tp_core]))
     lo, hi = soft_hu, float(max(sm[tp_core].max(), level))
+    tp_in, ala_in = tp_core & region, ala_core & region
 
     def joined(h):
         comps, _ = ndimage.label(region & (sm >= h))
-        a = np.unique(comps[tp_core & region])
-        return bool(np.intersect1d(a[a > 0], comps[ala_core & region]).size)
+        a = np.unique(comps[tp_in])
+        return bool(np.intersect1d(a[a > 0], comps[ala_in]).size)
 
     if not joined(lo):
         return {"bridge_hu": None, "bridge_ratio": 0.0, "process_hu": round(level, 0)}

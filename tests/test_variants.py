@@ -1313,6 +1313,19 @@ def test_unlabelled_sacrum_is_redrawn_at_the_disc_below_a_transitional_vertebra(
     assert (m[10:30, 10:30, 12:18] == 0).all()  # the input is left as it was
 
 
+def test_disc_below_a_transitional_vertebra_tilts_forwards_not_sideways():
+    """The walk's centres drift towards a process fused on one side; the disc's normal keeps
+    their forward tilt (the lordosis) but not their sideways one, which handed one side's
+    process to the sacrum (synth 88742, 88757: grade 4 read as 2a and 0/1)."""
+    from verse_cli.variants import _sagittal_disc_normal
+
+    right = geometry.unit(np.array([1.0, 0.0, 0.1]))
+    body_mid, sacrum_top = np.array([0.0, 0.0, 0.0]), np.array([12.0, -10.0, -20.0])  # 12 mm to the right
+    n = _sagittal_disc_normal(body_mid, sacrum_top, right)
+    assert abs(n @ right) < 1e-9 and np.isclose(np.linalg.norm(n), 1.0)
+    assert n[1] < -0.4 and n[2] < -0.8  # down and back, as the walk went
+
+
 def _plate_at_left_rib_tip(shape, labels, width, level, length, x_from, thick_mm, below_mm, above_mm):
     """A box of bone (the shoulder girdle) in front of the tip of the left rib that
     :func:`phantom` draws at ``labels[level]`` with that ``length``, from ``x_from`` (mm)

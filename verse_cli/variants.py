@@ -1484,13 +1484,26 @@ def find_unlabelled_sacrum(grid: Grid, bone: np.ndarray, frames: dict, lumbar: l
         body_mid = centres[(runs[0][0] + runs[0][1] - 1) // 2]
         sac_top = centres[min(runs[1][0] + 2, len(centres) - 1)]
         evidence["disc_point_mm"] = [round(float(v), 2) for v in centres[(runs[0][1] + runs[1][0]) // 2]]
-        evidence["disc_normal"] = [round(float(v), 4) for v in geometry.unit(sac_top - body_mid)]
+        evidence["disc_normal"] = [round(float(v), 4) for v in _sagittal_disc_normal(body_mid, sac_top, fr.right)]
     if pts is None:
         pts = _bone_joined_at(grid, free, centres, sacrum[0], down)
     if len(pts) == 0:
         return None, evidence
     evidence["voxels"] = len(pts)
     return pts, evidence
+
+
+def _sagittal_disc_normal(body_mid: np.ndarray, sacrum_top: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The normal of the disc under a transitional body: from the body's middle towards the
+    sacrum's top, in the sagittal plane (square to ``right``).
+
+    The lumbosacral disc tilts forwards with the lordosis, not sideways. The walk's centres
+    are pulled across the column towards the bone they meet, most beside a process fused
+    on one side, and a disc tilted sideways with them (20-35 degrees, synth 88742, 88757)
+    gives that side's process and its bridge to the sacrum, and the other side's process
+    to the vertebra: a grade 4 read as 2a or 0/1."""
+    normal = np.asarray(sacrum_top, float) - np.asarray(body_mid, float)
+    return geometry.unit(normal - (normal @ right) * right)
 
 
 def next_body_probe(grid: Grid, free: np.ndarray, frames: dict, lumbar: list[int]) -> dict:

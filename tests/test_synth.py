@@ -242,6 +242,22 @@ def test_castellvi_pseudarthrosis_gap(variant):
         "field_of_view"]["cut"]
 
 
+def test_castellvi_contact_is_measured_on_the_process_lateral_of_its_root():
+    """A grade II/III contact is calibrated on the process lateral of its root: a tall
+    process's root, met first by a high sacrum, kept the calibration from moving the
+    process's tip onto the ala (synth 88739)."""
+    from verse_cli.synth.anatomy import Level
+    from verse_cli.synth.case import PROCESS_CONTACT_MM, _process_part
+
+    lv = Level(name="L5", vid=24, region="L", dims={"W": 46.0})
+    whole = lambda p: np.linalg.norm(p, axis=1) - 100.0  # a solid everywhere near the origin
+    p = np.array([[23.0 + PROCESS_CONTACT_MM + 1.0, 0.0, 0.0], [23.0 + PROCESS_CONTACT_MM - 1.0, 0.0, 0.0],
+                  [-(23.0 + PROCESS_CONTACT_MM + 1.0), 0.0, 0.0]], dtype=np.float32)
+    right = _process_part(whole, lv, "right")(p)
+    assert right[0] < 0 < right[1] and right[2] > 0  # the right process only, beyond its root
+    assert _process_part(whole, lv, "left")(p)[2] < 0
+
+
 def test_deterministic_by_seed():
     from verse_cli.synth import generate_case
 

@@ -418,7 +418,8 @@ def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
 
     For distance fields the gap between two solids is twice the minimum over points of
     max(d1, d2) (reached midway between them; negative when they overlap); it is
-    measured on a dense point cloud around the contact.
+    measured on a dense point cloud around the contact. A grade II or III contact is the
+    process's own, lateral of its root (:func:`_process_part`).
     """
     out = {}
     for side, tp in lv.extra["tp_sides"].items():
@@ -426,9 +427,10 @@ def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
             continue
         # grade I draws its probe points from its own generator: the case's stream is unchanged
         pts = _contact_probes(lv, side, tp, rng if "gap" in tp else np.random.default_rng(0))
+        sdf = _process_part(vshape.sdf, lv, side) if "gap" in tp else vshape.sdf
         gap = None
         for _ in range(6):
-            gap = _solid_gap(pts, vshape, sshape)
+            gap = _solid_gap(pts, sdf, sshape.sdf)
             if "min_gap" in tp and gap >= tp["min_gap"]:
                 break
             err = gap - tp.get("gap", tp.get("min_gap"))
@@ -444,8 +446,30 @@ def _contact_gaps(lv, vshape: Shape, sshape: Shape) -> dict:
     """Per side with a Castellvi contact, the gap between the process and the ala (mm,
     negative where they overlap), measured as :func:`_calibrate_castellvi` does, on probe
     points from a generator of its own: the case's stream is unchanged."""
-    return {side: round(_solid_gap(_contact_probes(lv, side, tp, np.random.default_rng(0)), vshape, sshape), 2)
+    return {side: round(_solid_gap(_contact_probes(lv, side, tp, np.random.default_rng(0)),
+                                   _process_part(vshape.sdf, lv, side) if "gap" in tp else vshape.sdf, sshape.sdf), 2)
             for side, tp in lv.extra["tp_sides"].items()}
+
+
+#: a grade II or III contact lies this far lateral of the last lumbar body's side at least (mm)
+PROCESS_CONTACT_MM = 10.0
+
+
+def _process_part(sdf, lv, side: str):
+    """The vertebra's ``sdf`` cut off PROCESS_CONTACT_MM lateral of its body's side, on ``side``.
+
+    A tall enlarged process is tall at its root too, and where the sacrum sits high its
+    root met the ala first, just beside the body and behind it. The calibration, which moves
+    only the process's tip, then measured that root contact, never reached its target and
+    left the tip raised far from the ala (synth 88739, 88738: 14-17 mm up): a pseudarthrosis
+    drawn where readers look for the facet joints, not between the process and the ala."""
+    s = F32(1.0 if side == "right" else -1.0)
+    edge = F32(lv.dims["W"] / 2 + PROCESS_CONTACT_MM)
+
+    def process(p):
+        return np.maximum(sdf(p), edge - s * lv.local(p)[:, 0])
+
+    return process
 
 
 def _contact_probes(lv, side: str, tp: dict, gen) -> np.ndarray:
@@ -456,10 +480,10 @@ def _contact_probes(lv, side: str, tp: dict, gen) -> np.ndarray:
     return pts[lv.local(pts)[:, 0] * s > lv.dims["W"] / 2 + 6]
 
 
-def _solid_gap(pts: np.ndarray, vshape: Shape, sshape: Shape) -> float:
+def _solid_gap(pts: np.ndarray, sdf_a, sdf_b) -> float:
     """The gap between two solids near ``pts``: twice the least max(d1, d2) (reached midway
     between them; negative where they overlap)."""
-    return 2.0 * float(np.maximum(vshape.sdf(pts), sshape.sdf(pts)).min())
+    return 2.0 * float(np.maximum(sdf_a(pts), sdf_b(pts)).min())
 
 
 def _joints(chain, canvas: Canvas, rng, meta) -> list[Shape]:

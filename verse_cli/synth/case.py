@@ -427,7 +427,7 @@ def _calibrate_castellvi(lv, vshape: Shape, sshape: Shape, rng) -> dict:
             continue
         # grade I draws its probe points from its own generator: the case's stream is unchanged
         pts = _contact_probes(lv, side, tp, rng if "gap" in tp else np.random.default_rng(0))
-        sdf = _process_part(vshape.sdf, lv, side) if "gap" in tp else vshape.sdf
+        sdf = _contact_sdf(vshape, lv, side, tp)
         gap = None
         for _ in range(6):
             gap = _solid_gap(pts, sdf, sshape.sdf)
@@ -447,8 +447,15 @@ def _contact_gaps(lv, vshape: Shape, sshape: Shape) -> dict:
     negative where they overlap), measured as :func:`_calibrate_castellvi` does, on probe
     points from a generator of its own: the case's stream is unchanged."""
     return {side: round(_solid_gap(_contact_probes(lv, side, tp, np.random.default_rng(0)),
-                                   _process_part(vshape.sdf, lv, side) if "gap" in tp else vshape.sdf, sshape.sdf), 2)
+                                   _contact_sdf(vshape, lv, side, tp), sshape.sdf), 2)
             for side, tp in lv.extra["tp_sides"].items()}
+
+
+def _contact_sdf(vshape: Shape, lv, side: str, tp: dict):
+    """What of the vertebra a side's contact with the ala is measured on: the process lateral
+    of its root for grades II and III (a ``gap`` target), the whole vertebra for grade I,
+    which must stay clear of the ala anywhere (a ``min_gap``)."""
+    return _process_part(vshape.sdf, lv, side) if "gap" in tp else vshape.sdf
 
 
 #: a grade II or III contact lies this far lateral of the last lumbar body's side at least (mm)

@@ -331,6 +331,53 @@ def test_side_of_a_fused_vertebra_regraded_by_the_bridge_to_the_ala(grade, ratio
     assert _regraded_by_bridge({"grade": grade, "bridge_ratio": ratio})["grade"] == regraded
 
 
+def _process_above_an_ala(cleft_mm: int) -> dict:
+    """A process (x 40-54 mm) ``cleft_mm`` of soft tissue above an ala whose top (z 47) rises
+    2 mm above the plane that parts the vertebra from the sacrum (z 45): that top lies in the
+    vertebra's voxels, as the plane leaves it. Bone has a 700 HU shell round a mottled core,
+    blurred as a scanner does."""
+    from scipy import ndimage
+
+    from verse_cli.variants import _box_coords, _bridge_to_ala
+
+    sp, shape = np.ones(3), (70, 30, 80)
+    coords = _box_coords(shape, sp, np.zeros(3))
+    lat, ap, along = coords[..., 0], coords[..., 1] - 15.0, 45.0 - coords[..., 2]
+    bone = np.zeros(shape, bool)
+    bone[40:55, 10:21, 47 + cleft_mm : 70] = True  # the process
+    bone[40:55, 10:21, 20:47] = True  # the ala
+    core = ndimage.binary_erosion(bone, iterations=2)
+    mottle = np.random.default_rng(0).normal(200.0, 120.0, shape)
+    ct = np.where(core, mottle, np.where(bone, 700.0, 40.0))
+    ct = ndimage.gaussian_filter(ct, 0.8).astype(np.float32)
+    vert = np.zeros(shape, bool)
+    vert[40:55, 10:21, 45:70] = True
+    return _bridge_to_ala(ct, sp, vert, ct >= 200.0, lat, along, ap, half_width=12.0, soft_hu=40.0)
+
+
+@pytest.mark.parametrize("cleft_mm, clear", [(0, False), (1, False), (2, False), (4, True), (6, True)])
+def test_process_clear_of_the_ala_is_told_from_a_pseudarthrosis_beside_a_fused_vertebra(cleft_mm, clear):
+    """The plane that parts a fused vertebra from the sacrum leaves the ala's top in the
+    vertebra, so the labels touch whatever the cleft; the raw CT, parted along its darkest
+    surface, still shows a process 4 mm or more from its ala as clear of it, and one 1-2 mm
+    from it (a pseudarthrosis) or fused as touching, however mottled its core."""
+    from verse_cli.variants import CLEAR_OF_ALA_MM
+
+    out = _process_above_an_ala(cleft_mm)
+    assert (out["process_to_ala_mm"] > CLEAR_OF_ALA_MM) == clear, out
+
+
+@pytest.mark.parametrize("grade, ratio, height, regraded", [(2, 0.3, 30.0, 1), (3, 0.2, 30.0, 1), (3, 0.2, 12.0, 0),
+                                                            (3, 1.0, 30.0, 3)])
+def test_side_clear_of_its_ala_beside_a_fused_vertebra_is_no_pseudarthrosis(grade, ratio, height, regraded):
+    """A side read II or III whose bone stays 4 mm from the ala's touches nothing: grade I
+    when its process is enlarged, else none; bone as bright as the process still fuses."""
+    from verse_cli.variants import _regraded_by_bridge
+
+    side = {"grade": grade, "bridge_ratio": ratio, "process_to_ala_mm": 4.0, "transverse_process_height_mm": height}
+    assert _regraded_by_bridge(side)["grade"] == regraded
+
+
 def _lines_beside_a_process(process_bottom_z: int):
     """Raw-CT lines down from a transverse process (x 56-69 mm, to ``process_bottom_z``) into
     an ala (z 30-45, the sacrum's top at z 45) with other bone below it (z 20-23, an ilium)."""

@@ -378,6 +378,18 @@ def test_side_clear_of_its_ala_beside_a_fused_vertebra_is_no_pseudarthrosis(grad
     assert _regraded_by_bridge(side)["grade"] == regraded
 
 
+@pytest.mark.parametrize("grade, ratio, to_ala, regraded", [(0, 1.0, 0.7, 3), (1, 0.9, 1.0, 3), (0, 0.6, 0.7, 0),
+                                                            (0, 1.0, 4.0, 0)])
+def test_short_process_bridged_to_its_ala_as_brightly_as_bone_is_fused(grade, ratio, to_ala, regraded):
+    """The plane that parts a fused vertebra from the sacrum cuts off the part of a process
+    merged into the ala, so a fused process can measure under 19 mm: touching its ala and
+    joined to it through bone as bright as its own, it is fused all the same."""
+    from verse_cli.variants import _regraded_by_bridge
+
+    side = {"grade": grade, "bridge_ratio": ratio, "process_to_ala_mm": to_ala, "transverse_process_height_mm": 13.0}
+    assert _regraded_by_bridge(side)["grade"] == regraded
+
+
 def _lines_beside_a_process(process_bottom_z: int):
     """Raw-CT lines down from a transverse process (x 56-69 mm, to ``process_bottom_z``) into
     an ala (z 30-45, the sacrum's top at z 45) with other bone below it (z 20-23, an ilium)."""

@@ -71,8 +71,9 @@ FUSED_LINES_MIN = 4  # ... with bone running on into the ala on this many raw-CT
 BRIDGE_FUSED = 0.85  # beside a fused vertebra: a process joined to its ala through bone this bright (of its own)
 BRIDGE_CLEFT = 0.45  # ... or only through bone between this and BRIDGE_FUSED: a pseudarthrosis
 # ... and one whose bone stays farther than this from the ala's at half its HU is clear of it: over
-# five synth sets (50 fused vertebrae), fused and pseudarthrotic sides read 0.4-1.5 mm there (a voxel
-# or so), clear ones (>= 3.5 mm rendered) 3.4-12.9 mm
+# four synth sets (T, U, Vg, W: 50 fused vertebrae), fused and pseudarthrotic sides read 0.4-1.5 mm there
+# (a voxel or so; one II side drawn at the process's root before bf52720 read 3.55 mm), 12 of 15 clear ones
+# 3.4-12.9 mm (3 read 0.65-1.26 mm and keep their grade)
 CLEAR_OF_ALA_MM = PSEUDARTHROSIS_MM + 0.5
 MAX_DISC_MM = 20.0  # an intervertebral disc is at most this high (adult lumbar discs: 8-15 mm)
 MIN_BODY_MM = 15.0  # a vertebral body is at least this high (adult lumbar bodies: 25-30 mm)
@@ -2133,11 +2134,12 @@ def _regraded_by_bridge(side: dict) -> dict:
     tissue joins them at 0.2-0.3 of the process's HU, as a narrow one's often does. A side
     graded II or III whose bone stays more than ``CLEAR_OF_ALA_MM`` from the ala's
     (:func:`_process_clear_of_ala`) touches nothing: grade I if enlarged, else none. Before
-    this rule every such clear side of five synth sets (8 of 8) was graded II or III.
+    this rule every grade I side beside a fused vertebra in four synth sets (8 of 8) was
+    graded II or III.
     Conversely a side graded 0 or I that touches the ala and is bridged to it as brightly
     as bone is fused, whatever its height above the parting plane (which cuts off the part
-    merged into the ala: X 88956, 13 mm each side). Of the 16 clear sides beside a fused
-    vertebra in five sets, 15 were bridged at 0.59 or less."""
+    merged into the ala: X 88956, 13 mm each side). Of the 15 clear sides with a bridge
+    beside a fused vertebra in those four sets, 14 were bridged at 0.59 or less."""
     ratio, grade = side.get("bridge_ratio"), side.get("grade")
     if ratio is None or grade is None:
         return side

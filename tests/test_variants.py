@@ -134,6 +134,28 @@ def test_long_rib_cut_by_field_of_view_is_not_short(rib_rating):
     assert t10["left_mm"] is None and t10["left_visible_mm"] >= 38
 
 
+def test_cut_bone_running_along_the_spine_is_no_rib_in_view():
+    """A rib cut by the field of view still runs away from the spine up to the cut; bone that
+    runs along the column to the scan's edge (rib heads and necks joined up and down it,
+    synth 89002: an 'L1 rib' of 277 mm ending 11 mm from a vertebra) tells no rib's length,
+    and must not make L1 thoracic."""
+    from verse_cli.ribs import Rib
+    from verse_cli.variants import STUMP_MM, _rib_status
+
+    _, frames = _c7_and_t1_frames()
+    frame = frames[8]
+    body = frame.body
+
+    def cut_rib(length, tip_gap):
+        return Rib(20, "left", length, 5000, True, length, -3.0, 2.0, joint_mm=list(body - [15.0, 0, 0]),
+                   tip_mm=list(body - [40.0, 0, 0]), tip_gap_mm=tip_gap, radius_mm=5.0)
+
+    assert _rib_status(cut_rib(277.0, 11.0), 20, frame, STUMP_MM, 1.0) == "undeterminable"
+    assert _rib_status(cut_rib(90.0, 55.0), 20, frame, STUMP_MM, 1.0) == "cut"
+    # what is left in view of a rib cut near its head is short and stays a cut rib
+    assert _rib_status(cut_rib(25.0, 8.0), 20, frame, STUMP_MM, 1.0) == "cut"
+
+
 def test_rib_rule_moves_t12_without_long_ribs_to_the_lumbar_count():
     ct, mask, aff = phantom(ribs={17: (70, 70), 18: (70, 70), 19: (20, 25)})
     r = rate(ct, mask, aff)

@@ -623,11 +623,12 @@ def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) 
         return "undeterminable"
     if rib.cut:
         if lab != 7 and rib.length_mm >= stump_mm and rib.tip_gap_mm <= TIP_AWAY * min(rib.length_mm, 60.0):
-            # what the field of view leaves of a rib still runs away from the spine (synth Y:
-            # cut ribs' tips 0.65-3 of their first 60 mm from it); bone running along the
-            # spine to the scan's edge, its tip 3-11 mm from a vertebra after 210-470 mm,
-            # is rib heads and necks joined up and down the column (synth 89002, 89036:
-            # an 'L1 rib' of 277 mm in view, read as thoracic), and tells no rib's length
+            # what the field of view leaves of a rib still runs away from the spine: over 392
+            # pieces read as cut ribs of 38 mm or more (synth X, Y), 386 had their tip 0.6-2.8
+            # times their first 60 mm from a vertebra. The other six (0.03-0.18: tips 2-11 mm
+            # from a vertebra after 100-470 mm) ran along the column to the scan's edge, rib
+            # heads and necks joined up and down it (89002, 88928: an 'L1 rib' of 277 and
+            # 104 mm in view, read as thoracic); they tell no rib's length
             return "undeterminable"
         return "cut"
     if rib.joint_gap_mm >= FAR_FROM_JOINT_MM:

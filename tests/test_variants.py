@@ -156,6 +156,30 @@ def test_cut_bone_running_along_the_spine_is_no_rib_in_view():
     assert _rib_status(cut_rib(25.0, 8.0), 20, frame, STUMP_MM, 1.0) == "cut"
 
 
+def test_piece_rising_up_the_cage_from_the_lowest_vertebrae_is_no_rib_of_theirs():
+    """T12, T13 and L1 ribs run down and out from their heads (synth X, Y and Z: far ends at
+    most 24 mm above the joint); a piece at L1 whose end lies 81 mm higher is the cage above
+    joined to it (synth 89118) and must not make L1 thoracic. Higher up, ribs may rise."""
+    from verse_cli.ribs import Rib
+    from verse_cli.variants import STUMP_MM, _rib_status
+
+    _, frames = _c7_and_t1_frames()
+    frame = frames[8]
+    joint = frame.body - np.array([15.0, 0, 0])
+
+    def rib(rise, cut=False):
+        tip = joint + np.array([-60.0, 30.0, rise])
+        return Rib(20, "left", 150.0, 5000, cut, 150.0, -3.0, 2.0, joint_mm=list(joint), tip_mm=list(tip),
+                   tip_gap_mm=60.0, radius_mm=5.0)
+
+    for lab in (19, 28, 20):  # T12, T13, L1
+        assert _rib_status(rib(81.0, cut=True), lab, frame, STUMP_MM, 1.0) == "undeterminable"
+        assert _rib_status(rib(81.0), lab, frame, STUMP_MM, 1.0) == "undeterminable"
+        assert _rib_status(rib(-40.0, cut=True), lab, frame, STUMP_MM, 1.0) == "cut"
+        assert _rib_status(rib(-40.0), lab, frame, STUMP_MM, 1.0) == "present"
+    assert _rib_status(rib(30.0), 18, frame, STUMP_MM, 1.0) == "present"  # T11
+
+
 def test_rib_rule_moves_t12_without_long_ribs_to_the_lumbar_count():
     ct, mask, aff = phantom(ribs={17: (70, 70), 18: (70, 70), 19: (20, 25)})
     r = rate(ct, mask, aff)

@@ -111,6 +111,11 @@ TIP_AWAY = 0.5  # a rib's tip lies at least this fraction of its length away fro
 TIP_AWAY_STUMP = 0.35
 RIB_BEARING = [7, *range(8, 20), 28, 20]  # C7, T1-T12, T13, L1
 THORACOLUMBAR = {17, 18, 19, 28, 20}  # T10-T13, L1: where the rib rule moves the boundary
+LOWEST_RIB_BEARING = {19, 28, 20}  # T12, T13, L1
+# ... whose ribs run down from their heads: over synth X, Y and Z (291 pieces read present or cut there) a
+# rib's far end lay at most 24 mm above its joint (most under 13 mm); two pieces rising 81-82 mm were
+# longer bone of the cage above joined to them
+MAX_LOW_RIB_RISE_MM = 40.0
 
 
 @dataclass
@@ -621,6 +626,11 @@ def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) 
         # 'rib' of 250-500 mm (counted thoracic) and T3/T4 ribs of 330-550 mm. A stump
         # rib is spared: over 10-20 mm its head weighs on the mean radius
         return "undeterminable"
+    if lab in LOWEST_RIB_BEARING and _rise_mm(rib, frame) > MAX_LOW_RIB_RISE_MM:
+        # the lowest ribs run down and out from their heads; a piece whose far end lies high
+        # above its joint is the cage above joined to it (synth 89118: an 'L1 rib' rising
+        # 81 mm, read as thoracic), whatever its length
+        return "undeterminable"
     if rib.cut:
         if lab != 7 and rib.length_mm >= stump_mm and rib.tip_gap_mm <= TIP_AWAY * min(rib.length_mm, 60.0):
             # what the field of view leaves of a rib still runs away from the spine: over 392
@@ -973,6 +983,13 @@ def _from_the_body(rib, frame: Frame, side: str, body_half_width: float, span_mm
     if hidden <= rib.joint_gap_mm:
         return rib
     return replace(rib, length_mm=rib.length_mm - rib.joint_gap_mm + hidden, beside_process_mm=hidden)
+
+
+def _rise_mm(rib, frame: Frame) -> float:
+    """How far the rib's far end lies above its joint along the vertebra's superior axis (mm)."""
+    if len(rib.joint_mm) != 3 or len(rib.tip_mm) != 3:
+        return 0.0
+    return float((np.asarray(rib.tip_mm, float) - np.asarray(rib.joint_mm, float)) @ frame.superior)
 
 
 def _on_its_side(rib, frame: Frame) -> bool:

@@ -632,7 +632,7 @@ def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) 
         # 81 mm, read as thoracic), whatever its length
         return "undeterminable"
     if rib.cut:
-        if lab != 7 and rib.length_mm >= stump_mm and rib.tip_gap_mm <= TIP_AWAY * min(rib.length_mm, 60.0):
+        if lab != 7 and rib.length_mm >= stump_mm and not _tip_carried_away(rib, TIP_AWAY):
             # what the field of view leaves of a rib still runs away from the spine: over 392
             # pieces read as cut ribs of 38 mm or more (synth X, Y), 386 had their tip 0.6-2.8
             # times their first 60 mm from a vertebra. The other six (0.03-0.18: tips 2-11 mm
@@ -664,7 +664,7 @@ def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) 
         # the transverse process is not one
         return "undeterminable"
     away = TIP_AWAY_STUMP if lab in THORACOLUMBAR and rib.length_mm < stump_mm else TIP_AWAY
-    if lab != 7 and rib.tip_gap_mm <= max(TRUNCATED_TIP_MM, away * min(rib.length_mm, 60.0)):
+    if lab != 7 and not _tip_carried_away(rib, away, TRUNCATED_TIP_MM):
         # a piece whose tip is not carried away from the spine is a rib head and
         # neck whose shaft was lost (it ends at the transverse process), or bone
         # running along the vertebrae, not a rib: a rib points away from the spine.
@@ -983,6 +983,12 @@ def _from_the_body(rib, frame: Frame, side: str, body_half_width: float, span_mm
     if hidden <= rib.joint_gap_mm:
         return rib
     return replace(rib, length_mm=rib.length_mm - rib.joint_gap_mm + hidden, beside_process_mm=hidden)
+
+
+def _tip_carried_away(rib, away: float, at_least_mm: float = 0.0) -> bool:
+    """True when the rib's tip lies farther from the spine than ``away`` times its first
+    60 mm (and than ``at_least_mm``): a rib points away from the spine, whole or cut."""
+    return rib.tip_gap_mm > max(at_least_mm, away * min(rib.length_mm, 60.0))
 
 
 def _rise_mm(rib, frame: Frame) -> float:

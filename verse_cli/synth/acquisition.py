@@ -90,11 +90,13 @@ def region_window(rng, names: list[str], region: str) -> tuple[int, int]:
 
 def choose_grid(rng: np.random.Generator, z_range: tuple[float, float], xy_box: tuple[np.ndarray, np.ndarray],
                 body_box: tuple[np.ndarray, np.ndarray], spacing=None, orientation=None, scale: float = 1.0,
-                max_voxels: int | None = None) -> Grid:
+                max_voxels: int | None = None, spine_axis=None) -> Grid:
     """Pick the plane, spacing, orientation and obliquity, and a grid covering the box.
 
     ``xy_box`` must stay inside the in-plane field of view (the vertebrae); the grid
-    is made wider at random, up to the whole body (``body_box``).
+    is made wider at random, up to the whole body (``body_box``). An oblique grid tilts
+    toward ``spine_axis`` (the cranial direction of the scanned spine; see
+    :func:`tilt_toward_spine`).
     """
     plane = str(rng.choice(["axial", "sagittal", "coronal"], p=[0.62, 0.33, 0.05]))
     codes = orientation or (str(rng.choice(_COMMON)) if rng.random() < 0.75 else _random_codes(rng))
@@ -127,8 +129,8 @@ def choose_grid(rng: np.random.Generator, z_range: tuple[float, float], xy_box: 
     if rng.random() < 0.25:
         ax = rng.normal(size=3)
         ax /= np.linalg.norm(ax)
-        oblique = float(rng.uniform(2, 14))
-        Q = _axis_angle(ax, oblique)
+        Q = tilt_toward_spine(plane, spine_axis, float(rng.uniform(2, 14)), ax)
+        oblique = rotation_deg(Q)
     centre = (lo + hi) / 2
     ext = hi - lo
     axis_of = {"x": 0, "y": 1, "z": 2}
@@ -163,6 +165,41 @@ def _random_codes(rng) -> str:
     perm = rng.permutation(3)
     letters = [("R", "L"), ("A", "P"), ("S", "I")]
     return "".join(letters[i][int(rng.integers(0, 2))] for i in perm)
+
+
+#: Gantry tilt limit of clinical scanners (degrees).
+MAX_GANTRY_TILT_DEG = 30.0
+
+
+def tilt_toward_spine(plane: str, spine_axis, tilt_deg: float, residual_axis) -> np.ndarray:
+    """The rotation of an oblique grid: toward the spine, as technicians tilt it.
+
+    A gantry is tilted about the table's left-right axis to lay axial slices along the
+    discs, and sagittal or coronal reformats are laid along the spine, so the spine looks
+    *straighter* in an oblique array than in a straight one. (A tilt about a random axis
+    had lordotic lumbar spines lie 30 degrees across the array.) The tilt turns the array's
+    cranio-caudal axis toward ``spine_axis`` by at most ``tilt_deg`` and
+    ``MAX_GANTRY_TILT_DEG``, no further than the spine itself leans; a quarter of
+    ``tilt_deg`` about ``residual_axis`` stands for imperfect positioning.
+    """
+    residual = _axis_angle(residual_axis, 0.25 * tilt_deg)
+    if spine_axis is None:
+        return _axis_angle(residual_axis, tilt_deg)
+    v = np.asarray(spine_axis, dtype=float).copy()
+    if plane == "axial":
+        v[0] = 0.0
+    z = np.array([0.0, 0.0, 1.0])
+    turn = np.cross(z, v)
+    s = float(np.linalg.norm(turn))
+    if s < 1e-9:
+        return residual
+    lean = float(np.degrees(np.arctan2(s, v @ z)))
+    return residual @ _axis_angle(turn / s, min(lean, tilt_deg, MAX_GANTRY_TILT_DEG))
+
+
+def rotation_deg(Q: np.ndarray) -> float:
+    """The angle of a 3 x 3 rotation, in degrees."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(Q) - 1) / 2, -1.0, 1.0))))
 
 
 def _axis_angle(axis, deg):
@@ -474,9 +511,17 @@ def _pad_outside_circle(img, grid: Grid, value: float):
     return np.where(_outside_circle(grid, img.shape), np.float32(value), img)
 
 
+#: Half-width (mm, Gaussian) of the slices a metal point streaks: a screw is 6 mm across.
+STREAK_SLAB_MM = 4.0
+
+
 def streaks(grid: Grid, metal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Dark and bright streaks radiating from metal in the native slice plane, and a
-    dark band between metal objects (photon starvation)."""
+    """Dark and bright streaks radiating from metal in the axial slices through it, and a
+    dark band between metal objects in the same slices (photon starvation).
+
+    Each metal point streaks only the slices within a few mm of it: one pattern repeated
+    over the whole slab drew constant columns, a bright box in sagittal and coronal views.
+    """
     shape = grid.shape
     A = grid.affine
     inv = np.linalg.inv(A)
@@ -484,47 +529,53 @@ def streaks(grid: Grid, metal: np.ndarray, rng: np.random.Generator) -> np.ndarr
     # CT is always acquired axially: streaks lie in the axial plane, whatever the grid
     sa = int(np.argmax(np.abs(A[2, :3]) / np.sqrt((A[:3, :3] ** 2).sum(0))))
     ax = [k for k in range(3) if k != sa]
-    sp_sa = float(np.sqrt((A[:3, sa] ** 2).sum()))
-    pad = int(np.ceil(12.0 / sp_sa))
-    lo = max(int(np.floor(vox[:, sa].min())) - pad, 0)
-    hi = min(int(np.ceil(vox[:, sa].max())) + pad + 1, shape[sa])
-    out = np.zeros(shape, dtype=np.float32)
-    if hi <= lo:
-        return out
     sp = np.sqrt((A[:3, :3] ** 2).sum(0))
+    sr = side_rng(rng, 0x57E)
+    out = np.zeros(shape, dtype=np.float32)
     u = (np.arange(shape[ax[0]]) * sp[ax[0]]).astype(np.float32)[:, None]
     v = (np.arange(shape[ax[1]]) * sp[ax[1]]).astype(np.float32)[None, :]
-    field = np.zeros((shape[ax[0]], shape[ax[1]]), np.float32)
     cen = vox[:, ax] * sp[ax]
-    pick = cen[rng.choice(len(cen), size=min(len(cen), 6), replace=False)]
-    for c in pick:
-        du = u - np.float32(c[0])
-        dv = v - np.float32(c[1])
-        th = np.arctan2(dv, du)
+    for c, z in zip(cen, vox[:, sa]):
+        du, dv = u - np.float32(c[0]), v - np.float32(c[1])
         r = np.sqrt(du * du + dv * dv) + 1
-        k = int(rng.integers(6, 14))
-        field += np.float32(rng.uniform(150, 400)) * np.cos(k * th + rng.uniform(0, 6.28)).astype(np.float32) \
-            * np.exp(-r / np.float32(rng.uniform(25, 60))) * np.clip(r / 6, 0, 1)
-    for a, b in itertools.pairwise(pick):
-        ab = b - a
+        rays = np.cos(int(sr.integers(6, 14)) * np.arctan2(dv, du) + sr.uniform(0, 6.28)).astype(np.float32)
+        field = np.float32(sr.uniform(150, 400)) * rays * np.exp(-r / np.float32(sr.uniform(25, 60))) \
+            * np.clip(r / 6, 0, 1)
+        _add_in_slices(out, field, sa, [z], sp[sa])
+    for a, b in itertools.combinations(range(len(cen)), 2):
+        gap = abs(vox[a, sa] - vox[b, sa]) * sp[sa]
+        if gap > 2 * STREAK_SLAB_MM:
+            continue
+        ab = cen[b] - cen[a]
         L2 = float(ab @ ab) + 1e-6
-        t = np.clip(((u - a[0]) * ab[0] + (v - a[1]) * ab[1]) / L2, 0, 1)
-        du = u - (a[0] + t * ab[0])
-        dv = v - (a[1] + t * ab[1])
-        field -= np.float32(rng.uniform(100, 300)) * np.exp(-(du * du + dv * dv) / np.float32(30.0))
-    sl = [slice(None)] * 3
-    sl[sa] = slice(lo, hi)
-    fshape = [1, 1, 1]
-    fshape[ax[0]], fshape[ax[1]] = field.shape
-    # fade in and out over the slab so that no slice boundary shows
-    pos = np.arange(lo, hi, dtype=np.float32)
-    zmin, zmax = float(vox[:, sa].min()), float(vox[:, sa].max())
-    outside = np.maximum(np.maximum(zmin - pos, pos - zmax), 0) * np.float32(sp_sa)
-    weight = np.exp(-((outside / np.float32(5.0)) ** 2)).astype(np.float32)
-    wshape = [1, 1, 1]
-    wshape[sa] = len(pos)
-    out[tuple(sl)] = field.reshape(fshape) * weight.reshape(wshape)
+        t = np.clip(((u - cen[a][0]) * ab[0] + (v - cen[a][1]) * ab[1]) / L2, 0, 1)
+        du = u - (cen[a][0] + t * ab[0])
+        dv = v - (cen[a][1] + t * ab[1])
+        band = -np.float32(sr.uniform(100, 300)) * np.exp(-(du * du + dv * dv) / np.float32(30.0))
+        _add_in_slices(out, band.astype(np.float32), sa, [vox[a, sa], vox[b, sa]], sp[sa])
     return out
+
+
+def _add_in_slices(out: np.ndarray, field: np.ndarray, axis: int, at: list[float], step_mm: float) -> None:
+    """Add the in-plane ``field`` to the slices along ``axis`` near the voxel positions ``at``,
+    fading as a Gaussian of ``STREAK_SLAB_MM`` from the nearest of them (the slab between two
+    counts as near)."""
+    lo_v, hi_v = min(at), max(at)
+    pad = 3 * STREAK_SLAB_MM / step_mm
+    lo = max(int(np.floor(lo_v - pad)), 0)
+    hi = min(int(np.ceil(hi_v + pad)) + 1, out.shape[axis])
+    if hi <= lo:
+        return
+    pos = np.arange(lo, hi, dtype=np.float32)
+    off = np.maximum(np.maximum(lo_v - pos, pos - hi_v), 0) * np.float32(step_mm)
+    weight = np.exp(-0.5 * (off / np.float32(STREAK_SLAB_MM)) ** 2).astype(np.float32)
+    in_plane = [k for k in range(3) if k != axis]
+    wshape, fshape = [1, 1, 1], [1, 1, 1]
+    wshape[axis] = len(pos)
+    fshape[in_plane[0]], fshape[in_plane[1]] = field.shape
+    sl = [slice(None)] * 3
+    sl[axis] = slice(lo, hi)
+    out[tuple(sl)] += field.reshape(fshape) * weight.reshape(wshape)
 
 
 def z_window(z_lo_level: float, z_hi_level: float, rng, cut_lo: bool, cut_hi: bool, h_lo: float, h_hi: float):

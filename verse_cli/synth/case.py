@@ -328,7 +328,8 @@ def generate_case(seed: int, region: str = "random", variant: str | None = None,
     cx, cy, a, b = prof.at(zz.astype(F32))
     blo = np.array([float((cx - a).min()), float((cy - b).min()) - hab["table_mm"] - hab["table_gap"], zr[0]])
     bhi = np.array([float((cx + a).max()), float((cy + b).max()), zr[1]])
-    grid = acq.choose_grid(rng, zr, (vlo, vhi), (blo, bhi), spacing, orientation, scale, max_voxels)
+    grid = acq.choose_grid(rng, zr, (vlo, vhi), (blo, bhi), spacing, orientation, scale, max_voxels,
+                           spine_axis=top.centre - bot.centre)
     meta.update({"region": region_used, "plane": grid.plane, "orientation": grid.codes,
                  "oblique_deg": round(grid.oblique_deg, 2), "contrast": hu["phase"], "size": round(size, 3)})
 

@@ -86,8 +86,13 @@ def ellipsoid(p: np.ndarray, c, radii) -> np.ndarray:
     return np.where(k1 > 1e-6, k0 * (k0 - 1.0) / np.maximum(k1, 1e-6), -float(r.min()))
 
 
-def plate(p: np.ndarray, origin, u, v, thickness: float, round_r: float = 0.0) -> np.ndarray:
-    """Distance to a parallelogram patch (origin + s*u + t*v, s,t in [0,1]) minus half its thickness."""
+def plate(p: np.ndarray, origin, u, v, thickness: float, round_r: float = 0.0,
+          thickness_at_v: float | None = None) -> np.ndarray:
+    """Distance to a parallelogram patch (origin + s*u + t*v, s,t in [0,1]) minus half its thickness.
+
+    With ``thickness_at_v`` the thickness tapers linearly from ``thickness`` at the ``u`` edge
+    to that at the far edge (a first-order distance, good for gentle tapers).
+    """
     o = np.asarray(origin, dtype=np.float32)
     u = np.asarray(u, dtype=np.float32)
     v = np.asarray(v, dtype=np.float32)
@@ -103,7 +108,10 @@ def plate(p: np.ndarray, origin, u, v, thickness: float, round_r: float = 0.0) -
     w = q @ n
     ds = np.maximum(np.maximum(-s, s - lu), 0.0)
     dt = np.maximum(np.maximum(-t, t - lv), 0.0)
-    return np.sqrt(ds * ds + dt * dt + w * w) - 0.5 * thickness - round_r
+    half = 0.5 * thickness
+    if thickness_at_v is not None:
+        half = half + np.float32(0.5 * (thickness_at_v - thickness) / lv) * np.clip(t, 0.0, lv)
+    return np.sqrt(ds * ds + dt * dt + w * w) - half - round_r
 
 
 def ellipse2d(x: np.ndarray, y: np.ndarray, a, b) -> np.ndarray:

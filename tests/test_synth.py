@@ -465,4 +465,3 @@ def test_face_mask_when_the_head_is_in_view(tmp_path):
     assert paths["face"].is_file()
     lumbar = generate_case(14, region="lumbar", max_voxels=SMALL)
     assert lumbar.face_mask is None
-

@@ -182,9 +182,9 @@ def tilt_toward_spine(plane: str, spine_axis, tilt_deg: float, residual_axis) ->
     ``MAX_GANTRY_TILT_DEG``, no further than the spine itself leans; a quarter of
     ``tilt_deg`` about ``residual_axis`` stands for imperfect positioning.
     """
-    residual = _axis_angle(residual_axis, 0.25 * tilt_deg)
     if spine_axis is None:
         return _axis_angle(residual_axis, tilt_deg)
+    residual = _axis_angle(residual_axis, 0.25 * tilt_deg)
     v = np.asarray(spine_axis, dtype=float).copy()
     if plane == "axial":
         v[0] = 0.0
@@ -552,7 +552,7 @@ def streaks(grid: Grid, metal: np.ndarray, rng: np.random.Generator) -> np.ndarr
         du = u - (cen[a][0] + t * ab[0])
         dv = v - (cen[a][1] + t * ab[1])
         band = -np.float32(sr.uniform(100, 300)) * np.exp(-(du * du + dv * dv) / np.float32(30.0))
-        _add_in_slices(out, band.astype(np.float32), sa, [vox[a, sa], vox[b, sa]], sp[sa])
+        _add_in_slices(out, band, sa, [vox[a, sa], vox[b, sa]], sp[sa])
     return out
 
 

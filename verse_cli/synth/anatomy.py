@@ -496,8 +496,8 @@ def _mirror(q):
 #: Their section is no slab either: the lower border is the thick one, the upper border thin
 #: (verse014's lumbar processes, 1 mm mask: 2-4 mm wide at the top, 7-14 mm at the bottom).
 #: A slab of even width showed as a bright even sheet wherever a sagittal cut grazed its flat
-#: side; a taper from ``_SPINOUS_TAPER`` x the width at the upper border to 1.2 x at the lower
-#: one turns that into a narrow band.
+#: side; a taper (``_SPINOUS_TAPER``: 1.2 x the mean width at the lower border, 0.45 x at the
+#: upper one) turns that into a narrow band.
 _SPINOUS_H = {"T": 0.95, "L": 0.85}
 _SPINOUS_L = {"T": 0.9}
 _SPINOUS_FLATTER = {"T": 6.0}  # degrees
@@ -534,12 +534,10 @@ def posterior_sdf(q: np.ndarray, g: dict, region: str, sides: dict) -> np.ndarra
     tip = o + u + 0.5 * v
     # ``plate`` inflates the patch by half its thickness on every side, its edges too: the
     # patch is shortened by that much so that the process is ``sh`` tall, however wide
-    grow = min(sp_t / 2 + 0.5, 0.4 * sh) if region in _SPINOUS_H else 0.0
-    if region in _SPINOUS_H:
-        lower, upper = _SPINOUS_TAPER
-        spin = plate(q, o + grow * vh, u, v - 2 * grow * vh, lower * sp_t, 0.5, thickness_at_v=upper * sp_t)
-    else:
-        spin = plate(q, o + grow * vh, u, v - 2 * grow * vh, sp_t, 0.5)
+    tapered = region in _SPINOUS_H
+    grow = min(sp_t / 2 + 0.5, 0.4 * sh) if tapered else 0.0
+    lower, upper = (_SPINOUS_TAPER[0] * sp_t, _SPINOUS_TAPER[1] * sp_t) if tapered else (sp_t, None)
+    spin = plate(q, o + grow * vh, u, v - 2 * grow * vh, lower, 0.5, thickness_at_v=upper)
     if region == "C" and g.get("bifid", False):
         knob = ellipsoid(m, (4.0, tip[1], tip[2]), (3.5, 4.0, max(sh * 0.45, 3.0)))
     else:

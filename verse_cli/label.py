@@ -1309,18 +1309,36 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     if turn is None:
         found = _label_in_frame(ct, affine, lo, hi, net, dev, fixes, **options)
         turn = upright_turn(found) if upright else None
+        if turn is None and upright and axis_hint is not None and _too_few_for_an_axis(found):
+            # a spine leaning beyond the training tilts can lose most levels in the
+            # first pass (2 of 10 at 35 degrees): the detector's axis is all there is
+            turn = turn_upright(axis_hint, (lo + hi) / 2)
     if turn is not None:
         debug(f"the spine leans {turn.lean_deg:.0f} degrees: labelled again upright")
-        moved = {lab: turn.apply(xyz) for lab, xyz in fixes.items()}
-        lo_t, hi_t = turn.box(lo, hi)
-        found = _label_in_frame(ct, turn.matrix @ affine, lo_t, hi_t, net, dev, moved, **options)
-        found.world = turn.undo(found.world)
+        found = _label_turned(ct, affine, lo, hi, net, dev, fixes, turn, options)
+        # the detector's axis comes from an 8 mm heatmap, which a skull base or a
+        # pelvis can bend: where the centroids found upright still lean beyond the
+        # training tilts, they give a better axis, and the scan is turned once more
+        still = upright_turn(_Found(found.labels, turn.apply(found.world), found.extras, [], []))
+        if still is not None:
+            debug(f"still leaning {still.lean_deg:.0f} degrees upright: turned again by the centroids")
+            turn = UprightTurn(still.matrix @ turn.matrix, turn.lean_deg)
+            found = _label_turned(ct, affine, lo, hi, net, dev, fixes, turn, options)
     ctd = Centroids.from_world(found.labels, found.world, affine, found.extras).sorted()
     if found.variants:
         info(f"numbering variants: {', '.join(found.variants)}")
     if details:
         return LabelResult(ctd, found.variants, found.missing)
     return ctd
+
+
+def _label_turned(ct, affine, lo, hi, net, dev, fixes, turn: "UprightTurn", options) -> "_Found":
+    """Steps 1-6 on the world frame ``turn`` makes, the centroids brought back."""
+    moved = {lab: turn.apply(xyz) for lab, xyz in fixes.items()}
+    lo_t, hi_t = turn.box(lo, hi)
+    found = _label_in_frame(ct, turn.matrix @ affine, lo_t, hi_t, net, dev, moved, **options)
+    found.world = turn.undo(found.world)
+    return found
 
 
 @dataclass
@@ -1442,6 +1460,11 @@ def upright_turn(found: _Found) -> UprightTurn | None:
     pts = found.world[reliable]
     centre = pts.mean(axis=0)
     return turn_upright(np.linalg.svd(pts - centre, full_matrices=False)[2][0], centre)
+
+
+def _too_few_for_an_axis(found: _Found) -> bool:
+    return sum(1 for lab in found.labels if lab != P.SACRUM
+               and not found.extras.get(lab, {}).get("interpolated")) < MIN_POINTS_FOR_AXIS
 
 
 def turn_upright(axis: np.ndarray, centre: np.ndarray, min_lean_deg: float = MAX_LEAN_DEG) -> UprightTurn | None:

@@ -289,6 +289,28 @@ def test_castellvi_contact_is_measured_on_the_process_lateral_of_its_root():
     assert _process_part(whole, lv, "left")(p)[2] < 0
 
 
+@pytest.mark.parametrize("seed", [3, 5, 6])
+def test_a_cervical_rib_reaches_past_c7s_transverse_process(seed):
+    """Even the smallest cervical rib (Gruber's type I) reaches past C7's transverse
+    process. The generator's 12-20 mm ribs ran along the process inside C7's label and
+    ended 1-3 mm from it (synth 89205, 89229; seed 6's left rib): bone no reader can
+    tell from the process. Each rib's tip now lies clear of every vertebra label."""
+    from scipy import ndimage
+
+    from verse_cli.synth import generate_case
+
+    c = generate_case(seed, region="cervical", variant="cervical_rib", max_voxels=2_000_000)
+    sp = np.sqrt((c.affine[:3, :3] ** 2).sum(0))
+    from_labels = ndimage.distance_transform_edt(c.mask == 0, sampling=sp)
+    rib = np.argwhere(c.rib_mask == 7)
+    lateral = (rib @ c.affine[:3, :3].T + c.affine[:3, 3])[:, 0]
+    c7_x = (np.argwhere(c.mask == 7).mean(0) @ c.affine[:3, :3].T + c.affine[:3, 3])[0]
+    for side, sel in (("right", lateral > c7_x), ("left", lateral < c7_x)):  # world x: towards the right
+        assert sel.any() == c.variants["cervical_ribs"][side]
+        if sel.any():
+            assert from_labels[tuple(rib[sel].T)].max() >= 6.0, side
+
+
 def test_deterministic_by_seed():
     from verse_cli.synth import generate_case
 

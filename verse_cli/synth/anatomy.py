@@ -561,13 +561,17 @@ def posterior_sdf(q: np.ndarray, g: dict, region: str, sides: dict) -> np.ndarra
     return d
 
 
+def cervical_process_axis(g: dict, s: float, span: float) -> tuple:
+    """A cervical transverse process as a capsule in the level frame: root, tip, radius."""
+    return (s * (g["W"] / 2 - 1.0), -2.0, 0.0), (s * span, -4.0, -1.5), 4.2
+
+
 def _transverse(q, g, region, s, tp, px1, y1, zp):
     W, _D, _H = g["W"], g["D"], g["H"]
     span = g["tp"] * tp.get("scale", 1.0)
     if region == "C":
-        a = (s * (W / 2 - 1.0), -2.0, 0.0)
-        b = (s * span, -4.0, -1.5)
-        d = capsule(q, a, b, 4.2, scale=(1, 1, 0.9))
+        a, b, r = cervical_process_axis(g, s, span)
+        d = capsule(q, a, b, r, scale=(1, 1, 0.9))
         foramen = np.sqrt((q[:, 0] - s * (W / 2 + 5.5)) ** 2 + (q[:, 1] + 3.0) ** 2) - 2.8
         return smax(d, -foramen, 0.6)
     if region == "T":
@@ -1047,8 +1051,11 @@ def make_rib(lv: Level, side: str, rib_no: float, length: float | None, size: fl
                radius=r * size ** 0.5)
 
 
-def make_stub(lv: Level, side: str, length: float, direction: str = "lateral") -> Rib:
-    """A short rib (stump rib or cervical rib) pointing laterally from the transverse process."""
+#: radius of a stump or cervical rib's tube (mm)
+STUB_RADIUS_MM = 3.8
+
+
+def _stub_start_and_direction(lv: Level, side: str, direction: str) -> tuple[np.ndarray, np.ndarray]:
     s = 1.0 if side == "right" else -1.0
     g = lv.dims
     start = np.array([s * (g["W"] / 2 + 3.0), -g["D"] * 0.3, 0.2 * g["H"]])
@@ -1056,7 +1063,34 @@ def make_stub(lv: Level, side: str, length: float, direction: str = "lateral") -
         dirv = np.array([s * 0.8, 0.35, -0.45])
     else:
         dirv = np.array([s * 0.85, -0.35, -0.25])
-    dirv /= np.linalg.norm(dirv)
+    return start, dirv / np.linalg.norm(dirv)
+
+
+def cervical_rib_length(lv: Level, side: str, beyond_mm: float) -> float:
+    """The length (mm, from its head) of a cervical rib whose free part runs ``beyond_mm``
+    past C7's transverse process.
+
+    A cervical rib is C7's costal element grown out; even the smallest reaches past the
+    tip of the transverse process (Gruber's type I, the grading of 1869 still in use);
+    short of that it is an ordinary process on CT. The rib's head lies at the side of the
+    body and its first 15-30 mm run along the process, inside C7's label, so its length
+    is where it clears the process plus the free part.
+    """
+    start, dirv = _stub_start_and_direction(lv, side, "cervical")
+    g = lv.dims
+    s = 1.0 if side == "right" else -1.0
+    span = g["tp"] * lv.extra.get("tp_sides", {}).get(side, {}).get("scale", 1.0)
+    a, b, r = cervical_process_axis(g, s, span)
+    along = np.arange(0.0, 80.0, 0.25, dtype=np.float32)
+    clear = capsule((start + along[:, None] * dirv).astype(np.float32), a, b, r, scale=(1, 1, 0.9)) > STUB_RADIUS_MM
+    inside = np.flatnonzero(~clear)
+    exit_mm = float(along[inside[-1] + 1]) if len(inside) and inside[-1] + 1 < len(along) else 0.0
+    return exit_mm + float(beyond_mm)
+
+
+def make_stub(lv: Level, side: str, length: float, direction: str = "lateral") -> Rib:
+    """A short rib (stump rib or cervical rib) pointing laterally from the transverse process."""
+    start, dirv = _stub_start_and_direction(lv, side, direction)
     # slight curve: bend anteriorly along the way
     t = np.linspace(0, 1, 12)[:, None]
     bend = np.array([0, 1.0, 0]) * (t ** 2) * length * 0.25
@@ -1065,7 +1099,7 @@ def make_stub(lv: Level, side: str, length: float, direction: str = "lateral") -
     seg = np.sqrt((np.diff(world, axis=0) ** 2).sum(1))
     cum = np.concatenate([[0], np.cumsum(seg)])
     pts = _cut_polyline(world, cum, length)
-    return Rib(vid=lv.vid, side=side, points=pts, length=polyline_length(pts), radius=3.8)
+    return Rib(vid=lv.vid, side=side, points=pts, length=polyline_length(pts), radius=STUB_RADIUS_MM)
 
 
 def _cut_polyline(pts: np.ndarray, cum: np.ndarray, length: float, step: float = 5.0) -> np.ndarray:

@@ -210,8 +210,8 @@ def _ribs(rng, spec, levels, size, hab):
                                  cartilage=rib_no <= 10.3, cage=(Acage, Bcage))
             ribs.append(rib)
     by = {lv.name: lv for lv in levels}
-    for side, length in spec["cervical_ribs"].items():
-        ribs.append(A.make_stub(by["C7"], side, length, "cervical"))
+    for side, beyond in spec["cervical_ribs"].items():
+        ribs.append(A.make_stub(by["C7"], side, A.cervical_rib_length(by["C7"], side, beyond), "cervical"))
     for (where, side), st in stumps.items():
         if where == "L1" and "L1" in by:
             rib = A.make_stub(by["L1"], side, st["length_mm"])

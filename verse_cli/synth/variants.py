@@ -71,7 +71,8 @@ def sample_spec(rng: np.random.Generator, variant: str | None = None) -> dict:
             "cervical_ribs": {}, "stumps": [], "castellvi": {"left": 0, "right": 0}}
     if variant == "cervical_rib" or (not forced and p[2] < 0.08):
         sides = [("left", "right"), ("left",), ("right",)][int(rng.integers(0, 3))]
-        spec["cervical_ribs"] = {s: float(rng.uniform(12, 65)) for s in sides}
+        # mm the rib runs free past C7's transverse process (anatomy.cervical_rib_length)
+        spec["cervical_ribs"] = {s: float(rng.uniform(5, 40)) for s in sides}
     if variant == "stump_rib" or (not forced and p[3] < 0.15):
         where = rng.choice(["last_thoracic", "L1"], p=[0.65, 0.35])
         sides = [("left", "right"), ("left",), ("right",)][int(rng.integers(0, 3))]

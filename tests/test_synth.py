@@ -487,3 +487,48 @@ def test_face_mask_when_the_head_is_in_view(tmp_path):
     assert paths["face"].is_file()
     lumbar = generate_case(14, region="lumbar", max_voxels=SMALL)
     assert lumbar.face_mask is None
+
+
+class _Shapes:
+    """Stands in for the case's bone intensities: these tests read only the SDFs."""
+
+    cortex = 1000.0
+
+    def material(self, **_kw):
+        return None
+
+
+def _atlas(size: float):
+    from verse_cli.synth import anatomy as A
+    from verse_cli.synth import morphometry as M
+
+    g = dict(M.dims_at(3))
+    g.update(M.C1)
+    g.update({k: v * size for k, v in g.items() if isinstance(v, float)})
+    return A.Level("C1", 1, "C", g)
+
+
+@pytest.mark.parametrize("size", [0.8, 1.0, 1.2])
+def test_the_skull_rests_on_the_atlas_across_a_joint_space_and_has_a_floor(size):
+    """The head: the occipital condyles sit over the atlas's lateral masses a joint space
+    apart (bone of the skull fused to C1 would join two structures that are labelled apart),
+    and the cranial cavity has a floor: a single ellipsoidal shell had the skull's lower half
+    curve down through the face, with no skull base."""
+    from verse_cli.synth import anatomy as A
+    from verse_cli.synth import head as H
+
+    c1 = _atlas(size)
+    shapes = H.skull_shapes(c1, size, _Shapes())
+    x, y, z = np.meshgrid(np.arange(-50, 50, 0.7), np.arange(-45, 35, 0.7), np.arange(-10, 40, 0.7), indexing="ij")
+    q = np.stack([x.ravel(), y.ravel(), z.ravel()], 1).astype(np.float32)
+    skull = np.min([s.sdf(q) for s in shapes], axis=0)
+    atlas = A.atlas_sdf(q, c1.dims)
+    assert (skull < 0).any() and (atlas < 0).any()
+    assert not np.any((skull < 1.0) & (atlas < 1.0))  # at least ~2 mm of joint space everywhere
+    head = H.Head(c1, size)
+    column = np.stack([np.zeros(160), np.full(160, 40.0 * size), np.arange(160.0) - 20], 1).astype(np.float32)
+    inside = head.cavity(column) < 0
+    bone = np.min([s.sdf(column) for s in shapes], axis=0) < 0
+    first = int(np.argmax(inside))
+    assert inside.any() and bone[:first].any()  # bone under the cavity: the skull base
+    assert column[first, 2] > 40.0 * size  # the anterior fossa, high above the atlas

@@ -23,7 +23,11 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
    (dense arches make the column as wide in the midline band as the skull base). A jump
    above which the track's front falls back onto the column within 9 mm is a plate in
    front of it (a jaw in a flexed neck), not the floor of the skull: C1 lies above it, and
-   the track is kept up to where it thins under the skull. Its
+   the track is kept up to where it thins under the skull; unless the track's back reaches
+   12 mm behind the column's there: the skull's floor spreads behind the foramen magnum, and
+   the clivus rising from the basion above the dens is no further forward than the column.
+   A thin floor (no jump) is the skull base too where the track reaches well in front of the
+   column and, within 21 mm, well behind it: no vertebra is that long from front to back. Its
    anterior surface ``y_front`` is measured below that jump (below C1's thin run where the
    jump sits on it: flecks of C1 and the skull base's plate reaching down are no front of
    the column), may drift forward by at
@@ -35,8 +39,10 @@ per-voxel noise of a thin-slice or sharp-kernel scan is no bone:
    both, above the measured slices it carries on with the column's own slope up to C1 (a
    flexed neck carries C1 forward).
 3. **The head's axis** runs from the top of C1 to the centre of a sphere fitted to the
-   skull vault (least squares, so a vault cut by the field of view still works). A skull
-   holds a brain: a "skull" whose core holds bone, or is denser than brain (a pelvis or
+   skull vault (least squares, so a vault cut by the field of view still works; only bone
+   within 20 mm of the skin, so the skull base deep inside does not pull it down). A skull
+   holds a brain: a "skull" whose core holds bone above its centre (below it lie the petrous
+   ridges, the clivus and the sphenoid), or is denser than brain (a pelvis or
    rib cage of a slim patient, narrow enough to pass for a head, around organs), means no
    head and no face. A scan that ends within 40 mm above C1 shows no vault: there a
    skull base on a neck (no deeper than 70 mm in front of the spine, unlike an abdomen)
@@ -102,9 +108,20 @@ SKULL_ONLY_ABOVE_C1_MM = 15.0  # ... from this far above its top (C1's arch or t
 PROTECT_ABOVE_SKULL_BASE_MM = 6.0  # a body front this close to the scanned volume's front edge is cut by it
 HEAD_RADIUS_MM = (50.0, 130.0)
 HEAD_MAX_SLOPE = 1.0
+# The vault lies under the scalp (5-8 mm, the temporal muscles 15 mm): the sphere is fitted to bone within
+# this depth of the skin. The skull base (clivus, petrous ridges, sphenoid) lies 40 mm and more deep; fitted
+# with the vault, it pulls the sphere down and shrinks it, so that its core holds the base's bone.
+SKULL_VAULT_DEPTH_MM = 20.0
 SKULL_CORE = 0.6  # the core of the fitted skull sphere, as a share of its radius ...
-SKULL_CORE_MIN_CM3 = 50.0  # ... judged when at least this much of it was scanned ...
-SKULL_CORE_MAX_BONE = 0.06  # ... holds brain, not bone (heads: under 2 %; a pelvis fitted as a sphere: 19 %)
+SKULL_CORE_MIN_CM3 = 50.0  # ... whose upper half is judged when at least this much of it was scanned ...
+# ... and at least this share of it: a scan ending little above the sphere's centre holds, of the upper
+# core, only its bottom, where the skull base's front (the orbital roofs, the anterior fossa) rises
+# (full-scale synthetic head 72, its vault cut 20 mm above the centre: 57 % scanned, 10 % bone) ...
+SKULL_UPPER_MIN_SHARE = 0.6
+# ... holds brain, not bone, in its upper half (a pelvis fitted as a sphere: 19 % in all). The lower half
+# of a real head's core holds the skull base, the petrous ridges, the clivus and the sphenoid reaching up
+# to the sella (synthetic heads: up to 17 %); above the sphere's centre lies only brain (heads: under 2 %).
+SKULL_CORE_MAX_BONE = 0.06
 # Brain is 20-45 HU (60 with contrast): a core whose median is denser is a trunk (organs with bone and
 # contrast; a child-sized lumbar scan's lower chest fitted as a sphere: 197 HU). Judged from a smaller
 # scanned share of the core than the bone share, which a few slices of vertebra would swing.
@@ -368,6 +385,10 @@ def tallest_column(bone: np.ndarray, lower: slice, step: float) -> np.ndarray | 
 SKULL_BASE_SPIKE = 1.30
 SKULL_BASE_LOOKBACK_MM = 9.0  # the column's front just below a slice ...
 SKULL_BASE_AHEAD_MM = 10.0  # ... and how far in front of it a skull base's bone may reach
+# The skull's floor and the occipital bone reach at least this far behind the column's back just below
+# the skull base (synthetic heads 14 and 36: 27 and 30 mm within a slice; 87 on a 3 mm LPS grid, whose
+# occipital bone comes down slowly: 12 mm within 21 mm); a jaw in front of the column, none.
+SKULL_BASE_BEHIND_MM = 12.0
 C1_GAP_MM = 30.0  # C1 (arches and dens) is thin in the midline band: a jump this far above a thin run counts
 C1_SLICES_MM = 21.0  # keep this much of the track above the jump (all of C1 and the dens)
 
@@ -404,6 +425,7 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     profile = spine.sum(axis=0)  # (y, z)
     has = profile > 0
     front = np.where(has.any(axis=0), spine.shape[1] - 1 - has[::-1].argmax(axis=0), -1)
+    back = np.where(has.any(axis=0), has.argmax(axis=0), -1)
     look = max(1, round(SKULL_BASE_LOOKBACK_MM / step))
     prev = np.full_like(front, -1)
     for lag in range(1, look + 1):  # a handful of shifted copies of a 1D array
@@ -412,7 +434,10 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     behind = np.cumsum(profile, axis=0)[np.clip(limit, 0, spine.shape[1] - 1), np.arange(spine.shape[2])]
     full = float(np.percentile(counts[lower], 75))  # a vertebra's cross-section, not a disc's
     spikes = np.flatnonzero(behind[start:] > SKULL_BASE_SPIKE * full) + start
-    plate_top = plates_in_front(spikes, front, present, step)
+    spread = spreads_both_ways(front, back, counts >= typical, present, start, step)
+    if spread.size and (not spikes.size or spread[0] < spikes[0]):
+        spikes = spread
+    plate_top = plates_in_front(spikes, front, back, present, step)
     thin = counts < 0.5 * typical
     drops = np.flatnonzero(thin[start:-1] & thin[start + 1:]) + start
     if drops.size:
@@ -449,17 +474,53 @@ def cut_at_skull_base(spine: np.ndarray, zone_lo: int, step: float) -> tuple[np.
     return spine, skull, clean, measure_to
 
 
-def plates_in_front(spikes: np.ndarray, front: np.ndarray, present: np.ndarray, step: float) -> np.ndarray:
+def spreads_both_ways(front: np.ndarray, back: np.ndarray, solid: np.ndarray, present: np.ndarray, start: int,
+                      step: float) -> np.ndarray:
+    """Slices from ``start`` up where the track reaches ``SKULL_BASE_AHEAD_MM`` in front of the
+    column's front (followed up with at most ``SPINE_MAX_SLOPE`` of forward creep) and, within
+    ``C1_SLICES_MM`` above, ``SKULL_BASE_BEHIND_MM`` behind the column's back over ``C1_SLICES_MM``
+    below (its median: a tilted skull's occipital bone may come down behind C1 before its floor
+    reaches forward): the first run of them that holds a slice of the column's typical cross-section (``solid``).
+
+    The skull base is a floor spanning the band from the clivus in front to the occipital bone behind
+    the foramen magnum. Where it is thin (a posterior fossa's floor is 1-4 mm) its cross-section in
+    the band is no bigger than a vertebra's, but it is longer from front to back than any vertebra:
+    a jaw in front of the column spreads forward only, a spinous process backward only.
+    """
+    out = np.zeros(0, int)
+    if present.size < 3:
+        return out
+    creep = np.full(len(front), -1.0)
+    creep[present] = limit_forward_creep(front[present].astype(float), present.astype(float))
+    ahead = (front >= 0) & (front > creep + SKULL_BASE_AHEAD_MM / step)
+    ahead[:start] = False
+    reach = max(1, round(C1_SLICES_MM / step))
+    for lo, hi in true_runs(ahead):  # a few runs
+        below = back[max(0, lo - reach): lo]
+        above = back[lo: lo + reach]
+        if not (below >= 0).any() or not (above >= 0).any() or not solid[lo: hi].any():
+            continue
+        if above[above >= 0].min() <= np.median(below[below >= 0]) - SKULL_BASE_BEHIND_MM / step:
+            return np.arange(lo, hi)
+    return out
+
+
+def plates_in_front(spikes: np.ndarray, front: np.ndarray, back: np.ndarray, present: np.ndarray,
+                    step: float) -> np.ndarray:
     """Per slice, the top slice of the run of ``spikes`` it belongs to when that run is a plate in front
     of the column (else -1): a run above which the track's front falls back onto the column within a
-    few slices.
+    few slices, while its back never reaches behind the column's.
 
-    The skull base is the floor of the skull: above it the track holds skull (clivus, the vault's
-    walls), which reaches as far forward as the floor did, or the scan ends. A jaw that joins the column
-    in a flexed neck is a plate in front of C2-C3: it can fill the midline band like the skull base
-    (creeping into the track from below, it carries the "column's front" of the jump test with it), but
-    above it the track is the column again, its front back within ``SKULL_BASE_AHEAD_MM`` of the
-    column's own front (followed up from below with at most ``SPINE_MAX_SLOPE`` of forward creep).
+    The skull base is the floor of the skull: above it the track holds skull, or the scan ends. A jaw
+    that joins the column in a flexed neck is a plate in front of C2-C3: it can fill the midline band
+    like the skull base (creeping into the track from below, it carries the "column's front" of the
+    jump test with it), but above it the track is the column again, its front back within
+    ``SKULL_BASE_AHEAD_MM`` of the column's own front (followed up from below with at most
+    ``SPINE_MAX_SLOPE`` of forward creep). The front alone does not tell them apart: the clivus rises
+    from the basion right above the dens, no further forward than the column. The back does: the
+    skull's floor spreads behind the foramen magnum and the occipital bone rises behind it, at least
+    ``SKULL_BASE_BEHIND_MM`` behind the column's back (spinous processes) just below; a jaw in front
+    leaves the back alone.
     """
     top = np.full(len(front), -1)
     if not spikes.size:
@@ -468,9 +529,14 @@ def plates_in_front(spikes: np.ndarray, front: np.ndarray, present: np.ndarray, 
     creep[present] = limit_forward_creep(front[present].astype(float), present.astype(float))  # voxels both
     back_on_column = (front >= 0) & (front <= creep + SKULL_BASE_AHEAD_MM / step)
     look = max(1, round(SKULL_BASE_LOOKBACK_MM / step))
+    behind = SKULL_BASE_BEHIND_MM / step
     for run in np.split(np.arange(len(spikes)), np.flatnonzero(np.diff(spikes) > 1) + 1):  # a few runs
-        end = int(spikes[run[-1]])
-        if back_on_column[end + 1: end + 1 + look].any():
+        start, end = int(spikes[run[0]]), int(spikes[run[-1]])
+        below = back[max(0, start - look): start]
+        above = back[start: end + 1 + look]
+        spreads_back = bool((below >= 0).any() and (above >= 0).any()
+                            and above[above >= 0].min() <= below[below >= 0].min() - behind)
+        if back_on_column[end + 1: end + 1 + look].any() and not spreads_back:
             top[spikes[run]] = end
     return top
 
@@ -509,7 +575,8 @@ class SkullFit:
     centre: np.ndarray  # mm, on the coarse grid
     radius: float
     core_cm3: float = 0.0  # scanned volume of the core (``SKULL_CORE`` of the radius)
-    core_bone: float = 0.0  # share of the core that is bone
+    upper_cm3: float = 0.0  # scanned volume of the core's upper half (above the centre) ...
+    core_bone: float = 0.0  # ... and its share that is bone
     core_median_hu: float | None = None
     shell_bone: float = 0.0  # share of the scanned shell band (``SKULL_SHELL_BAND_MM``) that is bone
 
@@ -519,7 +586,9 @@ class SkullFit:
         if self.core_median_hu is not None and self.core_cm3 >= BRAIN_CORE_MIN_CM3 \
                 and self.core_median_hu > BRAIN_MAX_HU:
             return True
-        return self.core_cm3 >= SKULL_CORE_MIN_CM3 and self.core_bone > SKULL_CORE_MAX_BONE
+        upper_half = 2.0 / 3.0 * np.pi * (SKULL_CORE * self.radius) ** 3 / 1000.0  # cm3
+        return (self.upper_cm3 >= max(SKULL_CORE_MIN_CM3, SKULL_UPPER_MIN_SHARE * upper_half)
+                and self.core_bone > SKULL_CORE_MAX_BONE)
 
     @property
     def holds_brain(self) -> bool:
@@ -531,12 +600,14 @@ class SkullFit:
 
 def fit_skull(bone: np.ndarray, body: np.ndarray, zs: np.ndarray, z_from: float, step: float,
               inside: np.ndarray | None = None, hu: np.ndarray | None = None) -> SkullFit | None:
-    """Sphere through the bone above ``z_from`` (mm), or None when implausible as a skull.
+    """Sphere through the vault's bone above ``z_from`` (mm), or None when implausible as a skull.
 
-    Linear least squares copes with a vault cut by the field of view. The core and the shell
-    band are judged only where the scan has data (``inside``).
+    Linear least squares copes with a vault cut by the field of view. Only bone within
+    ``SKULL_VAULT_DEPTH_MM`` of the skin is fitted (:func:`outer_bone`): the skull base lies deep
+    inside the head. The core and the shell band are judged only where the scan has data
+    (``inside``); the core's bone share in its upper half only, above the skull base.
     """
-    above = bone & body & (zs[None, None, :] > z_from)
+    above = outer_bone(bone & body, body, inside, step) & (zs[None, None, :] > z_from)
     pts = np.argwhere(above)
     if len(pts) < 200:
         return None
@@ -561,13 +632,27 @@ def fit_skull(bone: np.ndarray, body: np.ndarray, zs: np.ndarray, z_from: float,
     core = (dist <= SKULL_CORE * radius) & scanned
     band = (np.abs(dist - radius) < SKULL_SHELL_BAND_MM) & scanned
     fit.core_cm3 = float(core.sum()) * step ** 3 / 1000.0
-    if core.any():
-        fit.core_bone = float(bone[box][core].mean())
-        if hu is not None:
-            fit.core_median_hu = float(np.median(hu[box][core]))
+    upper = core & (grid[2] * step >= centre[2])
+    fit.upper_cm3 = float(upper.sum()) * step ** 3 / 1000.0
+    if upper.any():
+        fit.core_bone = float(bone[box][upper].mean())
+    if core.any() and hu is not None:
+        fit.core_median_hu = float(np.median(hu[box][core]))
     if band.any():
         fit.shell_bone = float(bone[box][band].mean())
     return fit
+
+
+def outer_bone(bone: np.ndarray, body: np.ndarray, inside: np.ndarray | None, step: float) -> np.ndarray:
+    """The bone within ``SKULL_VAULT_DEPTH_MM`` of the skin: the vault, not the skull base inside.
+
+    Depth is the distance to the nearest voxel outside the body; the edge of the scanned volume
+    is no skin (a vault cut by the field of view keeps its depth there).
+    """
+    from scipy import ndimage
+
+    solid = body if inside is None else body | ~inside
+    return bone & (ndimage.distance_transform_edt(solid, sampling=step) <= SKULL_VAULT_DEPTH_MM)
 
 
 def head_axis(fit: SkullFit, z_c1: float, y_c1: float) -> float:
@@ -590,6 +675,25 @@ def head_cut_at_skull_base(zs: np.ndarray, top: int, inside: np.ndarray | None, 
     """
     scan_top = zs[top] if inside is None else zs[int(np.flatnonzero(inside.any(axis=(0, 1)))[-1])]
     return bool(max(zs[top], scan_top) - z_c1 <= VAULT_OUT_OF_VIEW_MM and neck_depth < NECK_MAX_DEPTH_MM)
+
+
+# A level within this of the shallowest is as shallow (a neck's front is flat over 20-40 mm) ...
+NECK_FLAT_MM = 3.0
+NECK_ABOVE_BOTTOM_MM = 15.0  # ... and one this far above the bottom of the zone narrows above the trunk
+
+
+def neck_above_bottom(smooth: np.ndarray, in_zone: np.ndarray, step: float) -> bool:
+    """Whether the body narrows into a neck above the bottom of the zone (``in_zone``, the levels
+    where the neck may lie): the shallowest level in front of the spine (``smooth``) lies above the
+    zone's lowest level, or a level ``NECK_ABOVE_BOTTOM_MM`` or more above it is as shallow (within
+    ``NECK_FLAT_MM``). A flat neck over the shoulders may be shallowest by a millimetre at its
+    bottom; a chest whose front rises toward the top of the scan is shallowest there alone.
+    """
+    depth = smooth[in_zone]
+    if int(in_zone[np.argmin(depth)]) != int(in_zone.min()):
+        return True
+    shallow = in_zone[depth <= depth.min() + NECK_FLAT_MM]
+    return bool(((shallow - in_zone.min()) * step >= NECK_ABOVE_BOTTOM_MM).any())
 
 
 def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.0,
@@ -701,6 +805,8 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     # the skull and the brain's core are judged on the averaged scan alone: brain noise is no bone there
     skull_hu = coarse if averaged is None else averaged
     skull = fit_skull(skull_hu > BONE_HU, body, zs, spine_top + 10.0, step, inside, hu=skull_hu)
+    if skull is not None:
+        details.update({"skull_radius_mm": round(skull.radius, 1), "skull_core_bone": round(skull.core_bone, 3)})
     if skull_base and skull is not None and skull.encloses_no_brain:
         details["skull_core_bony"] = True
         return None, FaceReport(False, "the bone shell above the spine encloses bone or organs, not a brain: no head, no face",
@@ -709,7 +815,7 @@ def find_face(coarse: np.ndarray, step: float = COARSE_MM, margin_mm: float = 0.
     # the midline band; its skull, a bone shell around brain, shows the head all the same.
     brain = not skull_base and skull is not None and skull.holds_brain
     details["skull_holds_brain"] = brain
-    if not skull_base and not brain and neck_level == int(in_zone.min()):
+    if not skull_base and not brain and not neck_above_bottom(smooth, in_zone, step):
         # No skull base, and the body is shallowest at the bottom of the zone: nothing here narrows
         # into a neck below a head. A child's chest (narrower than the head-and-neck limit) whose
         # front rises toward the top of the scan looked like a chin to the rule below.

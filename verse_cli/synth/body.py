@@ -15,6 +15,7 @@ import numpy as np
 
 from .anatomy import Level, tube_through
 from .engine import Shape, capsule, ellipse2d, ellipsoid, side_rng
+from .head import soft_shapes as head_soft_shapes
 
 F32 = np.float32
 _BACK = 0.92 * 0.9  # the flat back lies at cy - _BACK * b (see outline_sdf)
@@ -494,18 +495,7 @@ def _muscles(levels, hab, hu, sr):
 def _head(levels, by_name, hab, hu, rng):
     if "C1" not in by_name:
         return []
-    c1 = by_name["C1"]
-    s = hab["size"]
-    shapes = []
-    hc = c1.to_world([0, 15, 92])
-    hr = np.array([72, 92, 88]) * s
-    shapes.append(Shape(sdf=lambda p: ellipsoid(p, hc, hr), lo=hc - hr - 4, hi=hc + hr + 4, value=hu["muscle"]))
-    fc = c1.to_world([0, 70, 25])
-    fr = np.array([55, 40, 65]) * s
-    shapes.append(Shape(sdf=lambda p: ellipsoid(p, fc, fr), lo=fc - fr - 4, hi=fc + fr + 4, value=hu["muscle"] - 10))
-    # brain inside the skull
-    shapes.append(Shape(sdf=lambda p: ellipsoid(p, hc, hr - 9), lo=hc - hr, hi=hc + hr, value=hu["brain"]))
-    return shapes
+    return head_soft_shapes(by_name["C1"], hab["size"], hu)
 
 
 def _table(prof: Profile, hab, hu, zr) -> Shape:

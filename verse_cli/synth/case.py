@@ -12,10 +12,11 @@ from ..core.geometry import world_bounds
 from . import acquisition as acq
 from . import anatomy as A
 from . import body as B
+from . import head as H
 from . import morphometry as M
 from . import variants as V
 from . import vessels as VS
-from .engine import Canvas, Shape, capsule, ellipsoid, side_rng, smax
+from .engine import Canvas, Shape, capsule, ellipsoid, side_rng
 
 F32 = np.float32
 _FUSED = 250  # temporary label of a Castellvi 3/4 vertebra (removed before output)
@@ -765,48 +766,35 @@ def _skull(levels, bone, hu, size) -> list[Shape]:
     c1 = next((lv for lv in levels if lv.name == "C1"), None)
     if c1 is None:
         return []
-    hc = c1.to_world([0, 15, 92]).astype(F32)
-    hr = (np.array([72, 92, 88]) * size - 4).astype(F32)
-    fm = c1.to_world([0, -10, 12]).astype(F32)
-    axis = c1.R[:, 2].astype(F32)
-
-    def skull(p):
-        shell = np.abs(ellipsoid(p, hc, hr)) - F32(3.5)
-        hole = capsule(p, fm - 15 * axis, fm + 15 * axis, 16.0)
-        return smax(shell, -hole, 2.0)
-
-    shapes = [Shape(sdf=skull, lo=hc - hr - 8, hi=hc + hr + 8, material=bone.material(cortex_mm=1.5), core_depth=None)]
     c2 = next(lv for lv in levels if lv.name == "C2")
     pts = []
     for s in (-1, 1):
         pts.append([c2.to_world([s * 48 * size, 18, 30]), c2.to_world([s * 46 * size, 22, -15]),
                     c2.to_world([s * 30 * size, 55, -25]), c2.to_world([0, 72 * size, -22])])
     chain = np.array(pts[0] + pts[1][::-1][1:])
-    shapes.append(A.tube_through(chain, 6.5 * size, 0.0, material=bone.material(cortex_mm=2.0)))
-    return shapes
+    mandible = A.tube_through(chain, 6.5 * size, 0.0, material=bone.material(cortex_mm=2.0))
+    return H.skull_shapes(c1, size, bone, mandible)
 
 
 def _face_label(levels, size) -> Shape | None:
     c1 = next((lv for lv in levels if lv.name == "C1"), None)
     if c1 is None:
         return None
-    hc = c1.to_world([0, 15, 92]).astype(F32)
-    hr = (np.array([72, 92, 88]) * size).astype(F32)
-    fc = c1.to_world([0, 70, 25]).astype(F32)
+    head = H.Head(c1, size)
+    hc, hr = head.vault_centre, head.vault_radii + 5.0
+    fc = np.array([0, 70, 25], F32) * F32(size)
     fr = (np.array([55, 40, 65]) * size).astype(F32)
-    plane_pt = c1.to_world([0, 38, 0]).astype(F32)
-    n = c1.R[:, 1].astype(F32)
-    chin = c1.to_world([0, 0, -45]).astype(F32)
-    up = c1.R[:, 2].astype(F32)
+    plane_pt = np.array([0, 38, 0], F32)
+    chin = np.array([0, 0, -45], F32)
 
-    def sdf(p):
-        d = np.minimum(ellipsoid(p, hc, hr), ellipsoid(p, fc, fr))
-        d = np.maximum(d, -((p - plane_pt) @ n))
-        return np.maximum(d, -((p - chin) @ up))
+    def sdf(q):
+        d = np.minimum(ellipsoid(q, hc, hr), ellipsoid(q, fc, fr))
+        d = np.maximum(d, plane_pt[1] - q[:, 1])
+        return np.maximum(d, chin[2] - q[:, 2])
 
-    lo = np.minimum(hc - hr, fc - fr) - 5
-    hi = np.maximum(hc + hr, fc + fr) + 5
-    return Shape(sdf=sdf, lo=lo, hi=hi, mode="label", channel="face", label=1)
+    lo = np.minimum(hc - hr, fc - fr)
+    hi = np.maximum(hc + hr, fc + fr)
+    return head.shape(sdf, lo, hi, mode="label", channel="face", label=1)
 
 
 def _metal(rng, levels, meta):

@@ -1332,7 +1332,7 @@ def label(ct_img, bbox, model=None, fix=None, device: str = "auto", *, fix_marke
     return ctd
 
 
-def _label_turned(ct, affine, lo, hi, net, dev, fixes, turn: "UprightTurn", options) -> "_Found":
+def _label_turned(ct, affine, lo, hi, net, dev, fixes, turn: UprightTurn, options) -> _Found:
     """Steps 1-6 on the world frame ``turn`` makes, the centroids brought back."""
     moved = {lab: turn.apply(xyz) for lab, xyz in fixes.items()}
     lo_t, hi_t = turn.box(lo, hi)

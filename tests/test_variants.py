@@ -1612,6 +1612,26 @@ def test_a_first_rib_joined_at_its_front_to_a_cervical_rib_is_measured_to_its_ti
     assert r["cervical_ribs"]["left"] is True and r["cervical_ribs"]["right"] is False, r["ribs"]["C7"]
 
 
+def test_a_first_rib_whose_head_touched_only_c7_is_not_left_beside_a_piece_of_the_girdle():
+    """At the thoracic inlet C7's largest piece can be shoulder girdle that starts far from
+    the spine (synth 89331: 321 mm, its path starting 25 mm off). Moved to T1 as the first
+    rib, it left the true first rib at C7, read as a cervical rib. The first rib is the
+    piece that starts by the spine; the far piece is no rib of either vertebra."""
+    labels = (6, 7, 8, 9)
+    ct, mask, aff = phantom(labels=labels, ribs={7: (95, None), 8: (None, 95), 9: (120, 120)}, sacrum=False,
+                            width_mm=300)
+    sp = np.diag(aff)[:3]
+    cx, cy, zc7 = 150.0, 70.0, 30 * len(labels) + 20 - 25 - 30
+    # a bar of bone 5 mm lateral of C7's left process, running front to back, above the first rib
+    bar = _capsule(ct.shape, sp, np.array([cx - 51, cy - 58, zc7 + 4]), np.array([cx - 51, cy + 62, zc7 + 4]), 6.0)
+    ct[bar & (mask == 0)] = 600
+    r = rate(ct, mask, aff)
+    t1 = r["ribs"]["T1"]
+    assert t1["left_status"] == "present" and abs(t1["left_mm"] - 95) <= 5, t1
+    assert r["cervical_ribs"]["left"] is False and r["cervical_ribs"]["right"] is False, r["ribs"]["C7"]
+    assert r["evidence"]["ribs"]["T1"]["left"]["set_aside"]["joint_gap_mm"] >= 20
+
+
 def test_a_first_rib_touching_the_shoulder_girdle_ends_where_it_meets_it():
     """At the thoracic inlet the clavicle and the scapula lie on the first rib, and on
     coarse or smooth scans they make one bone with it (synth 82059, 83035: first ribs of

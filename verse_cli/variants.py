@@ -466,7 +466,16 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
         out[lab] = entry
     beside = _cervical_ribs_beside_process(grid, out, components, frames)
     first_of_unlabelled_t1 = _first_rib_of_unlabelled_t1(out, evidence, components)
-    for side in _first_rib_from_c7(out, evidence, components, measured) + list(first_of_unlabelled_t1):
+    from_c7 = _first_rib_from_c7(out, evidence, components, measured)
+    for side in from_c7:
+        if _first_rib_by_the_spine(grid, out, evidence, components, measured, frames, side, joint_distance, thr,
+                                   outside, zone, stump_mm):
+            # the piece beside the largest was the first rib: look again among the others
+            beside.pop(side, None)
+            found = _piece_beside_process(grid, components.get((7, side), []), frames, side)
+            if found is not None:
+                beside[side] = found
+    for side in from_c7 + list(first_of_unlabelled_t1):
         if components.get((7, side)):
             _cervical_rib_left_at_c7(grid, out, evidence, components[(7, side)], frames, side, joint_distance, thr,
                                      outside, zone, stump_mm)
@@ -872,6 +881,53 @@ def _take_largest_c7_piece(components: dict, side: str) -> np.ndarray:
     if rest:
         components[(7, side)] = rest
     return first
+
+
+def _first_rib_by_the_spine(grid: Grid, ribs, evidence, components, measured, frames, side, joint_distance, thr,
+                            outside, zone, stump_mm: float) -> bool:
+    """Where the rib moved from C7 to T1 starts far from the spine, the first rib is the
+    longest of C7's other pieces that starts by it, and the far piece is set aside.
+    Returns whether it did so.
+
+    A rib's head articulates with the spine. At the thoracic inlet C7's largest piece can be
+    the shoulder girdle, clavicle and scapula made one bone on coarse voxels, whose path
+    starts ``FAR_FROM_JOINT_MM`` or more from the spine: at T1 such bone is no first rib
+    (:func:`_rib_status`). Moved there whole, it left the first rib at C7, read as a
+    cervical rib (synth 89331: a 321 mm piece starting 25 mm off, and a 106 mm first rib).
+    """
+    moved = measured.get((8, side))
+    rest = components.get((7, side), [])
+    if moved is None or moved.joint_gap_mm < FAR_FROM_JOINT_MM or not rest:
+        return False
+    voxel_mm3 = float(np.prod(grid.sp))
+    best = None
+    for piece in rest:
+        rib = _c7_rib(grid, [piece], frames, side, joint_distance, thr, outside, zone)
+        status = _rib_status(rib, 8, frames[8], stump_mm, voxel_mm3)
+        if status in ("present", "cut") and rib.length_mm >= FIRST_RIB_MIN_MM and (
+                best is None or rib.length_mm > best[1].length_mm):
+            best = (piece, rib, status)
+    if best is None:
+        return False
+    piece, rib, status = best
+    left = [p for p in rest if p is not piece]
+    if left:
+        components[(7, side)] = left
+    else:
+        components.pop((7, side))
+    far = components.get((8, side), [])
+    components[(8, side)] = [piece]
+    measured[(8, side)] = rib
+    ribs[8].pop(f"{side}_visible_mm", None)
+    ribs[8][f"{side}_mm"] = round(rib.length_mm, 1) if status == "present" else None
+    ribs[8][f"{side}_status"] = status
+    if status == "cut":
+        ribs[8][f"{side}_visible_mm"] = round(rib.length_mm, 1)
+    evidence.setdefault("T1", {})[side] = {
+        **rib.evidence(), "moved_from": "C7 (T1 had no whole rib; C7's piece starting by the spine)",
+        "set_aside": {"length_mm": round(moved.length_mm, 1), "joint_gap_mm": round(moved.joint_gap_mm, 1),
+                      "voxels": int(sum(len(p) for p in far))}}
+    return True
 
 
 def _cervical_rib_left_at_c7(grid: Grid, ribs, evidence, pieces, frames, side, joint_distance, thr, outside, zone,

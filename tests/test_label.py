@@ -420,6 +420,57 @@ def test_a_spine_within_the_trained_tilts_or_too_short_is_left_as_it_is():
     assert LB.upright_turn(_found(pts[:5] @ lean.T, labs[:5], interpolated=labs[3:5])) is None
 
 
+def _net_that_finds_only_an_upright_spine(truth: np.ndarray, labs: list, frames: list):
+    """A stand-in for steps 1-5 that finds every level of ``truth`` (world points) where the
+    spine stands within 25 degrees of upright in the frame it is given, and only two
+    levels beyond, as the net loses levels past its training tilts (15 degrees)."""
+    def fake(ct, affine, lo, hi, net, dev, fixes, **options):
+        to_frame = affine  # the frame's world from the scan's, whose affine is the identity
+        pts = truth @ to_frame[:3, :3].T + to_frame[:3, 3]
+        axis = np.linalg.svd(pts - pts.mean(0), full_matrices=False)[2][0]
+        lean = float(np.degrees(np.arccos(abs(axis[2]))))
+        frames.append(lean)
+        keep = slice(None) if lean <= 25.0 else slice(0, 2)
+        return _found(pts[keep], labs[keep])
+    return fake
+
+
+def test_a_first_pass_with_too_few_levels_for_an_axis_is_turned_by_the_detectors_axis(monkeypatch):
+    # a scan tilted 35 degrees whose detector axis reads 22 (under the 25 that turns at
+    # once): the first pass finds two levels, too few for an axis of their own
+    labs = list(range(8, 18))
+    upright = spine_points(labs, top=(0.0, 0.0, 150.0))
+    R = geometry.rotation_between([0, 0, 1], [np.sin(np.radians(35.0)), 0.0, np.cos(np.radians(35.0))])
+    truth = (upright - upright.mean(0)) @ R.T + upright.mean(0)
+    frames: list = []
+    monkeypatch.setattr(LB, "_label_in_frame", _net_that_finds_only_an_upright_spine(truth, labs, frames))
+    lo, hi = truth.min(0) - 30, truth.max(0) + 30
+    box = {"ras_min_mm": lo.tolist(), "ras_max_mm": hi.tolist(),
+           "spine_axis_ras": [np.sin(np.radians(22.0)), 0.0, np.cos(np.radians(22.0))]}
+    ctd = LB.label((np.zeros((4, 4, 4), np.float32), np.eye(4)), box, model=(None, "cpu"))
+    assert len(frames) >= 2 and frames[0] > 30.0 and frames[-1] < 15.0, frames  # no longer only the first pass
+    assert ctd.labels == labs
+
+
+def test_a_spine_still_leaning_after_the_detectors_turn_is_turned_again_by_its_centroids(monkeypatch):
+    # verse detect's axis can be bent by a skull base or a pelvis in its 8 mm heatmap (a
+    # cervical scan tilted 35 degrees read 22): turned by it, the spine can still lean
+    # beyond the training tilts, and its centroids there give the better axis
+    labs = list(range(8, 18))
+    upright = spine_points(labs, top=(0.0, 0.0, 150.0))
+    R = geometry.rotation_between([0, 0, 1], [np.sin(np.radians(45.0)), 0.0, np.cos(np.radians(45.0))])
+    truth = (upright - upright.mean(0)) @ R.T + upright.mean(0)
+    bent = [np.sin(np.radians(27.0)), 0.0, np.cos(np.radians(27.0))]  # 18 degrees short of the truth
+    frames: list = []
+    monkeypatch.setattr(LB, "_label_in_frame", _net_that_finds_only_an_upright_spine(truth, labs, frames))
+    lo, hi = truth.min(0) - 30, truth.max(0) + 30
+    box = {"ras_min_mm": lo.tolist(), "ras_max_mm": hi.tolist(), "spine_axis_ras": bent}
+    ctd = LB.label((np.zeros((4, 4, 4), np.float32), np.eye(4)), box, model=(None, "cpu"))
+    assert len(frames) == 2 and frames[0] > 15.0 and frames[1] < 1.0, frames  # turned by the box, then again
+    assert ctd.labels == labs
+    assert np.allclose(ctd.to_world(np.eye(4)), truth, atol=1e-6)
+
+
 @pytest.mark.parametrize("tilt_deg, box_from", [(25.0, "mask"), (35.0, "detect")])
 def test_the_bundled_net_labels_a_scan_tilted_beyond_its_training(tilt_deg, box_from, verse, tmp_path):
     # A synthetic cervical scan tilted in world space. The net alone loses most levels

@@ -490,17 +490,12 @@ def spreads_both_ways(front: np.ndarray, back: np.ndarray, solid: np.ndarray, pr
     out = np.zeros(0, int)
     if present.size < 3:
         return out
-    creep = np.full(len(front), -1.0)
-    creep[present] = limit_forward_creep(front[present].astype(float), present.astype(float))
-    ahead = (front >= 0) & (front > creep + SKULL_BASE_AHEAD_MM / step)
+    ahead = (front >= 0) & (front > column_front(front, present) + SKULL_BASE_AHEAD_MM / step)
     ahead[:start] = False
     reach = max(1, round(C1_SLICES_MM / step))
     for lo, hi in true_runs(ahead):  # a few runs
-        below = back[max(0, lo - reach): lo]
-        above = back[lo: lo + reach]
-        if not (below >= 0).any() or not (above >= 0).any() or not solid[lo: hi].any():
-            continue
-        if above[above >= 0].min() <= np.median(below[below >= 0]) - SKULL_BASE_BEHIND_MM / step:
+        if solid[lo: hi].any() and reaches_behind(back[max(0, lo - reach): lo], back[lo: lo + reach],
+                                                   SKULL_BASE_BEHIND_MM / step, np.median):
             return np.arange(lo, hi)
     return out
 
@@ -525,20 +520,30 @@ def plates_in_front(spikes: np.ndarray, front: np.ndarray, back: np.ndarray, pre
     top = np.full(len(front), -1)
     if not spikes.size:
         return top
-    creep = np.full(len(front), -1.0)
-    creep[present] = limit_forward_creep(front[present].astype(float), present.astype(float))  # voxels both
-    back_on_column = (front >= 0) & (front <= creep + SKULL_BASE_AHEAD_MM / step)
+    back_on_column = (front >= 0) & (front <= column_front(front, present) + SKULL_BASE_AHEAD_MM / step)
     look = max(1, round(SKULL_BASE_LOOKBACK_MM / step))
-    behind = SKULL_BASE_BEHIND_MM / step
     for run in np.split(np.arange(len(spikes)), np.flatnonzero(np.diff(spikes) > 1) + 1):  # a few runs
         start, end = int(spikes[run[0]]), int(spikes[run[-1]])
-        below = back[max(0, start - look): start]
-        above = back[start: end + 1 + look]
-        spreads_back = bool((below >= 0).any() and (above >= 0).any()
-                            and above[above >= 0].min() <= below[below >= 0].min() - behind)
+        spreads_back = reaches_behind(back[max(0, start - look): start], back[start: end + 1 + look],
+                                      SKULL_BASE_BEHIND_MM / step, np.min)
         if back_on_column[end + 1: end + 1 + look].any() and not spreads_back:
             top[spikes[run]] = end
     return top
+
+
+def column_front(front: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Per slice, the column's front followed up the ``present`` slices with at most
+    ``SPINE_MAX_SLOPE`` of forward creep (voxels; -1 where the track is empty)."""
+    creep = np.full(len(front), -1.0)
+    creep[present] = limit_forward_creep(front[present].astype(float), present.astype(float))
+    return creep
+
+
+def reaches_behind(below: np.ndarray, above: np.ndarray, behind: float, reference) -> bool:
+    """Whether the track's back (per slice, voxels; -1 where empty) ``above`` reaches ``behind``
+    further back than ``reference`` (``np.min`` or ``np.median``) of its back ``below``."""
+    below, above = below[below >= 0], above[above >= 0]
+    return bool(below.size and above.size and above.min() <= reference(below) - behind)
 
 
 def limit_forward_creep(front: np.ndarray, z: np.ndarray, max_slope: float = SPINE_MAX_SLOPE) -> np.ndarray:

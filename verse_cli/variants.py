@@ -458,11 +458,7 @@ def rate_ribs(grid: Grid, bone, thr, unlabelled, frames, present, stump_mm):
             evidence.setdefault(L.name(lab), {})[side] = {**rib.evidence(), **({"ends_at_other_bone": True}
                                                                                 if trimmed else {})}
             measured[(lab, side)] = rib
-            status = _rib_status(rib, lab, frames[lab], stump_mm, float(np.prod(grid.sp)))
-            entry[f"{side}_mm"] = round(rib.length_mm, 1) if status == "present" else None
-            entry[f"{side}_status"] = status
-            if status in ("cut", "undeterminable"):
-                entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
+            _set_rib(entry, side, rib, _rib_status(rib, lab, frames[lab], stump_mm, float(np.prod(grid.sp))))
         out[lab] = entry
     beside = _cervical_ribs_beside_process(grid, out, components, frames)
     first_of_unlabelled_t1 = _first_rib_of_unlabelled_t1(out, evidence, components)
@@ -621,6 +617,16 @@ def _stump_without_soft_organ(grid: Grid, comps: list, thr: float, rib, joint_di
                         smooth=grid.smooth, soft_hu=grid.soft_hu, outside=outside, zone=zone)
     is_stump = again.length_mm < stump_mm and not again.cut and again.radius_mm <= MAX_RIB_RADIUS_MM
     return again if is_stump else rib
+
+
+def _set_rib(entry: dict, side: str, rib, status: str) -> None:
+    """Write a measured rib into a vertebra's entry: its length where ``present``, the length in
+    view where ``cut`` or ``undeterminable``."""
+    entry.pop(f"{side}_visible_mm", None)
+    entry[f"{side}_mm"] = round(rib.length_mm, 1) if status == "present" else None
+    entry[f"{side}_status"] = status
+    if status in ("cut", "undeterminable"):
+        entry[f"{side}_visible_mm"] = round(rib.length_mm, 1)
 
 
 def _rib_status(rib, lab: int, frame: Frame, stump_mm: float, voxel_mm3: float) -> str:
@@ -918,11 +924,7 @@ def _first_rib_by_the_spine(grid: Grid, ribs, evidence, components, measured, fr
     far = components.get((8, side), [])
     components[(8, side)] = [piece]
     measured[(8, side)] = rib
-    ribs[8].pop(f"{side}_visible_mm", None)
-    ribs[8][f"{side}_mm"] = round(rib.length_mm, 1) if status == "present" else None
-    ribs[8][f"{side}_status"] = status
-    if status == "cut":
-        ribs[8][f"{side}_visible_mm"] = round(rib.length_mm, 1)
+    _set_rib(ribs[8], side, rib, status)
     evidence.setdefault("T1", {})[side] = {
         **rib.evidence(), "moved_from": "C7 (T1 had no whole rib; C7's piece starting by the spine)",
         "set_aside": {"length_mm": round(moved.length_mm, 1), "joint_gap_mm": round(moved.joint_gap_mm, 1),

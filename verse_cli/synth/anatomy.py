@@ -1081,10 +1081,12 @@ def cervical_rib_length(lv: Level, side: str, beyond_mm: float) -> float:
     s = 1.0 if side == "right" else -1.0
     span = g["tp"] * lv.extra.get("tp_sides", {}).get(side, {}).get("scale", 1.0)
     a, b, r = cervical_process_axis(g, s, span)
-    along = np.arange(0.0, 80.0, 0.25, dtype=np.float32)
-    clear = capsule((start + along[:, None] * dirv).astype(np.float32), a, b, r, scale=(1, 1, 0.9)) > STUB_RADIUS_MM
-    inside = np.flatnonzero(~clear)
-    exit_mm = float(along[inside[-1] + 1]) if len(inside) and inside[-1] + 1 < len(along) else 0.0
+    # the stub's forward bend is left out: it only carries the rib off the process sooner
+    step = 0.25
+    along = np.arange(0.0, 80.0, step, dtype=np.float32)
+    touching = capsule((start + along[:, None] * dirv).astype(np.float32), a, b, r, scale=(1, 1, 0.9)) <= STUB_RADIUS_MM
+    hits = np.flatnonzero(touching)
+    exit_mm = float(along[hits[-1]]) + step if len(hits) else 0.0
     return exit_mm + float(beyond_mm)
 
 

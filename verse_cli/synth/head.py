@@ -61,9 +61,10 @@ class Head:
         """World bounds of a local box."""
         return world_box(self.c1, np.asarray(lo), np.asarray(hi), margin)
 
-    def vault_box(self) -> tuple[np.ndarray, np.ndarray]:
+    def vault_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The vault's box in C1's frame."""
         c, r = self.vault_centre, self.vault_radii
-        return self.box(c - r, c + r)
+        return c - r, c + r
 
     def shape(self, local_sdf, lo, hi, **kw) -> Shape:
         """A shape whose SDF is written in C1's frame, bounded by the local box ``lo``-``hi``."""
@@ -96,7 +97,7 @@ def skull_shapes(c1: Level, size: float, bone, mandible: Shape | None = None) ->
     """Bone of the head (painted over the soft tissue), then the air inside it."""
     h = Head(c1, size)
     s = size
-    vlo, vhi = h.vault_centre - h.vault_radii, h.vault_centre + h.vault_radii
+    vlo, vhi = h.vault_bounds()
     out = [h.shape(h.skull, vlo, vhi, material=bone.material(cortex_mm=1.6), core_depth=None)]
     # occipital condyles over the lateral masses of the atlas (as placed by ``atlas_sdf``)
     g = c1.dims
@@ -145,7 +146,7 @@ def soft_shapes(c1: Level, size: float, hu: dict) -> list[Shape]:
     and the air of the nose, the maxillary sinuses and the orbits' fat around the eyes."""
     h = Head(c1, size)
     s = size
-    vlo, vhi = h.vault_centre - h.vault_radii, h.vault_centre + h.vault_radii
+    vlo, vhi = h.vault_bounds()
     scalp = h.vault_radii + 5.0
     out = [h.shape(lambda q: ellipsoid(q, h.vault_centre, scalp), h.vault_centre - scalp,
                    h.vault_centre + scalp, value=hu["muscle"])]
